@@ -1,0 +1,44 @@
+# The targets the README and CI use. PYTHON may point at any interpreter >= 3.10.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup train test test-fast lint format typecheck bench clean
+
+$(BIN)/fmtrain: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: an open-ended requirement can pull a multi-GB CUDA build.
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/fmtrain
+
+train: setup
+	$(BIN)/fmtrain train $(ARGS)
+
+test: setup lint
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: setup
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

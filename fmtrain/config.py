@@ -1,0 +1,308 @@
+"""The typed configuration of one fmtrain run.
+
+The schema lives here as dataclasses; the values live in YAML groups under ``conf/``. Hydra merges
+``schema <- YAML <- command line`` and the result is converted once, at the boundary, into these
+objects (:func:`to_config`). Nothing deeper than the CLI and the worker entry point sees a
+``DictConfig``.
+
+This module imports neither torch nor Hydra at import time, so the CLI can validate a config before
+paying for torch.
+
+    >>> from fmtrain.config import TrainConfig, validate
+    >>> validate(TrainConfig())  # raises ConfigError naming field, value and the valid choices
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value that fmtrain refuses, with the field, the value and what would be valid."""
+
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"{key}={value!r} is invalid: {expected}")
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder. ``name`` is informational; the numbers define the model."""
+
+    name: str = "tiny"
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    vocab_size: int = 256
+    ffn_dim_multiplier: float = 1.0
+    multiple_of: int = 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """Text files tokenized once into cached memmap shards.
+
+    ``paths`` empty means the default corpus: the Python standard library's own source files, which
+    every machine with Python has, so nothing is downloaded.
+    """
+
+    name: str = "stdlib"
+    paths: list[str] = field(default_factory=list)
+    tokenizer: str = "bytes"
+    seq_len: int = 256
+    val_fraction: float = 0.02
+    max_bytes: int = 64_000_000
+    shard_tokens: int = 16_000_000
+    cache_dir: str = ""  # "" = $FMTRAIN_CACHE/data, else ~/.cache/fmtrain/data
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay on matrices only, warmup then a decay schedule."""
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 120
+    global_batch_size: int = 16
+    micro_batch_size: int | None = None  # None: global_batch_size / world size (no accumulation)
+    eval_interval: int = 40
+    eval_batches: int = 8
+    log_interval: int = 10
+    resume: str = "auto"
+    on_nonfinite: str = "error"
+    peak_flops: float | None = None
+    device: str = "auto"
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 40
+    keep_last: int = 2
+    keep_best: bool = True
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "ddp"
+    find_unused_parameters: bool = False
+    bucket_cap_mb: int = 25
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    nproc: int = 1
+    max_restarts: int = 0
+    shutdown_timeout: int = 30
+    monitor_interval: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    experiment: str = "default"
+    run_dir: str = "outputs/default/run"
+    seed: int = 1337
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def register_schema() -> None:
+    """Register the schema in Hydra's ConfigStore as ``train_schema`` (the first default)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def to_config(node: Any) -> TrainConfig:
+    """Convert a composed ``DictConfig`` (or a plain mapping) into a :class:`TrainConfig`."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), node)
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, TrainConfig)
+    return cfg
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load(path: str | os.PathLike[str]) -> TrainConfig:
+    """Load a resolved ``config.yaml`` written by :func:`to_yaml`."""
+    from omegaconf import OmegaConf
+
+    return to_config(OmegaConf.load(Path(path)))
+
+
+def as_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- validation
+
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("cosine", "linear", "constant")
+NONFINITE = ("error", "skip")
+PRECISIONS = ("fp32", "bf16")
+STRATEGIES = ("ddp",)
+LAUNCHERS = ("local",)
+TOKENIZERS = {"bytes": 256}
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(key, value, "must be " + ("non-negative" if zero_ok else "positive"))
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, f"valid choices are {', '.join(choices)}")
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_data_paths(paths: list[str]) -> list[Path]:
+    """Expand globs (``**`` included) into a sorted, de-duplicated list of files."""
+    found: set[Path] = set()
+    for pattern in paths:
+        pattern = os.path.expanduser(pattern)
+        matches = glob.glob(pattern, recursive=True) if glob.has_magic(pattern) else [pattern]
+        found.update(Path(m).resolve() for m in matches if os.path.isfile(m))
+        if os.path.isdir(pattern):
+            found.update(p.resolve() for p in Path(pattern).rglob("*") if p.is_file())
+    return sorted(found)
+
+
+def validate(cfg: TrainConfig, *, gpus_available: int | None = None) -> None:
+    """Refuse a config that cannot run, before anything is started.
+
+    Args:
+        cfg: the config to check.
+        gpus_available: GPUs visible to the launcher; ``None`` means "not known here" (the nproc
+            bound is then checked against CPU cores when the device is the CPU).
+
+    Raises:
+        ConfigError: naming the field, the value and the valid choices.
+    """
+    m, d, o, t, c, lnch = cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.checkpoint, cfg.launcher
+    for key in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.dim % m.n_heads:
+        raise ConfigError("model.n_heads", m.n_heads, f"must divide model.dim={m.dim}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError("model.n_heads", m.n_heads, "head dim (dim/n_heads) must be even for rotary embeddings")
+    n_kv = m.n_kv_heads or m.n_heads
+    if n_kv <= 0 or m.n_heads % n_kv:
+        raise ConfigError("model.n_kv_heads", m.n_kv_heads, f"must be positive and divide model.n_heads={m.n_heads}")
+    _positive("model.ffn_dim_multiplier", m.ffn_dim_multiplier)
+    _positive("model.norm_eps", m.norm_eps)
+
+    _choice("data.tokenizer", d.tokenizer, tuple(TOKENIZERS))
+    if m.vocab_size < TOKENIZERS[d.tokenizer]:
+        raise ConfigError(
+            "model.vocab_size",
+            m.vocab_size,
+            f"must be >= {TOKENIZERS[d.tokenizer]}, the vocabulary of data.tokenizer={d.tokenizer}",
+        )
+    _positive("data.seq_len", d.seq_len)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)")
+    _positive("data.max_bytes", d.max_bytes)
+    _positive("data.shard_tokens", d.shard_tokens)
+    if d.name != "stdlib" and not d.paths:
+        raise ConfigError("data.paths", d.paths, "give one or more files, directories or globs, e.g. data.paths=[notes/*.txt]")
+    if d.paths and not resolve_data_paths(d.paths):
+        raise ConfigError("data.paths", d.paths, "no file matches; give existing files, directories or globs")
+
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    _positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
+    _positive("optim.grad_clip", o.grad_clip, zero_ok=True)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", o.min_lr_ratio, "must be between 0 and 1")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError("optim.betas", list(o.betas), "each beta must be in [0, 1)")
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+
+    for key in ("max_steps", "global_batch_size", "eval_interval", "eval_batches", "log_interval"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    if t.micro_batch_size is not None:
+        _positive("trainer.micro_batch_size", t.micro_batch_size)
+    _choice("trainer.device", t.device, DEVICES)
+    _choice("trainer.on_nonfinite", t.on_nonfinite, NONFINITE)
+    if t.peak_flops is not None:
+        _positive("trainer.peak_flops", t.peak_flops)
+    if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
+        raise ConfigError("trainer.resume", t.resume, "must be auto, never, or an existing checkpoint directory")
+
+    _positive("checkpoint.interval", c.interval)
+    _positive("checkpoint.keep_last", c.keep_last)
+
+    _choice("strategy.name", cfg.strategy.name, STRATEGIES)
+    _choice("precision.name", cfg.precision.name, PRECISIONS)
+    _choice("launcher.name", lnch.name, LAUNCHERS)
+    _positive("launcher.nproc", lnch.nproc)
+    _positive("launcher.max_restarts", lnch.max_restarts, zero_ok=True)
+    _positive("launcher.shutdown_timeout", lnch.shutdown_timeout)
+    _positive("launcher.monitor_interval", lnch.monitor_interval)
+    wants_gpu = t.device == "cuda" or (t.device == "auto" and bool(gpus_available))
+    if wants_gpu:
+        limit, what = gpus_available or 0, "GPUs visible"
+    else:
+        limit, what = 4 * usable_cpus(), f"4 x the {usable_cpus()} usable CPU cores"
+    if lnch.nproc > limit:
+        raise ConfigError("launcher.nproc", lnch.nproc, f"must be <= {limit} ({what})")
+
+    micro = t.micro_batch_size or 1
+    if t.global_batch_size % (micro * lnch.nproc):
+        raise ConfigError(
+            "trainer.global_batch_size",
+            t.global_batch_size,
+            f"must be divisible by trainer.micro_batch_size x world size = {micro} x {lnch.nproc} = {micro * lnch.nproc}",
+        )
+
+
+def micro_batch_size(t: TrainerConfig, world_size: int) -> int:
+    """Sequences per rank per forward pass: as configured, or the global batch shared out."""
+    return t.micro_batch_size or t.global_batch_size // world_size

@@ -1,0 +1,156 @@
+"""What a run reports: ``metrics.jsonl``, TensorBoard events, a progress display, a loss plot.
+
+Rank 0 gets a :class:`MetricsWriter`; every other rank a :class:`NullMetrics` with the same
+methods, so the trainer never branches on the rank to log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("fmtrain")
+
+# Dense bf16 peak of known accelerators (FLOP/s), for MFU on GPUs. CPUs are measured instead.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def measure_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float = 0.3) -> float:
+    """FLOP/s of this process: a table for known GPUs, a square-matmul probe elsewhere.
+
+    On CPU the probe runs with this process's thread count, so ranks that share the cores and
+    probe at the same time each measure their share.
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak if dtype != torch.float32 else peak / 2
+    n = 1024
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    torch.mm(a, b)  # warm-up: thread pool, kernel selection
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class NullMetrics:
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def progress(self, step: int, summary: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MetricsWriter(NullMetrics):
+    """Writes records to ``metrics.jsonl`` and TensorBoard, and drives the progress display.
+
+    ``resume_step``: records after it (left by an attempt that died after its last checkpoint)
+    are dropped from the JSONL, and TensorBoard purges them, so each step appears once.
+    """
+
+    def __init__(self, run_dir: Path, *, start_step: int, max_steps: int, progress: bool, log_interval: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        kept = [r for r in read_jsonl(self.path) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 (open for the whole run)
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.log_interval, self.max_steps = log_interval, max_steps
+        self.bar = _RichBar(start_step, max_steps) if progress and sys.stdout.isatty() else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(f"{'val' if key.startswith('val_') else 'train'}/{key}", value, step)
+
+    def progress(self, step: int, summary: str) -> None:
+        if self.bar is not None:
+            self.bar.update(step, summary)
+        elif step % self.log_interval == 0 or step == self.max_steps:
+            log.info("step %d/%d  %s", step, self.max_steps, summary)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        self.tb.close()
+
+
+class _RichBar:
+    def __init__(self, start: int, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            transient=False,
+        )
+        self.task = self.progress.add_task("", total=total, completed=start)
+        self.progress.start()
+
+    def update(self, step: int, summary: str) -> None:
+        self.progress.update(self.task, completed=step, description=summary)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
+    """Training and validation loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_jsonl(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

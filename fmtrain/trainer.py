@@ -1,0 +1,305 @@
+"""``run(cfg)``: one training process, the same library call under every launcher.
+
+    from fmtrain import config, run
+    result = run(config.load("outputs/default/run/config.yaml"))   # RANK/WORLD_SIZE from the env
+
+Order of a run: join the process group -> prepare data (one builder per node) -> build the model on
+the meta device and initialise it from the seed -> wrap it in the strategy -> restore the newest
+valid checkpoint -> loop (step, accumulate, clip, log, evaluate, checkpoint, watch signals).
+
+Signals (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) only set a flag. The flag is summed across ranks with
+the step's loss, so every rank sees it at the same step, saves there and returns "stopped".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fmtrain.checkpoint import Checkpointer
+from fmtrain.config import TrainConfig, micro_batch_size
+from fmtrain.data import Corpus, GlobalBatches, eval_windows, prepare
+from fmtrain.distributed import DistEnv
+from fmtrain.metrics import MetricsWriter, NullMetrics, measure_peak_flops, peak_memory_bytes, plot_losses
+from fmtrain.model import Transformer
+from fmtrain.optim import build_optimizer, lr_at
+from fmtrain.strategies import make_strategy
+
+log = logging.getLogger("fmtrain")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass
+class RunResult:
+    status: str  # "completed" or "stopped" (a signal asked for a stop; the state was saved)
+    step: int
+    loss: float | None
+    val_loss: float | None
+    run_dir: str
+
+
+class StopFlag:
+    """Records the first stop signal; the handler does nothing else (no I/O, no collectives)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = self.signum or signum
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Hash of what determines the numbers: model, data, optimizer, seed and global batch."""
+    relevant = {k: asdict(cfg)[k] for k in ("model", "data", "optim", "seed")}
+    relevant["global_batch_size"] = cfg.trainer.global_batch_size
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
+    handlers[0].setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s"))
+    if rank == 0:
+        if sys.stdout.isatty():
+            from rich.logging import RichHandler
+
+            handlers.append(RichHandler(show_path=False))
+        else:
+            console = logging.StreamHandler(sys.stdout)
+            console.setFormatter(logging.Formatter("[fmtrain] %(message)s"))
+            handlers.append(console)
+    log.handlers[:] = handlers
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _prepare_data(cfg: TrainConfig, env: DistEnv) -> Corpus:
+    """Local rank 0 tokenizes (once per node, cached); the others wait, then open the cache."""
+    if env.local_rank == 0:
+        corpus = prepare(cfg.data, cfg.model.vocab_size)
+    env.barrier()
+    if env.local_rank != 0:
+        corpus = prepare(cfg.data, cfg.model.vocab_size)
+    return corpus
+
+
+def _injected_fault(rank: int) -> int | None:
+    """FMTRAIN_FAULT=RANK:STEP raises in that rank at that step: a hook for testing launchers."""
+    spec = os.environ.get("FMTRAIN_FAULT", "")
+    if not spec:
+        return None
+    fault_rank, fault_step = (int(v) for v in spec.split(":"))
+    return fault_step if fault_rank == rank else None
+
+
+def run(cfg: TrainConfig) -> RunResult:
+    """Train according to ``cfg`` in this process, as one rank of the world in the environment."""
+    env = DistEnv.from_environ()
+    stop = StopFlag()
+    run_dir = Path(cfg.run_dir)
+    setup_logging(run_dir, env.rank)
+    device = env.init(cfg.trainer.device)
+    try:
+        return _train(cfg, env, device, run_dir, stop)
+    finally:
+        env.close()
+
+
+def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, stop: StopFlag) -> RunResult:
+    t, W = cfg.trainer, env.world_size
+    micro = micro_batch_size(t, W)
+    accum = t.global_batch_size // (micro * W)
+    seq_len = cfg.data.seq_len
+    torch.manual_seed(cfg.seed + env.rank)
+    random.seed(cfg.seed + env.rank)
+
+    corpus = _prepare_data(cfg, env)
+    batches = GlobalBatches(corpus.train, seq_len, cfg.seed)
+    val_ids = eval_windows(corpus.val, seq_len, t.eval_batches * t.global_batch_size)
+
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights(cfg.seed)
+    flops_per_token = model.flops_per_token(seq_len)
+    strategy = make_strategy(cfg.strategy, env, device)
+    wrapped = strategy.wrap(model)
+    optimizer = build_optimizer(wrapped, cfg.optim)
+    autocast = (
+        torch.autocast(device.type, dtype=DTYPES[cfg.precision.name])
+        if cfg.precision.name != "fp32"
+        else contextlib.nullcontext()
+    )
+
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints",
+        env,
+        strategy,
+        keep_last=cfg.checkpoint.keep_last,
+        keep_best=cfg.checkpoint.keep_best,
+        identity={"strategy": cfg.strategy.name, "config_hash": config_hash(cfg)},
+    )
+    state: dict[str, Any] = {"step": 0, "consumed": 0, "best_val_loss": None, "val_loss": None}
+    restored = checkpointer.choose(t.resume)
+    if restored is not None:
+        state = checkpointer.load(restored, wrapped, optimizer)
+        manifest = json.loads((restored / "manifest.json").read_text())
+        if manifest["config_hash"] != config_hash(cfg):
+            log.warning("resuming %s under a config whose model/data/optim/seed/batch differ from the saved one", restored)
+        log.info("resumed from %s at step %d", restored, state["step"])
+
+    peak = t.peak_flops or _measured_peak(env, device, cfg.precision.name)
+    params = model.num_params()
+    log.info(
+        "model %s: %.2fM parameters, %.1f MFLOPs/token | world %d, micro-batch %d x %d accumulation | %s on %s",
+        cfg.model.name,
+        params / 1e6,
+        flops_per_token / 1e6,
+        W,
+        micro,
+        accum,
+        cfg.precision.name,
+        device,
+    )
+    metrics = (
+        MetricsWriter(run_dir, start_step=state["step"], max_steps=t.max_steps, progress=t.progress, log_interval=t.log_interval)
+        if env.is_main
+        else NullMetrics()
+    )
+
+    def evaluate() -> float:
+        model.eval()
+        mine = val_ids[env.rank :: W]
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        with torch.no_grad(), autocast:
+            for start in range(0, len(mine), micro):
+                rows = corpus.val.windows(mine[start : start + micro], seq_len).to(device)
+                logits = model(rows[:, :-1])
+                total[0] += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum")
+                total[1] += rows[:, 1:].numel()
+        if env.distributed:
+            dist.all_reduce(total)
+        model.train()
+        return float(total[0] / total[1])
+
+    def save() -> None:
+        checkpointer.save(state["step"], wrapped, optimizer, state)
+
+    fault_step = _injected_fault(env.rank)
+    status, loss, last_saved = "completed", None, state["step"]
+    tokens_per_step = t.global_batch_size * seq_len
+    while state["step"] < t.max_steps:
+        step = state["step"]
+        if fault_step == step:
+            raise RuntimeError(f"injected fault (FMTRAIN_FAULT) in rank {env.rank} at step {step}")
+        lr = lr_at(step, cfg.optim, t.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        local_loss = torch.zeros((), dtype=torch.float64, device=device)
+        for micro_step in range(accum):
+            rows = batches.micro_batch(state["consumed"], micro_step, env.rank, micro, W)
+            inputs, targets = (x.to(device) for x in rows)
+            sync = strategy.no_sync(wrapped) if micro_step < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    logits = wrapped(inputs)
+                micro_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                (micro_loss / accum).backward()
+            local_loss += micro_loss.detach()
+        local_loss /= accum
+        # One collective per step carries the loss, the non-finite count and the stop flag.
+        stats = torch.stack(
+            [local_loss, (~torch.isfinite(local_loss)).double(), torch.tensor(float(stop.signum > 0), device=device)]
+        )
+        if env.distributed:
+            dist.all_reduce(stats)
+        loss, bad_ranks, stop_requested = float(stats[0]) / W, int(stats[1]), bool(stats[2])
+        grad_norm = float(strategy.clip_grad_norm(wrapped, cfg.optim.grad_clip))
+        if bad_ranks or not math.isfinite(grad_norm):
+            where = f"rank {env.rank}" if not math.isfinite(float(local_loss)) else f"{bad_ranks} other rank(s)"
+            message = f"non-finite loss ({float(local_loss)}) or gradient norm ({grad_norm}) at step {step} on {where}"
+            if t.on_nonfinite == "error":
+                raise NonFiniteLossError(message)
+            log.warning("%s: skipping the update", message)
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+        state["step"], state["consumed"] = step + 1, state["consumed"] + t.global_batch_size
+        tokens_per_s = tokens_per_step / elapsed
+        metrics.log(
+            {
+                "step": step + 1,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "mfu": flops_per_token * tokens_per_s / peak,
+                "peak_mem_bytes": peak_memory_bytes(device),
+                "step_time_s": elapsed,
+                "skipped": bool(bad_ranks) or not math.isfinite(grad_norm),
+            }
+        )
+        metrics.progress(step + 1, f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s")
+
+        done = state["step"] == t.max_steps
+        if state["step"] % t.eval_interval == 0 or done:
+            state["val_loss"] = evaluate()
+            if state["best_val_loss"] is None or state["val_loss"] < state["best_val_loss"]:
+                state["best_val_loss"] = state["val_loss"]
+            metrics.log({"step": state["step"], "val_loss": state["val_loss"]})
+            log.info("step %d: val_loss %.4f", state["step"], state["val_loss"])
+        else:
+            state["val_loss"] = None
+        if state["step"] % cfg.checkpoint.interval == 0 or done or stop_requested:
+            save()
+            last_saved = state["step"]
+        if stop_requested and not done:
+            status = "stopped"
+            log.warning("stop signal received: saved step %d; run the same command again to resume", state["step"])
+            break
+
+    if state["step"] != last_saved:
+        save()
+    metrics.close()
+    if env.is_main:
+        if t.plot:
+            plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        result = RunResult(status, state["step"], loss, state["val_loss"], str(run_dir))
+        (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=1))
+    return RunResult(status, state["step"], loss, state["val_loss"], str(run_dir))
+
+
+def _measured_peak(env: DistEnv, device: torch.device, precision: str) -> float:
+    """Peak FLOP/s of the whole world: every rank probes at once and the results are summed."""
+    mine = torch.tensor(measure_peak_flops(DTYPES[precision], device), dtype=torch.float64, device=device)
+    if env.distributed:
+        dist.all_reduce(mine)
+    return float(mine)

@@ -1,0 +1,34 @@
+"""The entry point of one launched training process.
+
+    python -m fmtrain.worker RUN_DIR/config.yaml
+
+A launcher starts this once per rank with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
+set. ``@record`` writes an uncaught exception to the error file the elastic agent gave this process,
+so the launcher can show the failing rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from fmtrain import config
+from fmtrain.distributed import die_with_parent
+from fmtrain.trainer import run
+
+
+@record
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m fmtrain.worker CONFIG_YAML", file=sys.stderr)
+        return 2
+    if os.environ.get("FMTRAIN_DIE_WITH_PARENT") == "1":
+        die_with_parent()
+    run(config.load(argv[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

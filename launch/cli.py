@@ -1,0 +1,190 @@
+"""The ``fmtrain`` command.
+
+    fmtrain train [OVERRIDES...]                 train (local launcher by default)
+    fmtrain train -m optim.lr=1e-3,3e-4          one run per value (Hydra multirun)
+    fmtrain train --cfg job [OVERRIDES...]       print the composed config and exit
+    fmtrain status RUN_DIR                       state, steps done and last loss of a run
+
+Every override is checked (for a sweep: every combination) before anything starts. A refused command
+line prints one message naming the field, the value and the valid choices, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from launch.compose import UsageError, compose, conf_dir, expand_sweep, group_options
+
+USAGE = """usage: fmtrain <command> [options] [key=value ...]
+
+commands:
+  train     train a model:  fmtrain train model=tiny trainer.max_steps=200 launcher.nproc=2
+  status    show a run's state, steps done and last loss:  fmtrain status RUN_DIR
+
+train options:
+  -m, --multirun      one run per combination of comma-separated values (a sweep)
+  --cfg job|all       print the composed config instead of running
+  --resolve           with --cfg: resolve interpolations
+
+config groups (choose with GROUP=OPTION):
+{groups}
+any field is overridable:  trainer.max_steps=500  optim.lr=1e-3  run_dir=PATH  (fmtrain train --cfg job
+shows them all)
+"""
+
+HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd"}
+HYDRA_FLAGS = {"-m", "--multirun", "--resolve", "--info", "-i"}
+
+log = logging.getLogger("fmtrain.launch")
+
+
+def _usage() -> str:
+    groups = "\n".join(f"  {name:<10} {', '.join(options)}" for name, options in group_options().items())
+    return USAGE.format(groups=groups)
+
+
+def _split(args: list[str]) -> tuple[list[str], list[str]]:
+    """Separate Hydra's flags from overrides."""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in HYDRA_FLAGS_WITH_VALUE and i + 1 < len(args):
+            flags += args[i : i + 2]
+            i += 2
+            continue
+        if arg in HYDRA_FLAGS or arg.startswith("--cfg="):
+            flags.append(arg)
+        elif arg.startswith("-"):
+            raise UsageError(f"unknown option {arg}; see fmtrain --help")
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
+def _gpus_available() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_train(overrides: list[str], multirun: bool) -> int:
+    """Compose and validate every job the command line asks for; return how many there are."""
+    jobs = expand_sweep(overrides)
+    if len(jobs) > 1 and not multirun:
+        raise UsageError(f"{' '.join(overrides)} describes a sweep of {len(jobs)} runs; add -m to run them all")
+    gpus = None
+    for job in jobs:
+        cfg = compose(job, check=False)
+        if gpus is None and cfg.trainer.device != "cpu":
+            gpus = _gpus_available()
+        from fmtrain.config import ConfigError, validate
+
+        try:
+            validate(cfg, gpus_available=gpus)
+        except ConfigError as error:
+            raise UsageError(str(error) + (f"  (in run {' '.join(job)})" if len(jobs) > 1 else "")) from error
+    return len(jobs)
+
+
+_exit_codes: list[int] = []
+
+
+def _train_task(node: object) -> None:
+    """Hydra's task function: one run (one job of a sweep) from composition to the end."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from fmtrain.config import to_config
+    from launch.spec import RunSpec, make_launcher
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    container = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(container, dict)
+    container["run_dir"] = str(run_dir)
+    cfg = to_config(container)
+    spec = RunSpec(cfg, run_dir, argv=["fmtrain", "train", *sys.argv[1:]])
+    spec.write()
+    log.info("run directory: %s", run_dir)
+    job = make_launcher(cfg.launcher.name).launch(spec)
+    result = job.result()
+    if result["message"]:
+        (log.error if result["state"] == "failed" else log.warning)("%s", result["message"])
+    log.info("%s: %s", result["state"], run_dir)
+    _exit_codes.append(int(result["exit_code"] or 0))
+
+
+def train(args: list[str]) -> int:
+    from fmtrain.config import register_schema
+
+    flags, overrides = _split(args)
+    multirun = "-m" in flags or "--multirun" in flags
+    check_train(overrides, multirun)
+
+    import hydra
+
+    register_schema()
+    sys.argv = ["fmtrain train", *flags, *overrides]
+    app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)(_train_task)
+    app()
+    failed = [code for code in _exit_codes if code]
+    return failed[0] if failed else 0
+
+
+def status(args: list[str]) -> int:
+    from fmtrain.metrics import read_jsonl
+    from launch.spec import JobRecord
+
+    if len(args) != 1:
+        raise UsageError("usage: fmtrain status RUN_DIR")
+    run_dir = Path(args[0])
+    if not (run_dir / "job.json").is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no job.json)")
+    record = JobRecord.read(run_dir)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    train_records = [r for r in records if "loss" in r]
+    val_records = [r for r in records if "val_loss" in r]
+    summary = {
+        "run_dir": str(run_dir),
+        "launcher": record.launcher,
+        "state": record.state,
+        "job_id": record.job_id,
+        "attempts": record.attempts,
+        "step": train_records[-1]["step"] if train_records else 0,
+        "loss": train_records[-1]["loss"] if train_records else None,
+        "val_loss": val_records[-1]["val_loss"] if val_records else None,
+        "started": record.started,
+        "ended": record.ended,
+    }
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+COMMANDS = {"train": train, "status": status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from fmtrain import __version__
+
+        print(f"fmtrain {__version__}")
+        return 0
+    command = COMMANDS.get(argv[0])
+    try:
+        if command is None:
+            raise UsageError(f"unknown command {argv[0]!r}; valid commands are {', '.join(COMMANDS)}")
+        return command(argv[1:])
+    except UsageError as error:
+        print(f"fmtrain: error: {error}", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    sys.exit(main())

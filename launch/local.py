@@ -1,0 +1,146 @@
+"""The local launcher: N training processes on this machine under torch's elastic agent.
+
+    fmtrain train launcher.nproc=2
+
+Like ``torchrun --standalone``, the agent runs in this (the CLI's) process and ``launch`` returns when
+the job has ended. Rendezvous and the process group stay on 127.0.0.1. If any rank fails, the agent
+stops every rank and the failing rank's traceback is shown; SIGTERM or Ctrl-C reach every rank,
+which saves a checkpoint at the next step boundary and exits. Workers die with the agent
+(PR_SET_PDEATHSIG), so even a SIGKILLed launcher leaves no orphan.
+
+Per-rank output: rank 0 prints to this terminal; every other rank's stdout and stderr go to
+``logs/rank<R>.stdout`` and ``.stderr``; every rank logs to ``logs/rank<R>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs
+
+from fmtrain.config import usable_cpus
+from launch.spec import JobRecord, RunSpec, command_line, now
+
+log = logging.getLogger("fmtrain.launch")
+
+
+class RunDirLogs(LogsSpecs):
+    """Puts each rank's redirected output and error file under ``<run_dir>/logs``, named by rank."""
+
+    def __init__(self, log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(log_dir=str(log_dir))
+        self.log_dir = log_dir
+
+    @property
+    def root_log_dir(self) -> str:
+        return str(self.log_dir)
+
+    def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+        dest = LogsDest(stdouts=dict.fromkeys(envs, ""), stderrs=dict.fromkeys(envs, ""))
+        for local_rank, env in envs.items():
+            rank = env["RANK"]
+            error_file = self.log_dir / f"rank{rank}.error.json"
+            error_file.unlink(missing_ok=True)
+            env["TORCHELASTIC_ERROR_FILE"] = str(error_file)
+            dest.error_files[local_rank] = str(error_file)
+            if rank != "0":
+                dest.stdouts[local_rank] = str(self.log_dir / f"rank{rank}.stdout")
+                dest.stderrs[local_rank] = str(self.log_dir / f"rank{rank}.stderr")
+        return dest
+
+
+def failure_report(error: Any) -> str:
+    """The first failing rank, its exit code and its traceback, from a ChildFailedError."""
+    rank, failure = error.get_first_failure()
+    detail = failure.message
+    if isinstance(detail, dict):
+        detail = detail.get("extraInfo", {}).get("py_callstack") or detail.get("message", "")
+    return f"rank {rank} failed (exit code {failure.exitcode}, pid {failure.pid}):\n{detail}".rstrip()
+
+
+@dataclass
+class LocalJob:
+    """A finished local job (the local launcher runs in the foreground)."""
+
+    run_dir: Path
+
+    def state(self) -> str:
+        return JobRecord.read(self.run_dir).state
+
+    def result(self) -> dict[str, Any]:
+        record = JobRecord.read(self.run_dir)
+        return {"state": record.state, "exit_code": record.exit_code, "message": record.message}
+
+    def cancel(self) -> None:
+        record = JobRecord.read(self.run_dir)
+        if record.state == "running" and record.pid:
+            os.kill(record.pid, signal.SIGTERM)
+
+    def logs(self) -> list[Path]:
+        return sorted((self.run_dir / "logs").glob("rank*"))
+
+
+class LocalLauncher:
+    def launch(self, spec: RunSpec) -> LocalJob:
+        from torch.distributed.elastic.multiprocessing import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+        cfg = spec.config.launcher
+        nproc = cfg.nproc
+        # torchrun's rule: one thread per rank unless the user chose; here, the cores shared out.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
+        os.environ["FMTRAIN_DIE_WITH_PARENT"] = "1"
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+
+        run_id = f"fmtrain-{uuid.uuid4().hex[:12]}"
+        record = JobRecord(
+            launcher="local",
+            state="running",
+            command=command_line(spec.argv),
+            job_id=run_id,
+            pid=os.getpid(),
+            world_size=nproc,
+            started=now(),
+        )
+        if (spec.run_dir / "job.json").exists():
+            record.attempts = JobRecord.read(spec.run_dir).attempts
+        record.attempts += 1
+        record.write(spec.run_dir)
+        result_file = spec.run_dir / "result.json"
+        result_file.unlink(missing_ok=True)  # rank 0 writes it anew when this attempt ends
+
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=run_id,
+            rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0",
+            local_addr="127.0.0.1",
+            max_restarts=cfg.max_restarts,
+            monitor_interval=cfg.monitor_interval,
+            shutdown_timeout=cfg.shutdown_timeout,
+            logs_specs=RunDirLogs(spec.run_dir / "logs"),
+        )
+        try:
+            elastic_launch(config, sys.executable)("-u", "-m", "fmtrain.worker", str(spec.config_path))
+        except ChildFailedError as error:
+            record.state, record.exit_code, record.message = "failed", 1, failure_report(error)
+        except SignalException as error:
+            record.state, record.exit_code = "stopped", 128 + int(error.sigval)
+            record.message = f"stopped by {signal.Signals(error.sigval).name}; rerun the same command to resume"
+        else:
+            record.state, record.exit_code = json.loads(result_file.read_text())["status"], 0
+        record.ended = now()
+        record.write(spec.run_dir)
+        return LocalJob(spec.run_dir)

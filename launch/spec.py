@@ -1,0 +1,96 @@
+"""What a launcher receives (:class:`RunSpec`) and returns (:class:`JobHandle`), and ``job.json``.
+
+The run directory is the unit of record: ``config.yaml`` (resolved), ``job.json`` (launcher, ids,
+state, command line), logs, metrics and checkpoints. ``fmtrain status`` works from it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from fmtrain.config import TrainConfig, to_yaml
+
+JOB_FILE = "job.json"
+STATES = ("running", "completed", "stopped", "failed")
+
+
+@dataclass
+class RunSpec:
+    """One run to start: the validated config and the directory it owns."""
+
+    config: TrainConfig
+    run_dir: Path
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    def write(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(to_yaml(self.config))
+
+
+@dataclass
+class JobRecord:
+    """The contents of ``job.json``."""
+
+    launcher: str
+    state: str
+    command: str
+    job_id: str = ""
+    pid: int = 0
+    world_size: int = 1
+    started: str = ""
+    ended: str = ""
+    exit_code: int | None = None
+    attempts: int = 0
+    message: str = ""
+
+    @classmethod
+    def read(cls, run_dir: Path) -> JobRecord:
+        return cls(**json.loads((run_dir / JOB_FILE).read_text()))
+
+    def write(self, run_dir: Path) -> None:
+        tmp = run_dir / f".{JOB_FILE}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        os.replace(tmp, run_dir / JOB_FILE)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def command_line(argv: list[str]) -> str:
+    return shlex.join(argv)
+
+
+class JobHandle(Protocol):
+    """A started job: its id and directory, its state, its result, and a way to stop it."""
+
+    run_dir: Path
+
+    def state(self) -> str: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+    def cancel(self) -> None: ...
+
+    def logs(self) -> list[Path]: ...
+
+
+class Launcher(Protocol):
+    def launch(self, spec: RunSpec) -> JobHandle: ...
+
+
+def make_launcher(name: str) -> Launcher:
+    from launch.local import LocalLauncher
+
+    launchers: dict[str, type[Launcher]] = {"local": LocalLauncher}
+    return launchers[name]()
