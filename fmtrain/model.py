@@ -132,6 +132,8 @@ class Transformer(nn.Module):
         Residual output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2's rule) so that the
         residual stream's variance does not grow with depth.
         """
+        if self.cfg.tie_embeddings:  # to_empty() materializes each module's tensors apart: tie again
+            self.output.weight = self.tok_embeddings.weight
         device = self.tok_embeddings.weight.device
         self.rope.copy_(rotary_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta, device))
         generator = torch.Generator(device="cpu").manual_seed(seed)

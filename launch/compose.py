@@ -54,7 +54,7 @@ def _schema_fields(key: str) -> list[str] | None:
 def _explain(error: BaseException, overrides: list[str]) -> str:
     """One sentence for the user from a Hydra/OmegaConf composition error."""
     from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
     chain: list[BaseException] = []
     cause: BaseException | None = error
@@ -77,7 +77,7 @@ def _explain(error: BaseException, overrides: list[str]) -> str:
         value = values.get(key, getattr(exc, "value", None))
         if isinstance(exc, MissingMandatoryValue):
             return f"{key} is required: set it on the command line, e.g. {key}=..."
-        if isinstance(exc, ConfigKeyError):
+        if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
             parent = key.rpartition(".")[0]
             fields = _schema_fields(parent)
             where = f"under '{parent}'" if parent else "at the top level"
@@ -85,6 +85,8 @@ def _explain(error: BaseException, overrides: list[str]) -> str:
             return f"unknown key '{key}'{valid}"
         if isinstance(exc, ValidationError):
             reason = str(exc).splitlines()[0]
+            if "could not be converted to " in reason:
+                reason = "expected " + reason.rsplit("could not be converted to ", 1)[1].lower()
             return f"{key}={value!r} is invalid: {reason}"
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 

@@ -1,0 +1,63 @@
+"""Shared helpers: run the real ``fmtrain`` CLI in a subprocess, read what a run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FMTRAIN = str(Path(sys.executable).parent / "fmtrain")
+
+# A model and batch small enough that a multi-process run takes seconds on 2 CPU cores.
+SMALL = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "data.seq_len=64",
+    "data.max_bytes=3000000",
+    "trainer.global_batch_size=8",
+    "trainer.eval_batches=2",
+    "trainer.peak_flops=1e12",
+    "trainer.plot=false",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tokenized-data cache for the session (CI may point FMTRAIN_CACHE at a kept folder)."""
+    return Path(os.environ.get("FMTRAIN_CACHE") or tmp_path_factory.mktemp("cache"))
+
+
+def env_with(cache: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, FMTRAIN_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    env.pop("FMTRAIN_FAULT", None)
+    env.update(extra)
+    return env
+
+
+def fmtrain(args: list[str], cache: Path, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FMTRAIN, *args], env=env_with(cache, **extra_env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def final_state(checkpoint: Path) -> dict:
+    """A DCP checkpoint's model and optimizer state, loaded into one plain process."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = checkpoint.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint / "model_optim", out)
+    return torch.load(out, weights_only=True)

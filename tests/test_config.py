@@ -1,0 +1,98 @@
+"""Config composition and validation, through the compose API and the real CLI."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import fmtrain
+
+from launch.compose import UsageError, compose, expand_sweep, group_options
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g, options in group_options().items() for o in options]
+)
+def test_every_option_of_every_group_composes(group: str, option: str, tmp_path) -> None:
+    extra = [f"data.paths=[{__file__}]"] if (group, option) == ("data", "text_files") else []
+    cfg = compose([f"{group}={option}", *extra], check=False)
+    assert getattr(cfg, group).name == option
+    if (group, option) != ("model", "8b") and (group, option) != ("model", "1b"):
+        compose([f"{group}={option}", *extra])  # and validates (big models validate too, below)
+
+
+def test_big_models_validate_and_have_their_size() -> None:
+    import torch
+
+    from fmtrain.model import Transformer
+
+    for name, expected in (("1b", 1.24e9), ("8b", 8.03e9)):
+        cfg = compose([f"model={name}", "trainer.device=cpu"])
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        assert model.num_params() == pytest.approx(expected, rel=0.01)
+
+
+def test_defaults_and_overrides_reach_the_typed_config() -> None:
+    cfg = compose(["trainer.max_steps=7", "launcher.nproc=2", "optim.lr=1e-4", "run_dir=/tmp/x"])
+    assert (cfg.trainer.max_steps, cfg.launcher.nproc, cfg.optim.lr, cfg.run_dir) == (7, 2, 1e-4, "/tmp/x")
+    assert cfg.model.name == "tiny" and cfg.trainer.resume == "auto"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.foo=1"], r"unknown key 'trainer.foo'; valid keys under 'trainer': max_steps, .*resume"),
+        (["bogus=1"], r"unknown key 'bogus'; valid keys at the top level: experiment, run_dir"),
+        (["trainer.max_steps=abc"], r"trainer.max_steps='abc' is invalid: expected integer"),
+        (["model=huge"], r"model=huge: no such option; valid choices are 1b, 8b, small, tiny"),
+        (["trainer.max_steps=0"], r"trainer.max_steps=0 is invalid: must be positive"),
+        (["optim.schedule=step"], r"optim.schedule='step' is invalid: valid choices are cosine, linear, constant"),
+        (["precision=fp32", "precision.name=fp8"], r"precision.name='fp8' is invalid: valid choices are fp32, bf16"),
+        (["trainer.global_batch_size=10", "launcher.nproc=4"], r"trainer.global_batch_size=10 .* divisible by .* 1 x 4 = 4"),
+        (["trainer.global_batch_size=16", "trainer.micro_batch_size=3"], r"divisible by trainer.micro_batch_size x world size"),
+        (["trainer.resume=/no/such/checkpoint"], r"trainer.resume='/no/such/checkpoint' is invalid: must be auto, never"),
+        (["launcher.nproc=999", "trainer.device=cpu"], r"launcher.nproc=999 is invalid: must be <= \d+"),
+        (["model.n_heads=3"], r"model.n_heads=3 is invalid: must divide model.dim=256"),
+        (["data=text_files"], r"data.paths=\[\] is invalid: give one or more files"),
+        (["data=text_files", "data.paths=[/no/such/*.txt]"], r"data.paths=.* no file matches"),
+        (["data.seq_len=4096"], r"data.seq_len=4096 is invalid: must be <= model.max_seq_len=1024"),
+    ],
+)
+def test_bad_overrides_are_refused_with_field_value_and_choices(overrides: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        compose(overrides)
+
+
+def test_sweeps_expand_to_every_combination() -> None:
+    jobs = expand_sweep(["optim.lr=1e-3,3e-4", "model=tiny,small", "trainer.max_steps=5"])
+    assert len(jobs) == 4
+    assert ["optim.lr=0.001", "model=small", "trainer.max_steps=5"] in jobs
+
+
+def test_cli_refuses_bad_values_with_exit_code_2_and_no_traceback(cache_dir, tmp_path) -> None:
+    for args, message in (
+        (["trainer.max_steps=-1"], "trainer.max_steps=-1 is invalid: must be positive"),
+        (["trainer.nope=1"], "unknown key 'trainer.nope'"),
+        (["launcher=slurmish"], "launcher=slurmish: no such option; valid choices are local"),
+        (["optim.lr=1e-3,1e-4"], "describes a sweep of 2 runs; add -m"),
+        (["-m", "optim.lr=1e-3,-1"], "optim.lr=-1.0 is invalid: must be positive"),
+    ):
+        result = fmtrain(["train", f"run_dir={tmp_path}/run", *args], cache_dir, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "run").exists(), "nothing may start or be written for a refused command"
+
+
+def test_cli_help_lists_subcommands_and_groups(cache_dir) -> None:
+    result = fmtrain(["--help"], cache_dir, timeout=60)
+    assert result.returncode == 0
+    assert "train" in result.stdout and "status" in result.stdout
+    assert "model      1b, 8b, small, tiny" in result.stdout
+    assert "launcher   local" in result.stdout
+
+
+def test_cli_cfg_job_prints_the_config_and_runs_nothing(cache_dir, tmp_path) -> None:
+    result = fmtrain(["train", "--cfg", "job", "trainer.max_steps=3", f"run_dir={tmp_path}/r"], cache_dir, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "max_steps: 3" in result.stdout and "name: tiny" in result.stdout
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -1,0 +1,72 @@
+"""The model: causal, deterministic from the seed, FLOPs by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fmtrain.config import ModelConfig
+from fmtrain.model import Transformer, ffn_hidden_dim
+
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+
+
+def build(cfg: ModelConfig = CFG, seed: int = 0) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed)
+    return model
+
+
+def test_initialisation_depends_on_the_seed_alone() -> None:
+    a, b, c = build(seed=3), build(seed=3), build(seed=4)
+    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+        if not name.endswith("norm.weight"):
+            assert not torch.equal(pa, pc), name
+
+
+def test_attention_is_causal() -> None:
+    model = build()
+    tokens = torch.randint(0, 256, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 256
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    assert before.shape == (2, 16, 256)
+    torch.testing.assert_close(before[:, :10], after[:, :10], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+def test_tied_embeddings_share_one_tensor() -> None:
+    model = build()
+    assert model.output.weight is model.tok_embeddings.weight
+    untied = build(dataclasses.replace(CFG, tie_embeddings=False))
+    assert untied.output.weight is not untied.tok_embeddings.weight
+    assert untied.num_params() == model.num_params() + 256 * 64
+
+
+def test_flops_per_token_by_hand() -> None:
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, max_seq_len=32)
+    hidden = ffn_hidden_dim(cfg)
+    per_layer = 4 * 64 * 64 + 3 * 64 * hidden + 2 * 64  # attention, SwiGLU, two norms
+    matmul_params = 2 * per_layer + 64 + 256 * 64  # + final norm + output projection (tied)
+    assert build(cfg).flops_per_token(seq_len=32) == pytest.approx(6 * matmul_params + 12 * 2 * 64 * 32)
+
+
+def test_a_few_steps_learn_a_repeated_sequence() -> None:
+    model = build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.arange(17).repeat(4, 1)
+    losses = []
+    for _ in range(30):
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
