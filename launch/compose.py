@@ -54,7 +54,13 @@ def _schema_fields(key: str) -> list[str] | None:
 def _explain(error: BaseException, overrides: list[str]) -> str:
     """One sentence for the user from a Hydra/OmegaConf composition error."""
     from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        MissingMandatoryValue,
+        OmegaConfBaseException,
+        ValidationError,
+    )
 
     chain: list[BaseException] = []
     cause: BaseException | None = error

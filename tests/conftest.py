@@ -40,9 +40,7 @@ def env_with(cache: Path, **extra: str) -> dict[str, str]:
 
 
 def fmtrain(args: list[str], cache: Path, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [FMTRAIN, *args], env=env_with(cache, **extra_env), capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([FMTRAIN, *args], env=env_with(cache, **extra_env), capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

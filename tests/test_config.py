@@ -8,9 +8,7 @@ from conftest import fmtrain
 from launch.compose import UsageError, compose, expand_sweep, group_options
 
 
-@pytest.mark.parametrize(
-    ("group", "option"), [(g, o) for g, options in group_options().items() for o in options]
-)
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, options in group_options().items() for o in options])
 def test_every_option_of_every_group_composes(group: str, option: str, tmp_path) -> None:
     extra = [f"data.paths=[{__file__}]"] if (group, option) == ("data", "text_files") else []
     cfg = compose([f"{group}={option}", *extra], check=False)

@@ -15,7 +15,9 @@ def corpus(tmp_path):
     text.mkdir()
     for i in range(3):
         (text / f"doc{i}.txt").write_bytes(np.random.default_rng(i).integers(32, 127, 95 * (200 + i), dtype=np.uint8).tobytes())
-    cfg = DataConfig(name="text_files", paths=[str(text / "*.txt")], seq_len=16, cache_dir=str(tmp_path / "cache"), shard_tokens=10_000)
+    cfg = DataConfig(
+        name="text_files", paths=[str(text / "*.txt")], seq_len=16, cache_dir=str(tmp_path / "cache"), shard_tokens=10_000
+    )
     return cfg, prepare(cfg, vocab_size=256)
 
 
@@ -31,7 +33,12 @@ def test_shards_hold_every_byte_once_and_split_train_from_validation(corpus) -> 
 
 
 def test_token_dtype_follows_the_vocabulary() -> None:
-    assert (token_dtype(256), token_dtype(257), token_dtype(65536), token_dtype(128256)) == (np.uint8, np.uint16, np.uint16, np.uint32)
+    assert (token_dtype(256), token_dtype(257), token_dtype(65536), token_dtype(128256)) == (
+        np.uint8,
+        np.uint16,
+        np.uint16,
+        np.uint32,
+    )
 
 
 def test_global_batches_are_the_same_for_every_world_size(corpus) -> None:

@@ -1,0 +1,232 @@
+"""Real training runs through the real CLI and the local elastic launcher (multi-process, gloo)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FMTRAIN, SMALL, env_with, final_state, fmtrain, read_metrics, train_losses
+
+pytestmark = pytest.mark.slow
+
+# Big enough that 60 steps take a few seconds, so a test can interrupt a run between checkpoints.
+RESUME = [
+    "model.dim=128",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "data.seq_len=128",
+    "data.max_bytes=3000000",
+    "trainer.global_batch_size=16",
+    "trainer.max_steps=80",
+    "trainer.eval_interval=20",
+    "trainer.eval_batches=2",
+    "trainer.peak_flops=1e12",
+    "trainer.plot=false",
+    "checkpoint.interval=20",
+    "checkpoint.keep_last=10",
+    "launcher.nproc=2",
+]
+
+
+def assert_same_run(actual: Path, expected: Path) -> None:
+    """Step for step the same losses (1e-6 relative) and bit-equal final parameters."""
+    got, want = train_losses(actual), train_losses(expected)
+    assert sorted(got) == sorted(want), "every step logged exactly once"
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6), f"step {step}"
+    final = "checkpoints/step_000080"
+    got_state, want_state = final_state(actual / final), final_state(expected / final)
+    for name, tensor in want_state["model"].items():
+        assert torch.equal(got_state["model"][name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def reference(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = fmtrain(["train", f"run_dir={run_dir}", *RESUME], cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir
+
+
+def start(run_dir: Path, cache: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [FMTRAIN, "train", f"run_dir={run_dir}", *RESUME],
+        env=env_with(cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal would give it
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path} appeared:\n{process.stdout.read()}"  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_sigterm_saves_and_the_same_command_resumes_exactly(reference: Path, cache_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = start(run_dir, cache_dir)
+    wait_for(run_dir / "checkpoints" / "step_000020", process)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    job = json.loads((run_dir / "job.json").read_text())
+    assert job["state"] == "stopped"
+    stopped_at = max(train_losses(run_dir))
+    assert 20 <= stopped_at < 80, "the signal must land mid-run for this test to mean anything"
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:06d}" / "manifest.json").is_file(), "a clean stop saves"
+
+    again = fmtrain(["train", f"run_dir={run_dir}", *RESUME], cache_dir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:06d} at step {stopped_at}" in again.stdout
+    assert json.loads((run_dir / "job.json").read_text())["attempts"] == 2
+    assert_same_run(run_dir, reference)
+
+
+def test_sigkill_of_the_process_group_resumes_exactly(reference: Path, cache_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = start(run_dir, cache_dir)
+    wait_for(run_dir / "checkpoints" / "step_000020", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    killed_at = max(train_losses(run_dir))
+    assert killed_at < 80, "the kill must land mid-run for this test to mean anything"
+
+    again = fmtrain(["train", f"run_dir={run_dir}", *RESUME], cache_dir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resumed from" in again.stdout
+    assert_same_run(run_dir, reference)
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(cache_dir: Path, tmp_path: Path) -> None:
+    runs = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"nproc{nproc}"
+        result = fmtrain(["train", f"run_dir={run_dir}", *SMALL, "trainer.max_steps=20", f"launcher.nproc={nproc}"], cache_dir)
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs[nproc] = train_losses(run_dir)
+    # Same samples, same init; only the order of fp32 sums differs (two half-batch means averaged
+    # by all-reduce vs one full-batch mean): ~1e-7 per step, grown by 20 Adam steps to ~1e-5.
+    assert sorted(runs[1]) == sorted(runs[2]) == list(range(1, 21))
+    for step in runs[1]:
+        assert runs[2][step] == pytest.approx(runs[1][step], rel=1e-4), f"step {step}"
+    assert runs[1][20] < runs[1][1] - 0.5, "and it learns"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_an_exception_in_rank_1_ends_the_job_quickly_with_its_error(cache_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = fmtrain(
+        ["train", f"run_dir={run_dir}", *SMALL, "trainer.max_steps=50", "launcher.nproc=2"], cache_dir, FMTRAIN_FAULT="1:3"
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "rank 1 failed (exit code 1" in output
+    assert "RuntimeError: injected fault (FMTRAIN_FAULT) in rank 1 at step 3" in output
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
+    assert json.loads((run_dir / "job.json").read_text())["state"] == "failed"
+    assert _processes_mentioning(str(run_dir)) == [], "no process of the job is left"
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_and_the_previous_one_resumes(cache_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # A constant schedule: the second command extends max_steps, which would reshape a cosine.
+    args = [
+        "train",
+        f"run_dir={run_dir}",
+        *SMALL,
+        "checkpoint.interval=10",
+        "trainer.eval_interval=10",
+        "optim.schedule=constant",
+    ]
+    first = fmtrain([*args, "trainer.max_steps=20"], cache_dir)
+    assert first.returncode == 0, first.stdout + first.stderr
+    original = train_losses(run_dir)
+    shard = run_dir / "checkpoints" / "step_000020" / "model_optim" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (run_dir / "checkpoints" / ".step_000030.tmp").mkdir()  # the debris of a save that was killed
+
+    second = fmtrain([*args, "trainer.max_steps=30"], cache_dir)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert (
+        f"skipping checkpoint {run_dir}/checkpoints/step_000020: model_optim/__0_0.distcp fails its sha256 checksum"
+        in second.stdout
+    )
+    assert f"resumed from {run_dir}/checkpoints/step_000010 at step 10" in second.stdout
+    resumed = train_losses(run_dir)
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(11, 21):
+        assert resumed[step] == pytest.approx(original[step], rel=1e-6)
+    assert not (run_dir / "checkpoints" / ".step_000030.tmp").exists()
+
+
+def test_default_run_learns_and_fills_its_run_directory(cache_dir: Path, tmp_path: Path) -> None:
+    """The README's main job, unchanged: ``fmtrain train`` with only a run directory."""
+    run_dir = tmp_path / "run"
+    result = fmtrain(["train", f"run_dir={run_dir}"], cache_dir, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = read_metrics(run_dir)
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert val[-1] < 0.55 * math.log(256), f"final validation loss {val[-1]:.3f} vs uniform {math.log(256):.3f}"
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 121))
+    assert all({"loss", "lr", "tokens_per_s", "mfu", "grad_norm", "peak_mem_bytes"} <= r.keys() for r in train)
+    assert 0 < train[-1]["mfu"] < 1
+
+    for name in ("config.yaml", "job.json", "metrics.jsonl", "result.json", "logs/rank0.log", "checkpoints/best.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    job = json.loads((run_dir / "job.json").read_text())
+    assert job["state"] == "completed" and job["command"] == f"fmtrain train run_dir={run_dir}"
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert best["val_loss"] == min(val)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(logged) == list(range(1, 121))
+    for record in train:
+        assert logged[record["step"]] == pytest.approx(record["loss"], rel=1e-6)
+    assert [e.value for e in events.Scalars("val/val_loss")] == pytest.approx(val, rel=1e-6)
+
+    status = subprocess.run([FMTRAIN, "status", str(run_dir)], capture_output=True, text=True, check=True)
+    summary = json.loads(status.stdout)
+    assert (summary["state"], summary["step"]) == ("completed", 120)
+
+
+def test_multirun_gives_each_value_its_own_run_directory(cache_dir: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = fmtrain(["train", "-m", f"run_dir={sweep}", *SMALL, "trainer.max_steps=3", "optim.lr=1e-3,2e-3"], cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lrs = [json.loads((sweep / str(i) / "job.json").read_text()) and read_metrics(sweep / str(i))[-1] for i in (0, 1)]
+    assert all(r["step"] == 3 for r in lrs)
+    configs = [(sweep / str(i) / "config.yaml").read_text() for i in (0, 1)]
+    assert "lr: 0.001" in configs[0] and "lr: 0.002" in configs[1]
