@@ -23,12 +23,12 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from fmtrain.distributed import DistEnv
@@ -128,7 +128,11 @@ class Checkpointer:
             staging.mkdir(parents=True)
         self.env.barrier()
         started = time.perf_counter()
-        dcp.save(self.strategy.state_dict(wrapped, optimizer), checkpoint_id=staging / "model_optim")
+        import torch.distributed.checkpoint as dcp  # 0.5 s of imports: paid at the first save, not at start-up
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+            dcp.save(self.strategy.state_dict(wrapped, optimizer), checkpoint_id=staging / "model_optim")
         (staging / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), staging / "rng" / f"rank{self.env.rank}.pt")
         self.env.barrier()
@@ -171,8 +175,12 @@ class Checkpointer:
 
     def load(self, path: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore model, optimizer and this rank's RNG from ``path``; return the trainer state."""
+        import torch.distributed.checkpoint as dcp
+
         state = self.strategy.state_dict(wrapped, optimizer)
-        dcp.load(state, checkpoint_id=path / "model_optim")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path / "model_optim")
         self.strategy.load_state_dict(wrapped, optimizer, state)
         rng_file = path / "rng" / f"rank{self.env.rank}.pt"
         if rng_file.is_file():

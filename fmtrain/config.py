@@ -88,7 +88,7 @@ class TrainerConfig:
     global_batch_size: int = 16
     micro_batch_size: int | None = None  # None: global_batch_size / world size (no accumulation)
     eval_interval: int = 40
-    eval_batches: int = 8
+    eval_batches: int = 4
     log_interval: int = 10
     resume: str = "auto"
     on_nonfinite: str = "error"

@@ -46,8 +46,11 @@ def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
 def corpus_files(cfg: DataConfig) -> list[Path]:
     if cfg.paths:
         return resolve_data_paths(cfg.paths)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+    files = []
+    for root, dirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")]
+        files += [Path(root, n) for n in names if n.endswith(".py")]
+    return sorted(files)
 
 
 def encode_bytes(text: bytes) -> np.ndarray:

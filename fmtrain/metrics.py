@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import platform
 import resource
 import sys
 import time
@@ -20,6 +22,7 @@ import torch
 log = logging.getLogger("fmtrain")
 
 # Dense bf16 peak of known accelerators (FLOP/s), for MFU on GPUs. CPUs are measured instead.
+NOT_PLOTTED = {"step", "time"}  # keys of a record that are no TensorBoard scalar
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
 
@@ -47,6 +50,44 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float 
             torch.cuda.synchronize(device)
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
     return best
+
+
+def cache_root() -> Path:
+    return Path(os.path.expanduser(os.environ.get("FMTRAIN_CACHE", "~/.cache/fmtrain")))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cached_peak_flops(dtype: torch.dtype, device: torch.device, sharing: int) -> tuple[str, float | None]:
+    """The probe's earlier result on this machine, keyed by CPU, threads, ranks sharing it, dtype, torch."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    key = f"{name}|threads={torch.get_num_threads()}|ranks={sharing}|{dtype}|torch={torch.__version__}"
+    path = cache_root() / "peak_flops.json"
+    try:
+        return key, json.loads(path.read_text()).get(key)
+    except (OSError, ValueError):
+        return key, None
+
+
+def store_peak_flops(key: str, value: float) -> None:
+    path = cache_root() / "peak_flops.json"
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        known = {}
+    known[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1))
+    os.replace(tmp, path)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -94,7 +135,12 @@ class MetricsWriter(NullMetrics):
         self.file.write(json.dumps(record) + "\n")
         step = record["step"]
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+            if (
+                key not in NOT_PLOTTED
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
                 self.tb.add_scalar(f"{'val' if key.startswith('val_') else 'train'}/{key}", value, step)
 
     def progress(self, step: int, summary: str) -> None:

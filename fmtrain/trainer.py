@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,15 @@ from fmtrain.checkpoint import Checkpointer
 from fmtrain.config import TrainConfig, micro_batch_size
 from fmtrain.data import Corpus, GlobalBatches, eval_windows, prepare
 from fmtrain.distributed import DistEnv
-from fmtrain.metrics import MetricsWriter, NullMetrics, measure_peak_flops, peak_memory_bytes, plot_losses
+from fmtrain.metrics import (
+    MetricsWriter,
+    NullMetrics,
+    cached_peak_flops,
+    measure_peak_flops,
+    peak_memory_bytes,
+    plot_losses,
+    store_peak_flops,
+)
 from fmtrain.model import Transformer
 from fmtrain.optim import build_optimizer, lr_at
 from fmtrain.strategies import make_strategy
@@ -209,6 +218,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
     def save() -> None:
         checkpointer.save(state["step"], wrapped, optimizer, state)
 
+    _warm_imports(plot=t.plot and env.is_main)
     fault_step = _injected_fault(env.rank)
     status, loss, last_saved = "completed", None, state["step"]
     tokens_per_step = t.global_batch_size * seq_len
@@ -265,6 +275,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
                 "peak_mem_bytes": peak_memory_bytes(device),
                 "step_time_s": elapsed,
                 "skipped": bool(bad_ranks) or not math.isfinite(grad_norm),
+                "time": time.time(),
             }
         )
         metrics.progress(step + 1, f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s")
@@ -298,8 +309,41 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
 
 
 def _measured_peak(env: DistEnv, device: torch.device, precision: str) -> float:
-    """Peak FLOP/s of the whole world: every rank probes at once and the results are summed."""
-    mine = torch.tensor(measure_peak_flops(DTYPES[precision], device), dtype=torch.float64, device=device)
+    """Peak FLOP/s of the whole world: every rank probes at once and the results are summed.
+
+    The probe's result is cached per machine (CPU, threads, ranks sharing it, dtype), so only the
+    first run on a machine pays for it.
+    """
+    dtype = DTYPES[precision]
+    key, cached = cached_peak_flops(dtype, device, env.local_world_size)
+    need = torch.tensor(float(cached is None), device=device)
+    if env.distributed:
+        dist.all_reduce(need)
+    if need.item():
+        cached = measure_peak_flops(dtype, device)
+        if env.local_rank == 0:
+            store_peak_flops(key, cached)
+    mine = torch.tensor(cached, dtype=torch.float64, device=device)
     if env.distributed:
         dist.all_reduce(mine)
     return float(mine)
+
+
+def _warm_imports(plot: bool) -> None:
+    """Import what the end of the run needs on a thread, while the first steps compute.
+
+    Torch ops release the GIL, so these ~1 s of imports (checkpointing, plotting) overlap with
+    training instead of delaying the first save and the end of a short run.
+    """
+
+    def work() -> None:
+        import torch.distributed.checkpoint
+        import torch.distributed.checkpoint.state_dict  # noqa: F401
+
+        if plot:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot
+
+    threading.Thread(target=work, name="fmtrain-warm-imports", daemon=True).start()

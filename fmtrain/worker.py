@@ -9,6 +9,7 @@ so the launcher can show the failing rank's traceback.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -27,6 +28,9 @@ def main(argv: list[str]) -> int:
     if os.environ.get("FMTRAIN_DIE_WITH_PARENT") == "1":
         die_with_parent()
     run(config.load(argv[0]))
+    # Everything is written and closed. The interpreter's last garbage collection over the heap
+    # of torch, matplotlib and tensorboard takes ~0.5 s; frozen objects are skipped by it.
+    gc.freeze()
     return 0
 
 

@@ -1,0 +1,63 @@
+"""Run every benchmark, then write bench/results/summary.md from their JSON files.
+
+    python bench/run.py            # or: make bench
+
+Benchmarks compare against a baseline measured in the same run (ratios, not absolute seconds).
+Run them on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from statistics import median
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def summary() -> str:
+    def load(name: str) -> dict:
+        return json.loads((RESULTS / f"{name}.json").read_text())
+
+    lines = ["# Benchmark results", "", "| benchmark | baseline (same run) | fmtrain | ratio | goal |", "|---|---|---|---|---|"]
+    t = load("throughput")
+    lines.append(
+        f"| training throughput, {t['model']} {t['precision']}, 1 process | bare PyTorch loop "
+        f"{median(t['bare_tokens_per_s']):,.0f} tok/s | {median(t['fmtrain_tokens_per_s']):,.0f} tok/s "
+        f"| {t['ratio']:.3f} | {t['goal']} |"
+    )
+    s = load("startup")
+    lines.append(
+        f"| start-up, `trainer.max_steps=1` | torchrun script {s['median_torchrun_s']:.2f} s | {s['median_fmtrain_s']:.2f} s "
+        f"| {s['ratio']:.2f} | {s['goal']} |"
+    )
+    m = load("mfu")
+    for name, row in m["models"].items():
+        lines.append(
+            f"| MFU, {name} | fp32 matmul peak {m['peak_gflops_fp32']:.0f} GFLOP/s | {row['achieved_gflops']:.1f} GFLOP/s "
+            f"| {row['mfu']:.1%} | {m['goal']} |"
+        )
+    lines += ["", "Where a training step's operator time goes (profiled bare step, same model):", ""]
+    for name, row in m["models"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v:.0%}" for k, v in row["time_share"].items()))
+    machine = t["machine"]
+    lines += [
+        "",
+        f"Machine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, "
+        f"Python {machine['python']}; {t['date']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    for script in ("throughput.py", "startup.py", "mfu.py"):
+        subprocess.run([sys.executable, str(HERE / script)], check=True)
+    (RESULTS / "summary.md").write_text(summary())
+    print(summary())
+
+
+if __name__ == "__main__":
+    main()
