@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fmtrain.config import TrainConfig
+from fmtrain.metrics import cpu_name
 from fmtrain.model import Transformer
 from launch.compose import compose
 
@@ -64,7 +65,7 @@ def fmtrain_throughput(run_dir: Path, warmup: int) -> float:
 
 def machine() -> dict:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -56,7 +56,7 @@ def cache_root() -> Path:
     return Path(os.path.expanduser(os.environ.get("FMTRAIN_CACHE", "~/.cache/fmtrain")))
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -68,7 +68,7 @@ def _cpu_name() -> str:
 
 def cached_peak_flops(dtype: torch.dtype, device: torch.device, sharing: int) -> tuple[str, float | None]:
     """The probe's earlier result on this machine, keyed by CPU, threads, ranks sharing it, dtype, torch."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     key = f"{name}|threads={torch.get_num_threads()}|ranks={sharing}|{dtype}|torch={torch.__version__}"
     path = cache_root() / "peak_flops.json"
     try:

@@ -250,12 +250,17 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
             dist.all_reduce(stats)
         loss, bad_ranks, stop_requested = float(stats[0]) / W, int(stats[1]), bool(stats[2])
         grad_norm = float(strategy.clip_grad_norm(wrapped, cfg.optim.grad_clip))
-        if bad_ranks or not math.isfinite(grad_norm):
-            where = f"rank {env.rank}" if not math.isfinite(float(local_loss)) else f"{bad_ranks} other rank(s)"
-            message = f"non-finite loss ({float(local_loss)}) or gradient norm ({grad_norm}) at step {step} on {where}"
+        skipped = bool(bad_ranks) or not math.isfinite(grad_norm)
+        if skipped:
+            if not math.isfinite(float(local_loss)):
+                message = f"non-finite loss ({float(local_loss)}) at step {step} on rank {env.rank}"
+            elif bad_ranks:
+                message = f"non-finite loss at step {step} on {bad_ranks} rank(s) other than rank {env.rank}"
+            else:
+                message = f"non-finite gradient norm ({grad_norm}) at step {step} (loss {loss:.4f})"
             if t.on_nonfinite == "error":
                 raise NonFiniteLossError(message)
-            log.warning("%s: skipping the update", message)
+            log.warning("%s: skipping the update (trainer.on_nonfinite=skip)", message)
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -274,7 +279,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
                 "mfu": flops_per_token * tokens_per_s / peak,
                 "peak_mem_bytes": peak_memory_bytes(device),
                 "step_time_s": elapsed,
-                "skipped": bool(bad_ranks) or not math.isfinite(grad_norm),
+                "skipped": skipped,
                 "time": time.time(),
             }
         )

@@ -230,3 +230,52 @@ def test_multirun_gives_each_value_its_own_run_directory(cache_dir: Path, tmp_pa
     assert all(r["step"] == 3 for r in lrs)
     configs = [(sweep / str(i) / "config.yaml").read_text() for i in (0, 1)]
     assert "lr: 0.001" in configs[0] and "lr: 0.002" in configs[1]
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_a_non_finite_update_stops_the_run_or_is_skipped(policy: str, cache_dir: Path, tmp_path: Path) -> None:
+    # Weights of 1e30 overflow the gradients on the first step, deterministically.
+    args = [
+        "train",
+        f"run_dir={tmp_path}",
+        *SMALL,
+        "model.init_std=1e30",
+        "trainer.max_steps=3",
+        f"trainer.on_nonfinite={policy}",
+    ]
+    result = fmtrain([*args, "launcher.nproc=2"], cache_dir)
+    output = result.stdout + result.stderr
+    if policy == "error":
+        assert result.returncode == 1
+        assert "NonFiniteLossError: non-finite gradient norm (nan) at step 0" in output
+    else:
+        assert result.returncode == 0, output
+        assert "non-finite gradient norm (nan) at step 0" in output and "skipping the update" in output
+        steps = [r for r in read_metrics(tmp_path) if "loss" in r]
+        assert [r["skipped"] for r in steps] == [True, True, True]
+
+
+def test_ctrl_c_stops_every_rank_after_saving(cache_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = start(run_dir, cache_dir)
+    wait_for(run_dir / "checkpoints" / "step_000020", process)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal sends to its foreground process group
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGINT, output
+    stopped_at = max(train_losses(run_dir))
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:06d}" / "manifest.json").is_file()
+    assert json.loads((run_dir / "job.json").read_text())["state"] == "stopped"
+    assert _processes_mentioning(str(run_dir)) == []
+
+
+def test_bf16_autocast_learns_close_to_fp32(cache_dir: Path, tmp_path: Path) -> None:
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        result = fmtrain(
+            ["train", f"run_dir={tmp_path / precision}", *SMALL, "trainer.max_steps=15", f"precision={precision}"], cache_dir
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        losses[precision] = train_losses(tmp_path / precision)
+    assert losses["bf16"][15] < losses["bf16"][1] - 0.5
+    # bf16 keeps 8 bits of mantissa in the matmuls: within a few percent of fp32 after 15 steps.
+    assert losses["bf16"][15] == pytest.approx(losses["fp32"][15], rel=0.05)
