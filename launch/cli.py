@@ -121,6 +121,9 @@ def _train_task(node: object) -> None:
 def train(args: list[str]) -> int:
     from fmtrain.config import register_schema
 
+    if "-h" in args or "--help" in args:
+        print(_usage())
+        return 0
     flags, overrides = _split(args)
     multirun = "-m" in flags or "--multirun" in flags
     check_train(overrides, multirun)

@@ -111,17 +111,23 @@ def test_sigkill_of_the_process_group_resumes_exactly(reference: Path, cache_dir
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(cache_dir: Path, tmp_path: Path) -> None:
     runs = {}
-    for nproc in (1, 2):
-        run_dir = tmp_path / f"nproc{nproc}"
-        result = fmtrain(["train", f"run_dir={run_dir}", *SMALL, "trainer.max_steps=20", f"launcher.nproc={nproc}"], cache_dir)
+    for name, extra in (
+        ("1", ["launcher.nproc=1"]),
+        ("2", ["launcher.nproc=2"]),
+        ("2x2", ["launcher.nproc=2", "trainer.micro_batch_size=2"]),
+    ):
+        result = fmtrain(["train", f"run_dir={tmp_path / name}", *SMALL, "trainer.max_steps=20", *extra], cache_dir)
         assert result.returncode == 0, result.stdout + result.stderr
-        runs[nproc] = train_losses(run_dir)
+        runs[name] = train_losses(tmp_path / name)
+    assert "micro-batch 2 x 2 accumulation" in (tmp_path / "2x2" / "logs" / "rank0.log").read_text()
     # Same samples, same init; only the order of fp32 sums differs (two half-batch means averaged
-    # by all-reduce vs one full-batch mean): ~1e-7 per step, grown by 20 Adam steps to ~1e-5.
-    assert sorted(runs[1]) == sorted(runs[2]) == list(range(1, 21))
-    for step in runs[1]:
-        assert runs[2][step] == pytest.approx(runs[1][step], rel=1e-4), f"step {step}"
-    assert runs[1][20] < runs[1][1] - 0.5, "and it learns"
+    # by all-reduce, or two accumulated quarter-batch means per rank, vs one full-batch mean):
+    # ~1e-7 relative per step, grown by 20 Adam steps to ~1e-5. 1e-4 leaves a 10x margin.
+    for name in ("2", "2x2"):
+        assert sorted(runs[name]) == sorted(runs["1"]) == list(range(1, 21))
+        for step in runs["1"]:
+            assert runs[name][step] == pytest.approx(runs["1"][step], rel=1e-4), f"{name} processes, step {step}"
+    assert runs["1"][20] < runs["1"][1] - 0.5, "and it learns"
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -206,6 +212,8 @@ def test_default_run_learns_and_fills_its_run_directory(cache_dir: Path, tmp_pat
     assert job["state"] == "completed" and job["command"] == f"fmtrain train run_dir={run_dir}"
     best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
     assert best["val_loss"] == min(val)
+    kept = {p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()}
+    assert kept == {"step_000080", "step_000120", best["name"]}, "the last two (checkpoint.keep_last) and the best"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
