@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from fmtrain.checkpoint import Checkpointer
 from fmtrain.config import TrainConfig, micro_batch_size
@@ -48,7 +49,7 @@ from fmtrain.metrics import (
 )
 from fmtrain.model import Transformer
 from fmtrain.optim import build_optimizer, lr_at
-from fmtrain.strategies import make_strategy
+from fmtrain.strategies import Strategy, make_strategy
 
 log = logging.getLogger("fmtrain")
 
@@ -138,36 +139,131 @@ def run(cfg: TrainConfig) -> RunResult:
         env.close()
 
 
-def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, stop: StopFlag) -> RunResult:
-    t, W = cfg.trainer, env.world_size
-    micro = micro_batch_size(t, W)
-    accum = t.global_batch_size // (micro * W)
-    seq_len = cfg.data.seq_len
-    torch.manual_seed(cfg.seed + env.rank)
-    random.seed(cfg.seed + env.rank)
+@dataclass
+class Parts:
+    """What a run is built from, once, before the loop."""
 
+    cfg: TrainConfig
+    env: DistEnv
+    device: torch.device
+    corpus: Corpus
+    batches: GlobalBatches
+    val_ids: list[int]
+    model: Transformer  # the plain module: evaluation, FLOPs
+    wrapped: nn.Module  # what the strategy trains
+    strategy: Strategy
+    optimizer: torch.optim.Optimizer
+    autocast: contextlib.AbstractContextManager
+    micro: int  # sequences per rank per forward
+    accum: int  # forwards per optimizer step
+
+
+@dataclass
+class StepOutcome:
+    loss: float  # mean over the global batch
+    grad_norm: float
+    skipped: bool
+    stop_requested: bool
+
+
+def _build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
+    t = cfg.trainer
+    micro = micro_batch_size(t, env.world_size)
     corpus = _prepare_data(cfg, env)
-    batches = GlobalBatches(corpus.train, seq_len, cfg.seed)
-    val_ids = eval_windows(corpus.val, seq_len, t.eval_batches * t.global_batch_size)
-
     with torch.device("meta"):
         model = Transformer(cfg.model)
     model.to_empty(device=device)
     model.init_weights(cfg.seed)
-    flops_per_token = model.flops_per_token(seq_len)
     strategy = make_strategy(cfg.strategy, env, device)
     wrapped = strategy.wrap(model)
-    optimizer = build_optimizer(wrapped, cfg.optim)
     autocast = (
         torch.autocast(device.type, dtype=DTYPES[cfg.precision.name])
         if cfg.precision.name != "fp32"
         else contextlib.nullcontext()
     )
+    return Parts(
+        cfg=cfg,
+        env=env,
+        device=device,
+        corpus=corpus,
+        batches=GlobalBatches(corpus.train, cfg.data.seq_len, cfg.seed),
+        val_ids=eval_windows(corpus.val, cfg.data.seq_len, t.eval_batches * t.global_batch_size),
+        model=model,
+        wrapped=wrapped,
+        strategy=strategy,
+        optimizer=build_optimizer(wrapped, cfg.optim),
+        autocast=autocast,
+        micro=micro,
+        accum=t.global_batch_size // (micro * env.world_size),
+    )
 
+
+def _train_step(p: Parts, step: int, consumed: int, stop: StopFlag) -> StepOutcome:
+    """Forward and backward over the global batch, then one update (or a skip, or an error)."""
+    env, device = p.env, p.device
+    local_loss = torch.zeros((), dtype=torch.float64, device=device)
+    for micro_step in range(p.accum):
+        inputs, targets = (x.to(device) for x in p.batches.micro_batch(consumed, micro_step, env.rank, p.micro, env.world_size))
+        sync = p.strategy.no_sync(p.wrapped) if micro_step < p.accum - 1 else contextlib.nullcontext()
+        with sync:
+            with p.autocast:
+                logits = p.wrapped(inputs)
+            micro_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            (micro_loss / p.accum).backward()
+        local_loss += micro_loss.detach()
+    local_loss /= p.accum
+    # One collective per step carries the loss, the non-finite count and the stop flag.
+    stop_flag = torch.tensor(float(stop.signum > 0), dtype=torch.float64, device=device)
+    stats = torch.stack([local_loss, (~torch.isfinite(local_loss)).double(), stop_flag])
+    if env.distributed:
+        dist.all_reduce(stats)
+    loss, bad_ranks, stop_requested = float(stats[0]) / env.world_size, int(stats[1]), bool(stats[2])
+    grad_norm = float(p.strategy.clip_grad_norm(p.wrapped, p.cfg.optim.grad_clip))
+    skipped = bool(bad_ranks) or not math.isfinite(grad_norm)
+    if skipped:
+        if not math.isfinite(float(local_loss)):
+            message = f"non-finite loss ({float(local_loss)}) at step {step} on rank {env.rank}"
+        elif bad_ranks:
+            message = f"non-finite loss at step {step} on {bad_ranks} rank(s) other than rank {env.rank}"
+        else:
+            message = f"non-finite gradient norm ({grad_norm}) at step {step} (loss {loss:.4f})"
+        if p.cfg.trainer.on_nonfinite == "error":
+            raise NonFiniteLossError(message)
+        log.warning("%s: skipping the update (trainer.on_nonfinite=skip)", message)
+    else:
+        p.optimizer.step()
+    p.optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # so that the step's wall time is the step's work
+    return StepOutcome(loss, grad_norm, skipped, stop_requested)
+
+
+def _evaluate(p: Parts) -> float:
+    """Mean loss per token over the fixed validation windows, shared out across ranks."""
+    p.model.eval()
+    mine = p.val_ids[p.env.rank :: p.env.world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=p.device)
+    with torch.no_grad(), p.autocast:
+        for start in range(0, len(mine), p.micro):
+            rows = p.corpus.val.windows(mine[start : start + p.micro], p.cfg.data.seq_len).to(p.device)
+            logits = p.model(rows[:, :-1])
+            total[0] += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum")
+            total[1] += rows[:, 1:].numel()
+    if p.env.distributed:
+        dist.all_reduce(total)
+    p.model.train()
+    return float(total[0] / total[1])
+
+
+def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, stop: StopFlag) -> RunResult:
+    t = cfg.trainer
+    torch.manual_seed(cfg.seed + env.rank)
+    random.seed(cfg.seed + env.rank)
+    p = _build(cfg, env, device)
     checkpointer = Checkpointer(
         run_dir / "checkpoints",
         env,
-        strategy,
+        p.strategy,
         keep_last=cfg.checkpoint.keep_last,
         keep_best=cfg.checkpoint.keep_best,
         identity={"strategy": cfg.strategy.name, "config_hash": config_hash(cfg)},
@@ -175,22 +271,22 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
     state: dict[str, Any] = {"step": 0, "consumed": 0, "best_val_loss": None, "val_loss": None}
     restored = checkpointer.choose(t.resume)
     if restored is not None:
-        state = checkpointer.load(restored, wrapped, optimizer)
+        state = checkpointer.load(restored, p.wrapped, p.optimizer)
         manifest = json.loads((restored / "manifest.json").read_text())
         if manifest["config_hash"] != config_hash(cfg):
             log.warning("resuming %s under a config whose model/data/optim/seed/batch differ from the saved one", restored)
         log.info("resumed from %s at step %d", restored, state["step"])
 
+    flops_per_token = p.model.flops_per_token(cfg.data.seq_len)
     peak = t.peak_flops or _measured_peak(env, device, cfg.precision.name)
-    params = model.num_params()
     log.info(
         "model %s: %.2fM parameters, %.1f MFLOPs/token | world %d, micro-batch %d x %d accumulation | %s on %s",
         cfg.model.name,
-        params / 1e6,
+        p.model.num_params() / 1e6,
         flops_per_token / 1e6,
-        W,
-        micro,
-        accum,
+        env.world_size,
+        p.micro,
+        p.accum,
         cfg.precision.name,
         device,
     )
@@ -200,104 +296,53 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
         else NullMetrics()
     )
 
-    def evaluate() -> float:
-        model.eval()
-        mine = val_ids[env.rank :: W]
-        total = torch.zeros(2, dtype=torch.float64, device=device)
-        with torch.no_grad(), autocast:
-            for start in range(0, len(mine), micro):
-                rows = corpus.val.windows(mine[start : start + micro], seq_len).to(device)
-                logits = model(rows[:, :-1])
-                total[0] += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum")
-                total[1] += rows[:, 1:].numel()
-        if env.distributed:
-            dist.all_reduce(total)
-        model.train()
-        return float(total[0] / total[1])
-
     def save() -> None:
-        checkpointer.save(state["step"], wrapped, optimizer, state)
+        checkpointer.save(state["step"], p.wrapped, p.optimizer, state)
 
     _warm_imports(plot=t.plot and env.is_main)
     fault_step = _injected_fault(env.rank)
     status, loss, last_saved = "completed", None, state["step"]
-    tokens_per_step = t.global_batch_size * seq_len
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
     while state["step"] < t.max_steps:
         step = state["step"]
         if fault_step == step:
             raise RuntimeError(f"injected fault (FMTRAIN_FAULT) in rank {env.rank} at step {step}")
         lr = lr_at(step, cfg.optim, t.max_steps)
-        for group in optimizer.param_groups:
+        for group in p.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        local_loss = torch.zeros((), dtype=torch.float64, device=device)
-        for micro_step in range(accum):
-            rows = batches.micro_batch(state["consumed"], micro_step, env.rank, micro, W)
-            inputs, targets = (x.to(device) for x in rows)
-            sync = strategy.no_sync(wrapped) if micro_step < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    logits = wrapped(inputs)
-                micro_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-                (micro_loss / accum).backward()
-            local_loss += micro_loss.detach()
-        local_loss /= accum
-        # One collective per step carries the loss, the non-finite count and the stop flag.
-        stats = torch.stack(
-            [local_loss, (~torch.isfinite(local_loss)).double(), torch.tensor(float(stop.signum > 0), device=device)]
-        )
-        if env.distributed:
-            dist.all_reduce(stats)
-        loss, bad_ranks, stop_requested = float(stats[0]) / W, int(stats[1]), bool(stats[2])
-        grad_norm = float(strategy.clip_grad_norm(wrapped, cfg.optim.grad_clip))
-        skipped = bool(bad_ranks) or not math.isfinite(grad_norm)
-        if skipped:
-            if not math.isfinite(float(local_loss)):
-                message = f"non-finite loss ({float(local_loss)}) at step {step} on rank {env.rank}"
-            elif bad_ranks:
-                message = f"non-finite loss at step {step} on {bad_ranks} rank(s) other than rank {env.rank}"
-            else:
-                message = f"non-finite gradient norm ({grad_norm}) at step {step} (loss {loss:.4f})"
-            if t.on_nonfinite == "error":
-                raise NonFiniteLossError(message)
-            log.warning("%s: skipping the update (trainer.on_nonfinite=skip)", message)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        outcome = _train_step(p, step, state["consumed"], stop)
         elapsed = time.perf_counter() - started
-        state["step"], state["consumed"] = step + 1, state["consumed"] + t.global_batch_size
+        state["step"], state["consumed"], loss = step + 1, state["consumed"] + t.global_batch_size, outcome.loss
         tokens_per_s = tokens_per_step / elapsed
         metrics.log(
             {
                 "step": step + 1,
-                "loss": loss,
+                "loss": outcome.loss,
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": outcome.grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_per_token * tokens_per_s / peak,
                 "peak_mem_bytes": peak_memory_bytes(device),
                 "step_time_s": elapsed,
-                "skipped": skipped,
+                "skipped": outcome.skipped,
                 "time": time.time(),
             }
         )
-        metrics.progress(step + 1, f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s")
+        metrics.progress(step + 1, f"loss {outcome.loss:.4f} | {tokens_per_s:,.0f} tok/s")
 
         done = state["step"] == t.max_steps
+        state["val_loss"] = None
         if state["step"] % t.eval_interval == 0 or done:
-            state["val_loss"] = evaluate()
+            state["val_loss"] = _evaluate(p)
             if state["best_val_loss"] is None or state["val_loss"] < state["best_val_loss"]:
                 state["best_val_loss"] = state["val_loss"]
             metrics.log({"step": state["step"], "val_loss": state["val_loss"]})
             log.info("step %d: val_loss %.4f", state["step"], state["val_loss"])
-        else:
-            state["val_loss"] = None
-        if state["step"] % cfg.checkpoint.interval == 0 or done or stop_requested:
+        if state["step"] % cfg.checkpoint.interval == 0 or done or outcome.stop_requested:
             save()
             last_saved = state["step"]
-        if stop_requested and not done:
+        if outcome.stop_requested and not done:
             status = "stopped"
             log.warning("stop signal received: saved step %d; run the same command again to resume", state["step"])
             break
@@ -305,12 +350,12 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
     if state["step"] != last_saved:
         save()
     metrics.close()
+    result = RunResult(status, state["step"], loss, state["val_loss"], str(run_dir))
     if env.is_main:
         if t.plot:
             plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        result = RunResult(status, state["step"], loss, state["val_loss"], str(run_dir))
         (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=1))
-    return RunResult(status, state["step"], loss, state["val_loss"], str(run_dir))
+    return result
 
 
 def _measured_peak(env: DistEnv, device: torch.device, precision: str) -> float:
