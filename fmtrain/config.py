@@ -107,9 +107,14 @@ class CheckpointConfig:
 
 @dataclass
 class StrategyConfig:
+    """How ranks share the work. Fields that a strategy does not use are ignored by it."""
+
     name: str = "ddp"
-    find_unused_parameters: bool = False
-    bucket_cap_mb: int = 25
+    tp: int | None = None  # tensor-parallel degree (tp, fsdp_tp); None: the world size for tp
+    reshard_after_forward: bool = True  # fsdp, fsdp_tp: free gathered parameters after forward
+    cpu_offload: bool = False  # fsdp, fsdp_tp: keep parameters, gradients and optimizer state on CPU
+    find_unused_parameters: bool = False  # ddp
+    bucket_cap_mb: int = 25  # ddp
 
 
 @dataclass
@@ -181,7 +186,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("error", "skip")
 PRECISIONS = ("fp32", "bf16")
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "fsdp", "tp", "fsdp_tp")
 LAUNCHERS = ("local",)
 TOKENIZERS = {"bytes": 256}
 
@@ -280,6 +285,9 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None) -> None:
     _positive("checkpoint.keep_last", c.keep_last)
 
     _choice("strategy.name", cfg.strategy.name, STRATEGIES)
+    from fmtrain.parallel import ParallelDims
+
+    ParallelDims.from_config(cfg.strategy, lnch.nproc).check_model(m)
     _choice("precision.name", cfg.precision.name, PRECISIONS)
     _choice("launcher.name", lnch.name, LAUNCHERS)
     _positive("launcher.nproc", lnch.nproc)

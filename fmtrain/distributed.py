@@ -55,7 +55,9 @@ class DistEnv:
             chosen = torch.device("cuda", self.local_rank)
         else:
             chosen = torch.device("cpu")
-        if self.distributed and not dist.is_initialized():
+        # A launcher's rendezvous (MASTER_ADDR) gets a process group even for one process: sharded
+        # strategies build a device mesh whatever the world size.
+        if (self.distributed or "MASTER_ADDR" in os.environ) and not dist.is_initialized():
             backend = "nccl" if use_cuda else "gloo"
             dist.init_process_group(
                 backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=chosen if use_cuda else None

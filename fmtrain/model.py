@@ -13,6 +13,7 @@ what they need (``blocks`` to shard or checkpoint, ``flops_per_token`` for MFU).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -126,25 +127,45 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))
 
     @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
+    def init_weights(self, seed: int, assign: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """Initialize every parameter from ``seed`` alone, in a fixed order, on the model's device.
+
+        Values are drawn on the CPU for the whole (unsharded) parameter, so a model sharded by a
+        strategy starts exactly where a single process does: ``assign(param, full_value)`` copies
+        the part a rank holds (the default copies all of it).
 
         Residual output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2's rule) so that the
         residual stream's variance does not grow with depth.
         """
-        if self.cfg.tie_embeddings:  # to_empty() materializes each module's tensors apart: tie again
-            self.output.weight = self.tok_embeddings.weight
-        device = self.tok_embeddings.weight.device
+        if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight  # to_empty() untied plain tensors
+        if assign is None:
+
+            def assign(param: torch.Tensor, value: torch.Tensor) -> None:
+                param.copy_(value)
+
+        device = self.rope.device
         self.rope.copy_(rotary_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta, device))
         generator = torch.Generator(device="cpu").manual_seed(seed)
         std = self.cfg.init_std
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
-                param.fill_(1.0)
+                assign(param, torch.ones(param.shape))
                 continue
             scale = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
             values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
-            param.copy_(values.clamp_(-3 * scale, 3 * scale))
+            assign(param, values.clamp_(-3 * scale, 3 * scale))
+
+    def tp_plan(self) -> dict[str, str]:
+        """How tensor parallelism splits each block: module path pattern -> "colwise" | "rowwise".
+
+        Q/K/V and the SwiGLU input projections split their outputs (heads, hidden units); the
+        output projections split their inputs and sum, so each block's output is whole again.
+        Embeddings, norms and the output head stay replicated.
+        """
+        plan = {"attention.wq": "colwise", "attention.wk": "colwise", "attention.wv": "colwise", "attention.wo": "rowwise"}
+        plan |= {"feed_forward.w1": "colwise", "feed_forward.w3": "colwise", "feed_forward.w2": "rowwise"}
+        return {f"blocks.{i}.{path}": style for i in range(self.cfg.n_layers) for path, style in plan.items()}
 
     def num_params(self, *, embeddings: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -49,12 +49,11 @@ from fmtrain.metrics import (
 )
 from fmtrain.model import Transformer
 from fmtrain.optim import build_optimizer, lr_at
-from fmtrain.strategies import Strategy, make_strategy
+from fmtrain.strategies import DTYPES, Strategy, make_strategy
 
 log = logging.getLogger("fmtrain")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -153,7 +152,6 @@ class Parts:
     wrapped: nn.Module  # what the strategy trains
     strategy: Strategy
     optimizer: torch.optim.Optimizer
-    autocast: contextlib.AbstractContextManager
     micro: int  # sequences per rank per forward
     accum: int  # forwards per optimizer step
 
@@ -164,23 +162,19 @@ class StepOutcome:
     grad_norm: float
     skipped: bool
     stop_requested: bool
+    state_bytes: int  # parameters + gradients + optimizer state held by this rank
 
 
 def _build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
     t = cfg.trainer
-    micro = micro_batch_size(t, env.world_size)
+    strategy = make_strategy(cfg.strategy, cfg.precision.name, env, device)
+    if strategy.needs_process_group and not dist.is_initialized():
+        raise RuntimeError(f"strategy={cfg.strategy.name} needs torch.distributed: start it with a launcher (fmtrain train)")
+    micro = micro_batch_size(t, strategy.dp_size)
     corpus = _prepare_data(cfg, env)
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    model.to_empty(device=device)
-    model.init_weights(cfg.seed)
-    strategy = make_strategy(cfg.strategy, env, device)
-    wrapped = strategy.wrap(model)
-    autocast = (
-        torch.autocast(device.type, dtype=DTYPES[cfg.precision.name])
-        if cfg.precision.name != "fp32"
-        else contextlib.nullcontext()
-    )
+    wrapped = strategy.build(model, cfg.seed)
     return Parts(
         cfg=cfg,
         env=env,
@@ -192,9 +186,8 @@ def _build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
         wrapped=wrapped,
         strategy=strategy,
         optimizer=build_optimizer(wrapped, cfg.optim),
-        autocast=autocast,
         micro=micro,
-        accum=t.global_batch_size // (micro * env.world_size),
+        accum=t.global_batch_size // (micro * strategy.dp_size),
     )
 
 
@@ -203,16 +196,18 @@ def _train_step(p: Parts, step: int, consumed: int, stop: StopFlag) -> StepOutco
     env, device = p.env, p.device
     local_loss = torch.zeros((), dtype=torch.float64, device=device)
     for micro_step in range(p.accum):
-        inputs, targets = (x.to(device) for x in p.batches.micro_batch(consumed, micro_step, env.rank, p.micro, env.world_size))
+        rows = p.batches.micro_batch(consumed, micro_step, p.strategy.dp_rank, p.micro, p.strategy.dp_size)
+        inputs, targets = (x.to(device) for x in rows)
         sync = p.strategy.no_sync(p.wrapped) if micro_step < p.accum - 1 else contextlib.nullcontext()
         with sync:
-            with p.autocast:
+            with p.strategy.autocast():
                 logits = p.wrapped(inputs)
             micro_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
             (micro_loss / p.accum).backward()
         local_loss += micro_loss.detach()
     local_loss /= p.accum
     # One collective per step carries the loss, the non-finite count and the stop flag.
+    # (Tensor-parallel peers hold equal losses, so the mean over all ranks is the batch mean.)
     stop_flag = torch.tensor(float(stop.signum > 0), dtype=torch.float64, device=device)
     stats = torch.stack([local_loss, (~torch.isfinite(local_loss)).double(), stop_flag])
     if env.distributed:
@@ -232,25 +227,26 @@ def _train_step(p: Parts, step: int, consumed: int, stop: StopFlag) -> StepOutco
         log.warning("%s: skipping the update (trainer.on_nonfinite=skip)", message)
     else:
         p.optimizer.step()
+    state_bytes = p.strategy.state_bytes(p.wrapped, p.optimizer)
     p.optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # so that the step's wall time is the step's work
-    return StepOutcome(loss, grad_norm, skipped, stop_requested)
+    return StepOutcome(loss, grad_norm, skipped, stop_requested, state_bytes)
 
 
 def _evaluate(p: Parts) -> float:
     """Mean loss per token over the fixed validation windows, shared out across ranks."""
     p.model.eval()
-    mine = p.val_ids[p.env.rank :: p.env.world_size]
+    mine = p.val_ids[p.strategy.dp_rank :: p.strategy.dp_size]
     total = torch.zeros(2, dtype=torch.float64, device=p.device)
-    with torch.no_grad(), p.autocast:
+    with torch.no_grad(), p.strategy.autocast():
         for start in range(0, len(mine), p.micro):
             rows = p.corpus.val.windows(mine[start : start + p.micro], p.cfg.data.seq_len).to(p.device)
             logits = p.model(rows[:, :-1])
             total[0] += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum")
             total[1] += rows[:, 1:].numel()
     if p.env.distributed:
-        dist.all_reduce(total)
+        dist.all_reduce(total)  # tensor-parallel peers add equal parts to both sums: the ratio holds
     p.model.train()
     return float(total[0] / total[1])
 
@@ -280,11 +276,15 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
     flops_per_token = p.model.flops_per_token(cfg.data.seq_len)
     peak = t.peak_flops or _measured_peak(env, device, cfg.precision.name)
     log.info(
-        "model %s: %.2fM parameters, %.1f MFLOPs/token | world %d, micro-batch %d x %d accumulation | %s on %s",
+        "model %s: %.2fM parameters, %.1f MFLOPs/token | %s, world %d (dp %d x tp %d), "
+        "micro-batch %d x %d accumulation | %s on %s",
         cfg.model.name,
         p.model.num_params() / 1e6,
         flops_per_token / 1e6,
+        cfg.strategy.name,
         env.world_size,
+        p.strategy.dims.dp,
+        p.strategy.dims.tp,
         p.micro,
         p.accum,
         cfg.precision.name,
@@ -324,6 +324,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_per_token * tokens_per_s / peak,
                 "peak_mem_bytes": peak_memory_bytes(device),
+                "state_bytes": outcome.state_bytes,
                 "step_time_s": elapsed,
                 "skipped": outcome.skipped,
                 "time": time.time(),

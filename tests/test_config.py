@@ -10,7 +10,9 @@ from launch.compose import UsageError, compose, expand_sweep, group_options
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, options in group_options().items() for o in options])
 def test_every_option_of_every_group_composes(group: str, option: str, tmp_path) -> None:
-    extra = [f"data.paths=[{__file__}]"] if (group, option) == ("data", "text_files") else []
+    extra = {("data", "text_files"): [f"data.paths=[{__file__}]"], ("strategy", "fsdp_tp"): ["launcher.nproc=4"]}.get(
+        (group, option), []
+    )
     cfg = compose([f"{group}={option}", *extra], check=False)
     assert getattr(cfg, group).name == option
     if (group, option) != ("model", "8b") and (group, option) != ("model", "1b"):
@@ -53,6 +55,24 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
         (["data=text_files"], r"data.paths=\[\] is invalid: give one or more files"),
         (["data=text_files", "data.paths=[/no/such/*.txt]"], r"data.paths=.* no file matches"),
         (["data.seq_len=4096"], r"data.seq_len=4096 is invalid: must be <= model.max_seq_len=1024"),
+        (
+            ["strategy=ddp", "strategy.tp=2", "launcher.nproc=2"],
+            r"strategy.tp=2 is invalid: tensor parallelism needs strategy=tp or fsdp_tp",
+        ),
+        (["strategy=tp", "strategy.tp=3", "launcher.nproc=4"], r"strategy.tp=3 is invalid: must divide the world size 4"),
+        (["strategy=tp", "strategy.tp=2", "launcher.nproc=4"], r"strategy.tp=2 is invalid: .* tp must equal the world size 4"),
+        (
+            ["strategy=fsdp_tp", "launcher.nproc=2"],
+            r"strategy.tp=2 is invalid: strategy=fsdp_tp needs at least 2 data-parallel shards",
+        ),
+        (
+            ["strategy=tp", "launcher.nproc=2", "model.n_kv_heads=1"],
+            r"strategy.tp=2 is invalid: must divide model.n_kv_heads = 1",
+        ),
+        (
+            ["strategy=fsdp_tp", "strategy.tp=4", "launcher.nproc=8", "model.dim=192", "model.n_heads=6"],
+            r"must divide model.n_heads = 6",
+        ),
     ],
 )
 def test_bad_overrides_are_refused_with_field_value_and_choices(overrides: list[str], message: str) -> None:

@@ -1,9 +1,14 @@
-"""Strategies: how a model is wrapped for training across ranks, one file per strategy.
+"""Strategies: how a model is built, wrapped and stepped across ranks, one file per strategy.
 
-A strategy turns a plain model into something that steps, and knows how to produce and load a
-state dict in ``torch.distributed.checkpoint``'s format (fully qualified names, so a checkpoint
-saved under one strategy and world size loads under another). Adding a strategy adds a file and a
-line in ``STRATEGIES``; nothing else in the tree branches on the strategy's name.
+    strategy = make_strategy(cfg.strategy, cfg.precision.name, env, device)
+    trained = strategy.build(model_on_meta, seed)     # parallelize, materialize, initialize
+    with strategy.autocast():
+        loss = loss_fn(trained(inputs))
+
+A strategy turns a plain model (built on the meta device) into something that steps, and knows how
+to produce and load a state dict in ``torch.distributed.checkpoint``'s format: fully qualified names
+and DTensor shards, so a checkpoint saved under one strategy and world size loads under another.
+Adding a strategy adds a file and a line in ``make_strategy``; nothing else branches on its name.
 """
 
 from __future__ import annotations
@@ -17,17 +22,62 @@ from torch import nn
 
 from fmtrain.config import StrategyConfig
 from fmtrain.distributed import DistEnv
+from fmtrain.model import Transformer
+from fmtrain.parallel import ParallelDims
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole (unsharded) value into a parameter, keeping only the shard a DTensor holds.
+
+    Every rank draws the same full value from the seed, so no communication is needed.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class Strategy:
-    """The contract, with the parts every strategy shares."""
+    """The contract, with the parts every strategy shares (plain, replicated training)."""
 
-    def __init__(self, cfg: StrategyConfig, env: DistEnv, device: torch.device) -> None:
-        self.cfg, self.env, self.device = cfg, env, device
+    needs_process_group = False  # True where a device mesh is built even for one process
+
+    def __init__(self, cfg: StrategyConfig, precision: str, env: DistEnv, device: torch.device) -> None:
+        self.cfg, self.precision, self.env, self.device = cfg, precision, env, device
+        self.dims = ParallelDims.from_config(cfg, env.world_size)
+
+    @property
+    def dp_rank(self) -> int:
+        """Which slice of the global batch this rank trains on."""
+        return self.dims.dp_rank(self.env.rank)
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
+
+    def build(self, model: Transformer, seed: int) -> nn.Module:
+        """Materialize ``model`` (on the meta device) on this rank, initialize it, wrap it."""
+        model.to_empty(device=self.device)
+        model.init_weights(seed)
+        return self.wrap(model)
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Return the module to train (forward + backward); ``model`` stays the plain module."""
-        raise NotImplementedError
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the forward pass, where the strategy does not cast parameters itself."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
     @contextlib.contextmanager
     def no_sync(self, wrapped: nn.Module) -> Iterator[None]:
@@ -35,9 +85,35 @@ class Strategy:
         yield
 
     def clip_grad_norm(self, wrapped: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip gradients to ``max_norm`` (0 = only measure) and return the global norm."""
-        params = [p for p in wrapped.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        """Clip gradients to ``max_norm`` (0 = only measure) and return the global norm.
+
+        Sharded gradients (DTensors, grouped by mesh) contribute the norm of their whole tensor;
+        replicated ones count once.
+        """
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in wrapped.parameters() if p.grad is not None]
+        groups: dict[Any, list[torch.Tensor]] = {}
+        for grad in grads:
+            groups.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
+        norms = []
+        for group in groups.values():
+            norm = torch.nn.utils.get_total_norm(group)
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if max_norm > 0:
+            coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+            for grad in grads:
+                grad.mul_(coef)
+        return total
+
+    def state_bytes(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Bytes of parameters, gradients and optimizer state that this rank actually holds."""
+        tensors = {id(p): _local(p) for p in wrapped.parameters()}
+        tensors |= {id(p.grad): _local(p.grad) for p in wrapped.parameters() if p.grad is not None}
+        for state in optimizer.state.values():
+            tensors |= {id(v): _local(v) for v in state.values() if isinstance(v, torch.Tensor)}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def state_dict(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -51,8 +127,16 @@ class Strategy:
         set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def make_strategy(cfg: StrategyConfig, env: DistEnv, device: torch.device) -> Strategy:
+def make_strategy(cfg: StrategyConfig, precision: str, env: DistEnv, device: torch.device) -> Strategy:
     from fmtrain.strategies.ddp import DDPStrategy
+    from fmtrain.strategies.fsdp import FSDPStrategy
+    from fmtrain.strategies.fsdp_tp import FSDPTPStrategy
+    from fmtrain.strategies.tp import TPStrategy
 
-    strategies: dict[str, type[Strategy]] = {"ddp": DDPStrategy}
-    return strategies[cfg.name](cfg, env, device)
+    strategies: dict[str, type[Strategy]] = {
+        "ddp": DDPStrategy,
+        "fsdp": FSDPStrategy,
+        "tp": TPStrategy,
+        "fsdp_tp": FSDPTPStrategy,
+    }
+    return strategies[cfg.name](cfg, precision, env, device)
