@@ -217,13 +217,15 @@ def resolve_data_paths(paths: list[str]) -> list[Path]:
     return sorted(found)
 
 
-def validate(cfg: TrainConfig, *, gpus_available: int | None = None) -> None:
+def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size: int | None = None) -> None:
     """Refuse a config that cannot run, before anything is started.
 
     Args:
         cfg: the config to check.
         gpus_available: GPUs visible to the launcher; ``None`` means "not known here" (the nproc
             bound is then checked against CPU cores when the device is the CPU).
+        world_size: check the plan for this many ranks instead of the launcher's (``fmtrain plan``);
+            the bound of processes on this machine is then not checked.
 
     Raises:
         ConfigError: naming the field, the value and the valid choices.
@@ -287,27 +289,31 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None) -> None:
     _choice("strategy.name", cfg.strategy.name, STRATEGIES)
     from fmtrain.parallel import ParallelDims
 
-    ParallelDims.from_config(cfg.strategy, lnch.nproc).check_model(m)
+    world = world_size or lnch.nproc
+    dims = ParallelDims.from_config(cfg.strategy, world)
+    dims.check_model(m)
     _choice("precision.name", cfg.precision.name, PRECISIONS)
     _choice("launcher.name", lnch.name, LAUNCHERS)
     _positive("launcher.nproc", lnch.nproc)
     _positive("launcher.max_restarts", lnch.max_restarts, zero_ok=True)
     _positive("launcher.shutdown_timeout", lnch.shutdown_timeout)
     _positive("launcher.monitor_interval", lnch.monitor_interval)
-    wants_gpu = t.device == "cuda" or (t.device == "auto" and bool(gpus_available))
-    if wants_gpu:
-        limit, what = gpus_available or 0, "GPUs visible"
-    else:
-        limit, what = 4 * usable_cpus(), f"4 x the {usable_cpus()} usable CPU cores"
-    if lnch.nproc > limit:
-        raise ConfigError("launcher.nproc", lnch.nproc, f"must be <= {limit} ({what})")
+    if world_size is None:
+        wants_gpu = t.device == "cuda" or (t.device == "auto" and bool(gpus_available))
+        if wants_gpu:
+            limit, what = gpus_available or 0, "GPUs visible"
+        else:
+            limit, what = 4 * usable_cpus(), f"4 x the {usable_cpus()} usable CPU cores"
+        if lnch.nproc > limit:
+            raise ConfigError("launcher.nproc", lnch.nproc, f"must be <= {limit} ({what})")
 
+    # Tensor-parallel peers share their data: the batch is split over the data-parallel ranks.
     micro = t.micro_batch_size or 1
-    if t.global_batch_size % (micro * lnch.nproc):
+    if t.global_batch_size % (micro * dims.dp):
         raise ConfigError(
             "trainer.global_batch_size",
             t.global_batch_size,
-            f"must be divisible by trainer.micro_batch_size x world size = {micro} x {lnch.nproc} = {micro * lnch.nproc}",
+            f"must be divisible by trainer.micro_batch_size x data-parallel ranks = {micro} x {dims.dp} = {micro * dims.dp}",
         )
 
 

@@ -4,6 +4,7 @@
     fmtrain train -m optim.lr=1e-3,3e-4          one run per value (Hydra multirun)
     fmtrain train --cfg job [OVERRIDES...]       print the composed config and exit
     fmtrain status RUN_DIR                       state, steps done and last loss of a run
+    fmtrain plan model=8b strategy=fsdp world_size=64   per-rank memory of a plan, nothing allocated
 
 Every override is checked (for a sweep: every combination) before anything starts. A refused command
 line prints one message naming the field, the value and the valid choices, and exits with code 2.
@@ -24,6 +25,8 @@ USAGE = """usage: fmtrain <command> [options] [key=value ...]
 commands:
   train     train a model:  fmtrain train model=tiny trainer.max_steps=200 launcher.nproc=2
   status    show a run's state, steps done and last loss:  fmtrain status RUN_DIR
+  plan      per-rank memory of a plan, allocating nothing:
+            fmtrain plan model=8b strategy=fsdp_tp strategy.tp=8 world_size=4096 [--json]
 
 train options:
   -m, --multirun      one run per combination of comma-separated values (a sweep)
@@ -167,7 +170,37 @@ def status(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "status": status}
+def plan(args: list[str]) -> int:
+    """Per-rank memory of a plan, from the meta device: ``fmtrain plan [--json] [world_size=N] ...``."""
+    from fmtrain.config import ConfigError, validate
+    from fmtrain.plan import make_plan
+
+    if "-h" in args or "--help" in args:
+        print(_usage())
+        return 0
+    as_json = "--json" in args
+    overrides, world = [], None
+    for arg in args:
+        if arg.startswith("world_size="):
+            value = arg.split("=", 1)[1]
+            if not value.isdigit() or int(value) < 1:
+                raise UsageError(f"world_size={value!r} is invalid: must be a positive integer")
+            world = int(value)
+        elif arg != "--json":
+            overrides.append(arg)
+    _split(overrides)  # refuses unknown options
+    cfg = compose(overrides, check=False)
+    world = world or cfg.launcher.nproc
+    try:
+        validate(cfg, world_size=world)
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
+    result = make_plan(cfg, world)
+    print(json.dumps(result.as_dict(), indent=1) if as_json else result.table())
+    return 0
+
+
+COMMANDS = {"train": train, "status": status, "plan": plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,8 +47,14 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
         (["trainer.max_steps=0"], r"trainer.max_steps=0 is invalid: must be positive"),
         (["optim.schedule=step"], r"optim.schedule='step' is invalid: valid choices are cosine, linear, constant"),
         (["precision=fp32", "precision.name=fp8"], r"precision.name='fp8' is invalid: valid choices are fp32, bf16"),
-        (["trainer.global_batch_size=10", "launcher.nproc=4"], r"trainer.global_batch_size=10 .* divisible by .* 1 x 4 = 4"),
-        (["trainer.global_batch_size=16", "trainer.micro_batch_size=3"], r"divisible by trainer.micro_batch_size x world size"),
+        (
+            ["trainer.global_batch_size=10", "launcher.nproc=4"],
+            r"trainer.global_batch_size=10 .* divisible by .* data-parallel ranks = 1 x 4 = 4",
+        ),
+        (
+            ["trainer.global_batch_size=16", "trainer.micro_batch_size=3"],
+            r"divisible by trainer.micro_batch_size x data-parallel ranks = 3 x 1 = 3",
+        ),
         (["trainer.resume=/no/such/checkpoint"], r"trainer.resume='/no/such/checkpoint' is invalid: must be auto, never"),
         (["launcher.nproc=999", "trainer.device=cpu"], r"launcher.nproc=999 is invalid: must be <= \d+"),
         (["model.n_heads=3"], r"model.n_heads=3 is invalid: must divide model.dim=256"),

@@ -1,0 +1,116 @@
+"""What a plan costs each rank, computed on the meta device: nothing is allocated or started.
+
+    fmtrain plan model=8b strategy=fsdp_tp strategy.tp=8 world_size=4096
+
+Per rank: parameters, gradients and AdamW state (exactly as the strategy shards them, FSDP2's
+padding included), plus an activation estimate for one micro-batch. Parameters, gradients and
+optimizer state are fp32 under every precision (bf16 is a compute dtype here, not a storage one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from fmtrain.config import TrainConfig, micro_batch_size
+from fmtrain.model import Transformer
+from fmtrain.parallel import SHARDED, ParallelDims
+
+FP32 = 4
+ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32 each
+
+
+@dataclass
+class Plan:
+    model: str
+    strategy: str
+    precision: str
+    world_size: int
+    dp: int
+    tp: int
+    total_params: int
+    params_per_rank: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    micro_batch: int
+    seq_len: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+    def table(self) -> str:
+        gib = 1024**3
+        rows = [
+            ("mesh", f"dp {self.dp} x tp {self.tp} = {self.world_size} ranks ({self.strategy}, {self.precision})"),
+            ("model", f"{self.model}: {self.total_params / 1e9:.3f}B parameters, {self.params_per_rank:,} per rank"),
+            ("parameters", f"{self.param_bytes / gib:8.3f} GiB"),
+            ("gradients", f"{self.grad_bytes / gib:8.3f} GiB"),
+            ("optimizer", f"{self.optimizer_bytes / gib:8.3f} GiB  (AdamW, 2 fp32 states)"),
+            (
+                "activations",
+                f"{self.activation_bytes / gib:8.3f} GiB  (estimate: micro-batch {self.micro_batch} x {self.seq_len} tokens)",
+            ),
+            ("total", f"{self.total_bytes / gib:8.3f} GiB per rank"),
+        ]
+        return "\n".join(f"{name:<12} {value}" for name, value in rows)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"total_bytes": self.total_bytes}
+
+
+def _local_numel(shape: torch.Size, tp_dim: int | None, dims: ParallelDims, sharded: bool) -> int:
+    """Elements of one parameter that a rank holds: TP splits ``tp_dim``, FSDP2 then dim 0 (padded)."""
+    sizes = list(shape)
+    if tp_dim is not None:
+        sizes[tp_dim] = math.ceil(sizes[tp_dim] / dims.tp)
+    if sharded:
+        sizes[0] = math.ceil(sizes[0] / dims.dp)
+    return math.prod(sizes)
+
+
+def activation_bytes(cfg: TrainConfig, micro: int, tp: int) -> int:
+    """Activations kept for backward in one micro-batch, after Korthikanti et al. (2022), eq. 2.
+
+    Per layer ``s*b*h*(10 + 24/t)`` bytes in 16-bit, doubled for fp32 compute, plus the fp32 logits
+    and their gradient. Their ``5*a*s/(h*t)`` term (the stored attention matrix) is left out: fused
+    scaled-dot-product attention keeps no s x s matrix. An estimate: SwiGLU keeps a little more
+    than GELU.
+    """
+    s, b, h = cfg.data.seq_len, micro, cfg.model.dim
+    per_layer = s * b * h * (10 + 24 / tp)
+    width = 1 if cfg.precision.name == "fp32" else 0.5
+    logits = 2 * s * b * cfg.model.vocab_size * FP32
+    return int(cfg.model.n_layers * per_layer * 2 * width + logits)
+
+
+def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
+    dims = ParallelDims.from_config(cfg.strategy, world_size)
+    dims.check_model(cfg.model)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    tp_dims = {"colwise": 0, "rowwise": 1} if dims.tp > 1 else {}
+    plan = {f"{path}.weight": tp_dims.get(style) for path, style in model.tp_plan().items()}
+    sharded = cfg.strategy.name in SHARDED
+    local = sum(_local_numel(p.shape, plan.get(name), dims, sharded) for name, p in model.named_parameters())
+    micro = micro_batch_size(cfg.trainer, dims.dp)
+    return Plan(
+        model=cfg.model.name,
+        strategy=cfg.strategy.name,
+        precision=cfg.precision.name,
+        world_size=world_size,
+        dp=dims.dp,
+        tp=dims.tp,
+        total_params=model.num_params(),
+        params_per_rank=local,
+        param_bytes=local * FP32,
+        grad_bytes=local * FP32,
+        optimizer_bytes=local * FP32 * ADAM_STATES,
+        activation_bytes=activation_bytes(cfg, micro, dims.tp),
+        micro_batch=micro,
+        seq_len=cfg.data.seq_len,
+    )
