@@ -25,6 +25,7 @@ USAGE = """usage: fmtrain <command> [options] [key=value ...]
 commands:
   train     train a model:  fmtrain train model=tiny trainer.max_steps=200 launcher.nproc=2
   status    show a run's state, steps done and last loss:  fmtrain status RUN_DIR
+  export    a checkpoint as model.safetensors + config.json:  fmtrain export RUN_DIR [--step N] [--dtype bf16]
   plan      per-rank memory of a plan, allocating nothing:
             fmtrain plan model=8b strategy=fsdp_tp strategy.tp=8 world_size=4096 [--json]
 
@@ -200,7 +201,34 @@ def plan(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "status": status, "plan": plan}
+def export(args: list[str]) -> int:
+    """``fmtrain export RUN_DIR [--step N] [--dtype fp32|bf16] [--out DIR]``."""
+    import argparse
+
+    from fmtrain.checkpoint import CheckpointError
+
+    parser = argparse.ArgumentParser(prog="fmtrain export", description="Write a checkpoint as model.safetensors + config.json.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--step", type=int, help="the checkpoint's step (default: the newest valid one)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/export/step_<N>)")
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    if not (options.run_dir / "config.yaml").is_file():
+        raise UsageError(f"{options.run_dir} is not a run directory (no config.yaml)")
+    from fmtrain.export import export as export_checkpoint
+
+    try:
+        out = export_checkpoint(options.run_dir, options.step, options.dtype, options.out)
+    except CheckpointError as error:
+        raise UsageError(str(error)) from error
+    print(out)
+    return 0
+
+
+COMMANDS = {"train": train, "status": status, "plan": plan, "export": export}
 
 
 def main(argv: list[str] | None = None) -> int:
