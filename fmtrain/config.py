@@ -94,6 +94,9 @@ class TrainerConfig:
     on_nonfinite: str = "error"
     peak_flops: float | None = None
     device: str = "auto"
+    activation_checkpointing: str = "none"  # none | full | every_n
+    checkpoint_every_n: int = 2  # with every_n: blocks 0, n, 2n, ... recompute their activations
+    compile: bool = False  # torch.compile each transformer block
     progress: bool = True
     plot: bool = True
 
@@ -184,6 +187,7 @@ def as_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")
+ACTIVATION_CHECKPOINTING = ("none", "full", "every_n")
 NONFINITE = ("error", "skip")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp", "tp", "fsdp_tp")
@@ -277,6 +281,8 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     if t.micro_batch_size is not None:
         _positive("trainer.micro_batch_size", t.micro_batch_size)
     _choice("trainer.device", t.device, DEVICES)
+    _choice("trainer.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    _positive("trainer.checkpoint_every_n", t.checkpoint_every_n)
     _choice("trainer.on_nonfinite", t.on_nonfinite, NONFINITE)
     if t.peak_flops is not None:
         _positive("trainer.peak_flops", t.peak_flops)

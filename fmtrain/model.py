@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fmtrain.config import ModelConfig
 
@@ -116,14 +117,19 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Blocks whose activations are recomputed in backward instead of kept (a strategy sets it).
+        self.checkpointed: frozenset[int] = frozenset()
         # Not persistent: derived from the config, so checkpoints hold only learned state.
         self.rope: torch.Tensor
         self.register_buffer("rope", torch.empty(2, cfg.max_seq_len, cfg.dim // cfg.n_heads // 2), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
-        for block in self.blocks:
-            h = block(h, self.rope)
+        for index, block in enumerate(self.blocks):
+            if index in self.checkpointed and torch.is_grad_enabled():
+                h = checkpoint(block, h, self.rope, use_reentrant=False)
+            else:
+                h = block(h, self.rope)
         return self.output(self.norm(h))
 
     @torch.no_grad()

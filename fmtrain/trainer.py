@@ -167,7 +167,7 @@ class StepOutcome:
 
 def _build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
     t = cfg.trainer
-    strategy = make_strategy(cfg.strategy, cfg.precision.name, env, device)
+    strategy = make_strategy(cfg.strategy, cfg.precision.name, t, env, device)
     if strategy.needs_process_group and not dist.is_initialized():
         raise RuntimeError(f"strategy={cfg.strategy.name} needs torch.distributed: start it with a launcher (fmtrain train)")
     micro = micro_batch_size(t, strategy.dp_size)

@@ -70,3 +70,27 @@ def test_a_few_steps_learn_a_repeated_sequence() -> None:
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_checkpointed_blocks_recompute_in_backward_and_give_the_same_gradients() -> None:
+    grads = {}
+    for checkpointed in (frozenset(), frozenset({0})):
+        model = build()
+        model.checkpointed = checkpointed
+        calls = [0, 0]
+
+        def counted(forward, index, calls=calls):
+            def wrapper(*args):
+                calls[index] += 1
+                return forward(*args)
+
+            return wrapper
+
+        for index, block in enumerate(model.blocks):
+            block.forward = counted(block.forward, index)
+        tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        model(tokens).sum().backward()
+        assert calls == ([1, 1] if not checkpointed else [2, 1])  # block 0 ran again in backward
+        grads[checkpointed] = [p.grad.clone() for p in model.parameters()]
+    for plain, recomputed in zip(*grads.values(), strict=True):
+        assert torch.equal(plain, recomputed)

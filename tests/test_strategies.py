@@ -40,6 +40,10 @@ def assert_close_to(losses: dict[int, float], reference: dict[int, float], rel: 
         ("fsdp", 2, ["strategy.reshard_after_forward=false"]),
         ("tp", 2, []),
         ("fsdp_tp", 4, ["strategy.tp=2"]),
+        ("ddp", 2, ["trainer.activation_checkpointing=full"]),
+        ("fsdp", 2, ["trainer.activation_checkpointing=every_n"]),
+        ("tp", 2, ["trainer.activation_checkpointing=full"]),
+        ("fsdp_tp", 4, ["strategy.tp=2", "trainer.activation_checkpointing=full"]),
     ],
 )
 def test_each_strategy_matches_one_process(strategy, nproc, extra, reference: Path, cache_dir: Path, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmtrain.config import StrategyConfig
+from fmtrain.config import StrategyConfig, TrainerConfig
 from fmtrain.distributed import DistEnv
 from fmtrain.model import Transformer
 from fmtrain.parallel import ParallelDims
@@ -40,6 +40,16 @@ def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value)
 
 
+def prepare_blocks(model: Transformer, cfg: TrainerConfig) -> None:
+    """Activation checkpointing and torch.compile per block: after TP, before FSDP (torchtitan's order)."""
+    n_layers = len(model.blocks)
+    every = {"none": n_layers + 1, "full": 1, "every_n": cfg.checkpoint_every_n}[cfg.activation_checkpointing]
+    model.checkpointed = frozenset(range(0, n_layers, every))
+    if cfg.compile:
+        for block in model.blocks:
+            block.compile()
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -51,8 +61,8 @@ class Strategy:
 
     needs_process_group = False  # True where a device mesh is built even for one process
 
-    def __init__(self, cfg: StrategyConfig, precision: str, env: DistEnv, device: torch.device) -> None:
-        self.cfg, self.precision, self.env, self.device = cfg, precision, env, device
+    def __init__(self, cfg: StrategyConfig, precision: str, trainer: TrainerConfig, env: DistEnv, device: torch.device) -> None:
+        self.cfg, self.precision, self.trainer, self.env, self.device = cfg, precision, trainer, env, device
         self.dims = ParallelDims.from_config(cfg, env.world_size)
 
     @property
@@ -66,6 +76,7 @@ class Strategy:
 
     def build(self, model: Transformer, seed: int) -> nn.Module:
         """Materialize ``model`` (on the meta device) on this rank, initialize it, wrap it."""
+        prepare_blocks(model, self.trainer)
         model.to_empty(device=self.device)
         model.init_weights(seed)
         return self.wrap(model)
@@ -127,7 +138,7 @@ class Strategy:
         set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def make_strategy(cfg: StrategyConfig, precision: str, env: DistEnv, device: torch.device) -> Strategy:
+def make_strategy(cfg: StrategyConfig, precision: str, trainer: TrainerConfig, env: DistEnv, device: torch.device) -> Strategy:
     from fmtrain.strategies.ddp import DDPStrategy
     from fmtrain.strategies.fsdp import FSDPStrategy
     from fmtrain.strategies.fsdp_tp import FSDPTPStrategy
@@ -139,4 +150,4 @@ def make_strategy(cfg: StrategyConfig, precision: str, env: DistEnv, device: tor
         "tp": TPStrategy,
         "fsdp_tp": FSDPTPStrategy,
     }
-    return strategies[cfg.name](cfg, precision, env, device)
+    return strategies[cfg.name](cfg, precision, trainer, env, device)

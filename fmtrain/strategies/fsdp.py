@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fmtrain.model import Transformer
-from fmtrain.strategies import DTYPES, Strategy, assign_full
+from fmtrain.strategies import DTYPES, Strategy, assign_full, prepare_blocks
 
 
 def fully_shard_model(model: Transformer, mesh, *, reshard_after_forward: bool, precision: str, cpu_offload: bool) -> None:
@@ -43,6 +43,7 @@ class FSDPStrategy(Strategy):
 
     def build(self, model: Transformer, seed: int) -> nn.Module:
         mesh = self.dims.build_mesh(self.device.type)["dp"]
+        prepare_blocks(model, self.trainer)
         fully_shard_model(
             model,
             mesh,

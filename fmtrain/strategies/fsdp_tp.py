@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from fmtrain.model import Transformer
-from fmtrain.strategies import assign_full
+from fmtrain.strategies import assign_full, prepare_blocks
 from fmtrain.strategies.fsdp import FSDPStrategy, fully_shard_model
 from fmtrain.strategies.tp import apply_tensor_parallel
 
@@ -18,6 +18,7 @@ class FSDPTPStrategy(FSDPStrategy):
     def build(self, model: Transformer, seed: int) -> nn.Module:
         mesh = self.dims.build_mesh(self.device.type)
         apply_tensor_parallel(model, mesh["tp"])
+        prepare_blocks(model, self.trainer)
         fully_shard_model(
             model,
             mesh["dp"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from fmtrain.model import Transformer
-from fmtrain.strategies import Strategy, assign_full
+from fmtrain.strategies import Strategy, assign_full, prepare_blocks
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
@@ -25,6 +25,7 @@ class TPStrategy(Strategy):
 
     def build(self, model: Transformer, seed: int) -> nn.Module:
         apply_tensor_parallel(model, self.dims.build_mesh(self.device.type)["tp"])
+        prepare_blocks(model, self.trainer)
         model.to_empty(device=self.device)
         model.init_weights(seed, assign=assign_full)
         return model
