@@ -90,3 +90,15 @@ def test_a_checkpoint_resumes_under_another_strategy_and_world_size(
     assert sorted(losses) == list(range(11, 21)), "the resumed run starts after step 10"
     expected = {step: loss for step, loss in train_losses(reference).items() if step > 10}
     assert_close_to(losses, expected, rel=1e-5)
+
+
+def test_compiled_blocks_train_like_eager(reference: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """torch.compile (inductor, C++ on CPU) fuses elementwise ops: fp32 results move a little."""
+    result = fmtrain(
+        ["train", f"run_dir={tmp_path}", *SMALL, *STEPS, "trainer.compile=true"],
+        cache_dir,
+        timeout=600,
+        TORCHINDUCTOR_CACHE_DIR=str(cache_dir / "inductor"),  # a warm cache turns ~30 s into ~5 s
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_close_to(train_losses(tmp_path), train_losses(reference), rel=1e-4)
