@@ -189,7 +189,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")
 ACTIVATION_CHECKPOINTING = ("none", "full", "every_n")
 NONFINITE = ("error", "skip")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 STRATEGIES = ("ddp", "fsdp", "tp", "fsdp_tp")
 LAUNCHERS = ("local",)
 TOKENIZERS = {"bytes": 256}
@@ -295,6 +295,13 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     _choice("strategy.name", cfg.strategy.name, STRATEGIES)
     from fmtrain.parallel import ParallelDims
 
+    if cfg.precision.name == "fp16" and cfg.strategy.name == "tp":
+        raise ConfigError(
+            "precision.name",
+            "fp16",
+            "not supported with strategy=tp: its sharded and replicated gradients cannot share one loss scaler "
+            "(torch's AMP unscale refuses mixed DTensor/Tensor lists); use bf16, or fp16 with strategy=fsdp_tp",
+        )
     world = world_size or lnch.nproc
     dims = ParallelDims.from_config(cfg.strategy, world)
     dims.check_model(m)
@@ -312,6 +319,13 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
             limit, what = 4 * usable_cpus(), f"4 x the {usable_cpus()} usable CPU cores"
         if lnch.nproc > limit:
             raise ConfigError("launcher.nproc", lnch.nproc, f"must be <= {limit} ({what})")
+        if cfg.precision.name == "fp8":
+            raise ConfigError(
+                "precision.name",
+                "fp8",
+                "fp8 training needs GPUs with fp8 tensor cores (compute capability >= 8.9, e.g. H100) and is not "
+                "implemented in fmtrain yet" + ("" if wants_gpu else "; this run has no GPU") + ": use bf16 or fp16",
+            )
 
     # Tensor-parallel peers share their data: the batch is split over the data-parallel ranks.
     micro = t.micro_batch_size or 1

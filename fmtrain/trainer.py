@@ -152,6 +152,7 @@ class Parts:
     wrapped: nn.Module  # what the strategy trains
     strategy: Strategy
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 loss scaling
     micro: int  # sequences per rank per forward
     accum: int  # forwards per optimizer step
 
@@ -186,6 +187,7 @@ def _build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
         wrapped=wrapped,
         strategy=strategy,
         optimizer=build_optimizer(wrapped, cfg.optim),
+        scaler=strategy.grad_scaler(),
         micro=micro,
         accum=t.global_batch_size // (micro * strategy.dp_size),
     )
@@ -203,7 +205,8 @@ def _train_step(p: Parts, step: int, consumed: int, stop: StopFlag) -> StepOutco
             with p.strategy.autocast():
                 logits = p.wrapped(inputs)
             micro_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-            (micro_loss / p.accum).backward()
+            scaled = micro_loss / p.accum
+            (p.scaler.scale(scaled) if p.scaler else scaled).backward()
         local_loss += micro_loss.detach()
     local_loss /= p.accum
     # One collective per step carries the loss, the non-finite count and the stop flag.
@@ -213,9 +216,16 @@ def _train_step(p: Parts, step: int, consumed: int, stop: StopFlag) -> StepOutco
     if env.distributed:
         dist.all_reduce(stats)
     loss, bad_ranks, stop_requested = float(stats[0]) / env.world_size, int(stats[1]), bool(stats[2])
+    if p.scaler:
+        p.scaler.unscale_(p.optimizer)
     grad_norm = float(p.strategy.clip_grad_norm(p.wrapped, p.cfg.optim.grad_clip))
     skipped = bool(bad_ranks) or not math.isfinite(grad_norm)
-    if skipped:
+    if p.scaler and skipped and not bad_ranks:
+        # fp16 gradients overflowed: expected now and then; the scaler skips and lowers the scale.
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+        log.info("fp16 overflow at step %d: update skipped, loss scale now %g", step, p.scaler.get_scale())
+    elif skipped:
         if not math.isfinite(float(local_loss)):
             message = f"non-finite loss ({float(local_loss)}) at step {step} on rank {env.rank}"
         elif bad_ranks:
@@ -225,6 +235,11 @@ def _train_step(p: Parts, step: int, consumed: int, stop: StopFlag) -> StepOutco
         if p.cfg.trainer.on_nonfinite == "error":
             raise NonFiniteLossError(message)
         log.warning("%s: skipping the update (trainer.on_nonfinite=skip)", message)
+        if p.scaler:
+            p.scaler.update()
+    elif p.scaler:
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
     else:
         p.optimizer.step()
     state_bytes = p.strategy.state_bytes(p.wrapped, p.optimizer)
@@ -271,6 +286,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
         manifest = json.loads((restored / "manifest.json").read_text())
         if manifest["config_hash"] != config_hash(cfg):
             log.warning("resuming %s under a config whose model/data/optim/seed/batch differ from the saved one", restored)
+        if p.scaler and "grad_scaler" in state:
+            p.scaler.load_state_dict(state["grad_scaler"])
         log.info("resumed from %s at step %d", restored, state["step"])
 
     flops_per_token = p.model.flops_per_token(cfg.data.seq_len)
@@ -297,6 +314,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
     )
 
     def save() -> None:
+        if p.scaler:
+            state["grad_scaler"] = p.scaler.state_dict()
         checkpointer.save(state["step"], p.wrapped, p.optimizer, state)
 
     _warm_imports(plot=t.plot and env.is_main)
@@ -327,6 +346,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
                 "state_bytes": outcome.state_bytes,
                 "step_time_s": elapsed,
                 "skipped": outcome.skipped,
+                **({"loss_scale": p.scaler.get_scale()} if p.scaler else {}),
                 "time": time.time(),
             }
         )

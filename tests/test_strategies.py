@@ -102,3 +102,15 @@ def test_compiled_blocks_train_like_eager(reference: Path, cache_dir: Path, tmp_
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert_close_to(train_losses(tmp_path), train_losses(reference), rel=1e-4)
+
+
+@pytest.mark.parametrize(("strategy", "nproc", "extra"), [("ddp", 2, []), ("fsdp", 2, []), ("fsdp_tp", 4, ["strategy.tp=2"])])
+def test_fp16_with_loss_scaling_learns_and_keeps_its_scale(strategy, nproc, extra, cache_dir: Path, tmp_path: Path) -> None:
+    losses = train(cache_dir, tmp_path, f"strategy={strategy}", f"launcher.nproc={nproc}", "precision=fp16", *extra)
+    assert losses[20] < losses[1] - 0.5
+    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert all(r["loss_scale"] > 0 for r in records)
+    import json
+
+    saved = json.loads((tmp_path / "checkpoints" / "step_000020" / "trainer_state.json").read_text())
+    assert saved["grad_scaler"]["scale"] == records[-1]["loss_scale"]

@@ -25,7 +25,7 @@ from fmtrain.distributed import DistEnv
 from fmtrain.model import Transformer
 from fmtrain.parallel import ParallelDims
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -54,6 +54,14 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def sharded_grad_scaler(strategy: Strategy) -> torch.amp.GradScaler | None:
+    """fp16 loss scaling for gradients that differ between ranks (shards): the overflow flag is
+    all-reduced, so every rank skips the same steps."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(strategy.device.type) if strategy.precision == "fp16" else None
 
 
 class Strategy:
@@ -94,6 +102,13 @@ class Strategy:
     def no_sync(self, wrapped: nn.Module) -> Iterator[None]:
         """Skip gradient synchronisation (micro-steps before the last of an accumulation)."""
         yield
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """Dynamic loss scaling for fp16, so that small gradients do not underflow; else None.
+
+        Replicated gradients agree on every rank, so the plain scaler's overflow check does too.
+        """
+        return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def clip_grad_norm(self, wrapped: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip gradients to ``max_norm`` (0 = only measure) and return the global norm.

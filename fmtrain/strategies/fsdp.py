@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fmtrain.model import Transformer
-from fmtrain.strategies import DTYPES, Strategy, assign_full, prepare_blocks
+from fmtrain.strategies import DTYPES, Strategy, assign_full, prepare_blocks, sharded_grad_scaler
 
 
 def fully_shard_model(model: Transformer, mesh, *, reshard_after_forward: bool, precision: str, cpu_offload: bool) -> None:
@@ -54,6 +54,9 @@ class FSDPStrategy(Strategy):
         model.to_empty(device="cpu" if self.cfg.cpu_offload else self.device)
         model.init_weights(seed, assign=assign_full)
         return model
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return sharded_grad_scaler(self)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the mixed-precision policy casts parameters itself

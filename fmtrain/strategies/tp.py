@@ -7,10 +7,11 @@ Every rank sees the same data; embeddings, norms and the head stay replicated.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fmtrain.model import Transformer
-from fmtrain.strategies import Strategy, assign_full, prepare_blocks
+from fmtrain.strategies import Strategy, assign_full, prepare_blocks, sharded_grad_scaler
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
@@ -22,6 +23,9 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
 
 class TPStrategy(Strategy):
     needs_process_group = True
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return sharded_grad_scaler(self)
 
     def build(self, model: Transformer, seed: int) -> nn.Module:
         apply_tensor_parallel(model, self.dims.build_mesh(self.device.type)["tp"])
