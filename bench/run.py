@@ -43,6 +43,19 @@ def summary() -> str:
     lines += ["", "Where a training step's operator time goes (profiled bare step, same model):", ""]
     for name, row in m["models"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v:.0%}" for k, v in row["time_share"].items()))
+    if (RESULTS / "strategies.json").is_file():
+        cells = load("strategies")["cells"]
+        lines += ["", "Strategy x precision, 2 CPU ranks, tiny model (one run; relative to DDP fp32):", ""]
+        lines += [
+            "| strategy | precision | tokens/s | vs DDP fp32 | state bytes per rank | vs DDP |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, cell in cells.items():
+            strategy, precision = name.split()
+            lines.append(
+                f"| {strategy} | {precision} | {cell['tokens_per_s']:,.0f} | {cell['tokens_per_s_vs_ddp_fp32']:.2f} "
+                f"| {cell['state_bytes'] / 1e6:.1f} MB | {cell['state_bytes_vs_ddp']:.2f} |"
+            )
     machine = t["machine"]
     lines += [
         "",
@@ -53,7 +66,7 @@ def summary() -> str:
 
 
 def main() -> None:
-    for script in ("throughput.py", "startup.py", "mfu.py"):
+    for script in ("throughput.py", "startup.py", "mfu.py", "strategies.py"):
         subprocess.run([sys.executable, str(HERE / script)], check=True)
     (RESULTS / "summary.md").write_text(summary())
     print(summary())
