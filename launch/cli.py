@@ -81,13 +81,13 @@ def check_train(overrides: list[str], multirun: bool) -> int:
     jobs = expand_sweep(overrides)
     if len(jobs) > 1 and not multirun:
         raise UsageError(f"{' '.join(overrides)} describes a sweep of {len(jobs)} runs; add -m to run them all")
+    from fmtrain.config import ConfigError, validate
+
     gpus = None
     for job in jobs:
         cfg = compose(job, check=False)
         if gpus is None and cfg.trainer.device != "cpu":
             gpus = _gpus_available()
-        from fmtrain.config import ConfigError, validate
-
         try:
             validate(cfg, gpus_available=gpus)
         except ConfigError as error:

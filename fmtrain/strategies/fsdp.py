@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fmtrain.model import Transformer
 from fmtrain.strategies import DTYPES, Strategy, assign_full, prepare_blocks, sharded_grad_scaler
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def fully_shard_model(model: Transformer, mesh, *, reshard_after_forward: bool, precision: str, cpu_offload: bool) -> None:
@@ -42,11 +46,12 @@ class FSDPStrategy(Strategy):
     needs_process_group = True
 
     def build(self, model: Transformer, seed: int) -> nn.Module:
-        mesh = self.dims.build_mesh(self.device.type)["dp"]
+        mesh = self.dims.build_mesh(self.device.type)
+        self.apply_tensor_parallel(model, mesh)
         prepare_blocks(model, self.trainer)
         fully_shard_model(
             model,
-            mesh,
+            mesh["dp"],
             reshard_after_forward=self.cfg.reshard_after_forward,
             precision=self.precision,
             cpu_offload=self.cfg.cpu_offload,
@@ -54,6 +59,9 @@ class FSDPStrategy(Strategy):
         model.to_empty(device="cpu" if self.cfg.cpu_offload else self.device)
         model.init_weights(seed, assign=assign_full)
         return model
+
+    def apply_tensor_parallel(self, model: Transformer, mesh: DeviceMesh) -> None:
+        """Split layers over the mesh's "tp" dimension before sharding (fsdp_tp); plain FSDP does not."""
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         return sharded_grad_scaler(self)
