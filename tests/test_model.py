@@ -94,3 +94,13 @@ def test_checkpointed_blocks_recompute_in_backward_and_give_the_same_gradients()
         grads[checkpointed] = [p.grad.clone() for p in model.parameters()]
     for plain, recomputed in zip(*grads.values(), strict=True):
         assert torch.equal(plain, recomputed)
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("none", set()), ("full", {0, 1, 2, 3, 4}), ("every_n", {0, 2, 4})])
+def test_activation_checkpointing_modes_choose_their_blocks(mode: str, expected: set[int]) -> None:
+    from fmtrain.config import TrainerConfig
+    from fmtrain.strategies import prepare_blocks
+
+    model = build(dataclasses.replace(CFG, n_layers=5))
+    prepare_blocks(model, TrainerConfig(activation_checkpointing=mode, checkpoint_every_n=2))
+    assert model.checkpointed == expected

@@ -42,9 +42,9 @@ def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
 
 def prepare_blocks(model: Transformer, cfg: TrainerConfig) -> None:
     """Activation checkpointing and torch.compile per block: after TP, before FSDP (torchtitan's order)."""
-    n_layers = len(model.blocks)
-    every = {"none": n_layers + 1, "full": 1, "every_n": cfg.checkpoint_every_n}[cfg.activation_checkpointing]
-    model.checkpointed = frozenset(range(0, n_layers, every))
+    if cfg.activation_checkpointing != "none":
+        every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_n
+        model.checkpointed = frozenset(range(0, len(model.blocks), every))
     if cfg.compile:
         for block in model.blocks:
             block.compile()
