@@ -38,6 +38,7 @@ typecheck: setup
 	$(BIN)/mypy
 
 bench: setup
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/run.py
 
 clean:

@@ -34,6 +34,12 @@ def summary() -> str:
         f"| start-up, `trainer.max_steps=1` | torchrun script {s['median_torchrun_s']:.2f} s | {s['median_fmtrain_s']:.2f} s "
         f"| {s['ratio']:.2f} | {s['goal']} |"
     )
+    if (RESULTS / "accelerate_ddp.json").is_file():
+        a = load("accelerate_ddp")
+        lines.append(
+            f"| DDP throughput, tiny fp32, 2 processes | `accelerate launch` (MULTI_CPU) {median(a['accelerate_tokens_per_s']):,.0f} tok/s "
+            f"| {median(a['fmtrain_tokens_per_s']):,.0f} tok/s | {a['ratio']:.3f} | {a['goal']} |"
+        )
     m = load("mfu")
     for name, row in m["models"].items():
         lines.append(
@@ -66,7 +72,7 @@ def summary() -> str:
 
 
 def main() -> None:
-    for script in ("throughput.py", "startup.py", "mfu.py", "strategies.py"):
+    for script in ("throughput.py", "startup.py", "mfu.py", "strategies.py", "accelerate_ddp.py"):
         subprocess.run([sys.executable, str(HERE / script)], check=True)
     (RESULTS / "summary.md").write_text(summary())
     print(summary())

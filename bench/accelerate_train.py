@@ -1,0 +1,58 @@
+"""The peer baseline: the same model, batch and data trained with Hugging Face accelerate (DDP).
+
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 bench/accelerate_train.py OUT.json STEPS
+
+Written the way accelerate's examples are: Accelerator(), prepare(), accelerator.backward(),
+clip_grad_norm_, one AdamW. It reads fmtrain's tokenized cache through the same sampler, so both
+frameworks see identical batches.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from fmtrain.data import GlobalBatches, prepare
+from fmtrain.model import Transformer
+from launch.compose import compose
+
+
+def main(out: str, steps: int) -> None:
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.distributed_type == DistributedType.MULTI_CPU, accelerator.distributed_type
+    assert accelerator.num_processes == 2, accelerator.num_processes
+    cfg = compose(["launcher.nproc=2"])
+    corpus = prepare(cfg.data, cfg.model.vocab_size)
+    batches = GlobalBatches(corpus.train, cfg.data.seq_len, cfg.seed)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device="cpu")
+    model.init_weights(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    micro = cfg.trainer.global_batch_size // 2
+    warmup, start = 5, 0.0
+    for step in range(steps):
+        if step == warmup:
+            start = time.perf_counter()
+        inputs, targets = batches.micro_batch(step * cfg.trainer.global_batch_size, 0, accelerator.process_index, micro, 2)
+        loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+    tokens_per_s = (steps - warmup) * cfg.trainer.global_batch_size * cfg.data.seq_len / (time.perf_counter() - start)
+    if accelerator.is_main_process:
+        with open(out, "w") as f:
+            json.dump({"tokens_per_s": tokens_per_s, "loss": loss.item()}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
