@@ -37,7 +37,8 @@ def summary() -> str:
     if (RESULTS / "accelerate_ddp.json").is_file():
         a = load("accelerate_ddp")
         lines.append(
-            f"| DDP throughput, tiny fp32, 2 processes | `accelerate launch` (MULTI_CPU) {median(a['accelerate_tokens_per_s']):,.0f} tok/s "
+            f"| DDP throughput, tiny fp32, 2 processes | `accelerate launch` (MULTI_CPU) "
+            f"{median(a['accelerate_tokens_per_s']):,.0f} tok/s "
             f"| {median(a['fmtrain_tokens_per_s']):,.0f} tok/s | {a['ratio']:.3f} | {a['goal']} |"
         )
     m = load("mfu")
