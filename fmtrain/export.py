@@ -30,7 +30,7 @@ def _plain_model(cfg: ModelConfig) -> Transformer:
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
-    model.init_weights(seed=0)  # overwritten below; also computes the rotary tables
+    model.init_buffers()  # the weights come from the checkpoint: drawing an init would be wasted
     return model
 
 

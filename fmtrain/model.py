@@ -133,6 +133,17 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))
 
     @torch.no_grad()
+    def init_buffers(self) -> None:
+        """After ``to_empty()``: tie the head to the embeddings again and compute the rotary table.
+
+        Enough before loading a state dict; :meth:`init_weights` does this and draws the weights.
+        """
+        if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight  # to_empty() untied plain tensors
+        head_dim = self.cfg.dim // self.cfg.n_heads
+        self.rope.copy_(rotary_tables(head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device))
+
+    @torch.no_grad()
     def init_weights(self, seed: int, assign: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """Initialize every parameter from ``seed`` alone, in a fixed order, on the model's device.
 
@@ -143,15 +154,12 @@ class Transformer(nn.Module):
         Residual output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2's rule) so that the
         residual stream's variance does not grow with depth.
         """
-        if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
-            self.output.weight = self.tok_embeddings.weight  # to_empty() untied plain tensors
+        self.init_buffers()
         if assign is None:
 
             def assign(param: torch.Tensor, value: torch.Tensor) -> None:
                 param.copy_(value)
 
-        device = self.rope.device
-        self.rope.copy_(rotary_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta, device))
         generator = torch.Generator(device="cpu").manual_seed(seed)
         std = self.cfg.init_std
         for name, param in self.named_parameters():
