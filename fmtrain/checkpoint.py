@@ -15,6 +15,7 @@ and tells the other ranks. Loading uses ``weights_only`` everywhere: no code is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,14 @@ BEST = "best.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, named with the reason."""
+
+
+@contextlib.contextmanager
+def single_process_dcp() -> Iterator[None]:
+    """DCP warns when no process group exists; for one process that is the intended use."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def step_dir_name(step: int) -> str:
@@ -130,8 +140,7 @@ class Checkpointer:
         started = time.perf_counter()
         import torch.distributed.checkpoint as dcp  # 0.5 s of imports: paid at the first save, not at start-up
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+        with single_process_dcp():
             dcp.save(self.strategy.state_dict(wrapped, optimizer), checkpoint_id=staging / "model_optim")
         (staging / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), staging / "rng" / f"rank{self.env.rank}.pt")
@@ -178,8 +187,7 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
 
         state = self.strategy.state_dict(wrapped, optimizer)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with single_process_dcp():
             dcp.load(state, checkpoint_id=path / "model_optim")
         self.strategy.load_state_dict(wrapped, optimizer, state)
         rng_file = path / "rng" / f"rank{self.env.rank}.pt"

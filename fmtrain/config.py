@@ -64,7 +64,7 @@ class DataConfig:
     val_fraction: float = 0.02
     max_bytes: int = 64_000_000
     shard_tokens: int = 16_000_000
-    cache_dir: str = ""  # "" = $FMTRAIN_CACHE/data, else ~/.cache/fmtrain/data
+    cache_dir: str = ""  # "" = cache_root()/data: $FMTRAIN_CACHE/data, else ~/.cache/fmtrain/data
 
 
 @dataclass
@@ -203,6 +203,11 @@ def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(key, value, f"valid choices are {', '.join(choices)}")
+
+
+def cache_root() -> Path:
+    """Where fmtrain keeps what it can rebuild (tokenized data, the CPU peak probe): $FMTRAIN_CACHE."""
+    return Path(os.path.expanduser(os.environ.get("FMTRAIN_CACHE", "~/.cache/fmtrain")))
 
 
 def usable_cpus() -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmtrain.config import DataConfig, resolve_data_paths
+from fmtrain.config import DataConfig, cache_root, resolve_data_paths
 
 EOS = 0
 FORMAT_VERSION = 1
@@ -169,8 +169,8 @@ def cache_path(cfg: DataConfig, vocab_size: int) -> Path:
     files = corpus_files(cfg)
     if not files:
         raise FileNotFoundError(f"data.paths={cfg.paths!r} matches no file")
-    root = cfg.cache_dir or os.path.join(os.environ.get("FMTRAIN_CACHE", "~/.cache/fmtrain"), "data")
-    return Path(os.path.expanduser(root)) / _cache_key(cfg, files, vocab_size)
+    root = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else cache_root() / "data"
+    return root / _cache_key(cfg, files, vocab_size)
 
 
 def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:

@@ -13,17 +13,15 @@ torch.distributed, whatever strategy and world size wrote the checkpoint:
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from fmtrain.checkpoint import CheckpointError, newest_valid, step_dir_name, verify
+from fmtrain.checkpoint import CheckpointError, newest_valid, single_process_dcp, step_dir_name, verify
 from fmtrain.config import ModelConfig, load
 from fmtrain.model import Transformer, ffn_hidden_dim
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from fmtrain.strategies import DTYPES
 
 
 def _plain_model(cfg: ModelConfig) -> Transformer:
@@ -41,8 +39,7 @@ def load_checkpoint_model(checkpoint: Path, cfg: ModelConfig) -> Transformer:
 
     model = _plain_model(cfg)
     state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with single_process_dcp():
         dcp.load(state, checkpoint_id=checkpoint / "model_optim", planner=DefaultLoadPlanner(allow_partial_load=True))
     model.load_state_dict(state["model"])
     return model
@@ -62,7 +59,7 @@ def hf_config(cfg: ModelConfig, dtype: str, step: int) -> dict:
         "rope_theta": cfg.rope_theta,
         "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "torch_dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype],
+        "torch_dtype": str(DTYPES[dtype]).removeprefix("torch."),
         "tokenizer": "bytes",
         "fmtrain": {"model": asdict(cfg), "step": step},
     }

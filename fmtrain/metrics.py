@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from fmtrain.config import cache_root
+
 log = logging.getLogger("fmtrain")
 
 # Dense bf16 peak of known accelerators (FLOP/s), for MFU on GPUs. CPUs are measured instead.
@@ -50,10 +52,6 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float 
             torch.cuda.synchronize(device)
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
     return best
-
-
-def cache_root() -> Path:
-    return Path(os.path.expanduser(os.environ.get("FMTRAIN_CACHE", "~/.cache/fmtrain")))
 
 
 def cpu_name() -> str:
