@@ -118,6 +118,10 @@ class StrategyConfig:
     cpu_offload: bool = False  # fsdp, fsdp_tp: keep parameters, gradients and optimizer state on CPU
     find_unused_parameters: bool = False  # ddp
     bucket_cap_mb: int = 25  # ddp
+    zero_stage: int = 2  # deepspeed: 1 optimizer state, 2 + gradients, 3 + parameters partitioned
+    offload_optimizer: bool = False  # deepspeed: optimizer state and step on the CPU (ZeRO-Offload)
+    offload_params: bool = False  # deepspeed stage 3: parameters on the CPU between uses
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # deepspeed: extra JSON keys, merged over fmtrain's
 
 
 @dataclass
@@ -190,7 +194,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 ACTIVATION_CHECKPOINTING = ("none", "full", "every_n")
 NONFINITE = ("error", "skip")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
-STRATEGIES = ("ddp", "fsdp", "tp", "fsdp_tp")
+STRATEGIES = ("ddp", "fsdp", "deepspeed", "tp", "fsdp_tp")
+ZERO_STAGES = (1, 2, 3)
+FP8_STRATEGIES = ("ddp", "fsdp")
 LAUNCHERS = ("local",)
 TOKENIZERS = {"bytes": 256}
 
@@ -307,6 +313,8 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
             "not supported with strategy=tp: its sharded and replicated gradients cannot share one loss scaler "
             "(torch's AMP unscale refuses mixed DTensor/Tensor lists); use bf16, or fp16 with strategy=fsdp_tp",
         )
+    if cfg.strategy.name == "deepspeed":
+        _check_deepspeed(cfg)
     world = world_size or lnch.nproc
     dims = ParallelDims.from_config(cfg.strategy, world)
     dims.check_model(m)
@@ -324,13 +332,22 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
             limit, what = 4 * usable_cpus(), f"4 x the {usable_cpus()} usable CPU cores"
         if lnch.nproc > limit:
             raise ConfigError("launcher.nproc", lnch.nproc, f"must be <= {limit} ({what})")
-        if cfg.precision.name == "fp8":
+        if cfg.precision.name == "fp8" and not wants_gpu:
             raise ConfigError(
                 "precision.name",
                 "fp8",
-                "fp8 training needs GPUs with fp8 tensor cores (compute capability >= 8.9, e.g. H100) and is not "
-                "implemented in fmtrain yet" + ("" if wants_gpu else "; this run has no GPU") + ": use bf16 or fp16",
+                "fp8 training needs GPUs with fp8 tensor cores (compute capability >= 8.9, e.g. H100) and this run has "
+                "no GPU: use bf16 or fp16",
             )
+    if cfg.precision.name == "fp8":
+        import importlib.util
+
+        if cfg.strategy.name not in FP8_STRATEGIES:
+            raise ConfigError(
+                "precision.name", "fp8", f"fp8 (torchao Float8Linear) is supported with strategy={' or '.join(FP8_STRATEGIES)}"
+            )
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError("precision.name", "fp8", "fp8 needs the torchao package: pip install 'fmtrain[fp8]'")
 
     # Tensor-parallel peers share their data: the batch is split over the data-parallel ranks.
     micro = t.micro_batch_size or 1
@@ -339,6 +356,34 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
             "trainer.global_batch_size",
             t.global_batch_size,
             f"must be divisible by trainer.micro_batch_size x data-parallel ranks = {micro} x {dims.dp} = {micro * dims.dp}",
+        )
+
+
+def _check_deepspeed(cfg: TrainConfig) -> None:
+    import importlib.util
+
+    s = cfg.strategy
+    if s.zero_stage not in ZERO_STAGES:
+        raise ConfigError("strategy.zero_stage", s.zero_stage, "valid choices are 1, 2, 3")
+    if s.offload_params and s.zero_stage != 3:
+        raise ConfigError("strategy.offload_params", True, f"parameter offload needs strategy.zero_stage=3, not {s.zero_stage}")
+    if cfg.trainer.on_nonfinite == "skip" and cfg.precision.name != "fp16":
+        raise ConfigError(
+            "trainer.on_nonfinite",
+            "skip",
+            "strategy=deepspeed steps inside its engine and skips only fp16 overflows; use error (the default), "
+            "precision=fp16, or another strategy",
+        )
+    reserved = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler"}
+    if clash := sorted(reserved & set(s.deepspeed)):
+        raise ConfigError(
+            "strategy.deepspeed",
+            clash,
+            "these keys come from trainer.global_batch_size/micro_batch_size and optim.*; set those instead",
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            "strategy.name", "deepspeed", "the deepspeed package is not installed: pip install 'fmtrain[deepspeed]'"
         )
 
 

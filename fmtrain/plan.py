@@ -4,7 +4,8 @@
 
 Per rank: parameters, gradients and AdamW state (exactly as the strategy shards them, FSDP2's
 padding included), plus an activation estimate for one micro-batch. Parameters, gradients and
-optimizer state are fp32 under every precision (bf16 is a compute dtype here, not a storage one).
+optimizer state are fp32 under every precision (bf16 is a compute dtype here, not a storage one),
+except under DeepSpeed, whose 16-bit parameters sit beside fp32 master partitions (:func:`zero_bytes`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,20 @@ def activation_bytes(cfg: TrainConfig, micro: int, tp: int) -> int:
     return int(cfg.model.n_layers * per_layer * 2 * width + logits)
 
 
+def zero_bytes(numel: int, dp: int, stage: int, precision: str) -> tuple[int, int, int, int]:
+    """DeepSpeed ZeRO per rank: (parameters held, parameter bytes, gradient bytes, optimizer bytes).
+
+    ZeRO partitions flat buffers over the data-parallel ranks (alignment padding left out). The
+    model's parameters are in the compute dtype (fp32, or 16-bit for bf16/fp16), and DeepSpeed
+    keeps an fp32 master partition beside them under every precision (measured: even in fp32 it
+    does not alias them). Stage 1 partitions the optimizer state, 2 also gradients, 3 also parameters.
+    """
+    low = FP32 if precision == "fp32" else 2
+    part = math.ceil(numel / dp)
+    held = part if stage == 3 else numel
+    return held, held * low + part * FP32, (part if stage >= 2 else numel) * low, part * FP32 * ADAM_STATES
+
+
 def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     dims = ParallelDims.from_config(cfg.strategy, world_size)
     dims.check_model(cfg.model)
@@ -97,6 +112,11 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     plan = {f"{path}.weight": tp_dims.get(style) for path, style in model.tp_plan().items()}
     sharded = cfg.strategy.name in SHARDED
     local = sum(_local_numel(p.shape, plan.get(name), dims, sharded) for name, p in model.named_parameters())
+    param_bytes, grad_bytes, optimizer_bytes = local * FP32, local * FP32, local * FP32 * ADAM_STATES
+    if cfg.strategy.name == "deepspeed":
+        local, param_bytes, grad_bytes, optimizer_bytes = zero_bytes(
+            model.num_params(), dims.dp, cfg.strategy.zero_stage, cfg.precision.name
+        )
     micro = micro_batch_size(cfg.trainer, dims.dp)
     return Plan(
         model=cfg.model.name,
@@ -107,9 +127,9 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
         tp=dims.tp,
         total_params=model.num_params(),
         params_per_rank=local,
-        param_bytes=local * FP32,
-        grad_bytes=local * FP32,
-        optimizer_bytes=local * FP32 * ADAM_STATES,
+        param_bytes=param_bytes,
+        grad_bytes=grad_bytes,
+        optimizer_bytes=optimizer_bytes,
         activation_bytes=activation_bytes(cfg, micro, dims.tp),
         micro_batch=micro,
         seq_len=cfg.data.seq_len,

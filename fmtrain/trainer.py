@@ -49,7 +49,7 @@ from fmtrain.metrics import (
 )
 from fmtrain.model import Transformer
 from fmtrain.optim import build_optimizer, lr_at
-from fmtrain.strategies import DTYPES, Strategy, make_strategy
+from fmtrain.strategies import Strategy, compute_dtype, make_strategy
 
 log = logging.getLogger("fmtrain")
 
@@ -148,7 +148,9 @@ class Parts:
     corpus: Corpus
     batches: GlobalBatches
     val_ids: list[int]
-    model: Transformer  # the plain module: evaluation, FLOPs
+    model: Transformer  # the plain module: evaluation
+    num_params: int  # counted before a strategy partitions the parameters
+    flops_per_token: float
     wrapped: nn.Module  # what the strategy trains
     strategy: Strategy
     optimizer: torch.optim.Optimizer
@@ -164,6 +166,7 @@ class StepOutcome:
     skipped: bool
     stop_requested: bool
     state_bytes: int  # parameters + gradients + optimizer state held by this rank
+    optim_state_bytes: int  # the optimizer state alone
 
 
 def _build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
@@ -175,7 +178,12 @@ def _build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
     corpus = _prepare_data(cfg, env)
     with torch.device("meta"):
         model = Transformer(cfg.model)
+    num_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
     wrapped = strategy.build(model, cfg.seed)
+    accum = t.global_batch_size // (micro * strategy.dp_size)
+    wrapped, optimizer = strategy.attach_optimizer(
+        wrapped, build_optimizer(wrapped, cfg.optim), micro=micro, accum=accum, grad_clip=cfg.optim.grad_clip
+    )
     return Parts(
         cfg=cfg,
         env=env,
@@ -184,12 +192,14 @@ def _build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
         batches=GlobalBatches(corpus.train, cfg.data.seq_len, cfg.seed),
         val_ids=eval_windows(corpus.val, cfg.data.seq_len, t.eval_batches * t.global_batch_size),
         model=model,
+        num_params=num_params,
+        flops_per_token=flops_per_token,
         wrapped=wrapped,
         strategy=strategy,
-        optimizer=build_optimizer(wrapped, cfg.optim),
+        optimizer=optimizer,
         scaler=strategy.grad_scaler(),
         micro=micro,
-        accum=t.global_batch_size // (micro * strategy.dp_size),
+        accum=accum,
     )
 
 
@@ -206,7 +216,7 @@ def _train_step(p: Parts, step: int, consumed: int, stop: StopFlag) -> StepOutco
                 logits = p.wrapped(inputs)
             micro_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
             scaled = micro_loss / p.accum
-            (p.scaler.scale(scaled) if p.scaler else scaled).backward()
+            p.strategy.backward(p.wrapped, p.scaler.scale(scaled) if p.scaler else scaled, boundary=micro_step == p.accum - 1)
         local_loss += micro_loss.detach()
     local_loss /= p.accum
     # One collective per step carries the loss, the non-finite count and the stop flag.
@@ -216,6 +226,8 @@ def _train_step(p: Parts, step: int, consumed: int, stop: StopFlag) -> StepOutco
     if env.distributed:
         dist.all_reduce(stats)
     loss, bad_ranks, stop_requested = float(stats[0]) / env.world_size, int(stats[1]), bool(stats[2])
+    if p.strategy.owns_step:
+        return _engine_step(p, step, loss, bad_ranks, stop_requested)
     if p.scaler:
         p.scaler.unscale_(p.optimizer)
     grad_norm = float(p.strategy.clip_grad_norm(p.wrapped, p.cfg.optim.grad_clip))
@@ -243,10 +255,30 @@ def _train_step(p: Parts, step: int, consumed: int, stop: StopFlag) -> StepOutco
     else:
         p.optimizer.step()
     state_bytes = p.strategy.state_bytes(p.wrapped, p.optimizer)
+    optim_state_bytes = p.strategy.optimizer_state_bytes(p.optimizer)
     p.optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # so that the step's wall time is the step's work
-    return StepOutcome(loss, grad_norm, skipped, stop_requested, state_bytes)
+    return StepOutcome(loss, grad_norm, skipped, stop_requested, state_bytes, optim_state_bytes)
+
+
+def _engine_step(p: Parts, step: int, loss: float, bad_ranks: int, stop_requested: bool) -> StepOutcome:
+    """The update where the strategy's engine clips, scales and steps (DeepSpeed).
+
+    A non-finite loss is an error before the engine steps (validation refuses ``on_nonfinite=skip``
+    here); fp16 overflows are the engine's to skip, and it lowers its loss scale.
+    """
+    if bad_ranks:
+        raise NonFiniteLossError(f"non-finite loss at step {step} on {bad_ranks} rank(s)")
+    grad_norm, skipped = p.strategy.step(p.wrapped, p.optimizer)
+    if skipped:
+        log.info("fp16 overflow at step %d: update skipped by the engine", step)
+    elif not math.isfinite(grad_norm):
+        raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at step {step} (loss {loss:.4f})")
+    if p.device.type == "cuda":
+        torch.cuda.synchronize(p.device)
+    held = p.strategy.state_bytes(p.wrapped, p.optimizer)
+    return StepOutcome(loss, grad_norm, skipped, stop_requested, held, p.strategy.optimizer_state_bytes(p.optimizer))
 
 
 def _evaluate(p: Parts) -> float:
@@ -271,6 +303,9 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
     torch.manual_seed(cfg.seed + env.rank)
     random.seed(cfg.seed + env.rank)
     p = _build(cfg, env, device)
+    if env.is_main:
+        for name, text in p.strategy.files().items():
+            (run_dir / name).write_text(text)
     checkpointer = Checkpointer(
         run_dir / "checkpoints",
         env,
@@ -288,15 +323,17 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
             log.warning("resuming %s under a config whose model/data/optim/seed/batch differ from the saved one", restored)
         if p.scaler and "grad_scaler" in state:
             p.scaler.load_state_dict(state["grad_scaler"])
+        if "engine_loss_scaler" in state and p.strategy.engine_scaler_state(p.optimizer) is not None:
+            p.strategy.load_engine_scaler_state(p.optimizer, state["engine_loss_scaler"])
         log.info("resumed from %s at step %d", restored, state["step"])
 
-    flops_per_token = p.model.flops_per_token(cfg.data.seq_len)
+    flops_per_token = p.flops_per_token
     peak = t.peak_flops or _measured_peak(env, device, cfg.precision.name)
     log.info(
         "model %s: %.2fM parameters, %.1f MFLOPs/token | %s, world %d (dp %d x tp %d), "
         "micro-batch %d x %d accumulation | %s on %s",
         cfg.model.name,
-        p.model.num_params() / 1e6,
+        p.num_params / 1e6,
         flops_per_token / 1e6,
         cfg.strategy.name,
         env.world_size,
@@ -316,6 +353,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
     def save() -> None:
         if p.scaler:
             state["grad_scaler"] = p.scaler.state_dict()
+        if (engine_scaler := p.strategy.engine_scaler_state(p.optimizer)) is not None:
+            state["engine_loss_scaler"] = engine_scaler
         checkpointer.save(state["step"], p.wrapped, p.optimizer, state)
 
     _warm_imports(plot=t.plot and env.is_main)
@@ -344,9 +383,15 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
                 "mfu": flops_per_token * tokens_per_s / peak,
                 "peak_mem_bytes": peak_memory_bytes(device),
                 "state_bytes": outcome.state_bytes,
+                "optim_state_bytes": outcome.optim_state_bytes,
                 "step_time_s": elapsed,
                 "skipped": outcome.skipped,
                 **({"loss_scale": p.scaler.get_scale()} if p.scaler else {}),
+                **(
+                    {"loss_scale": engine_scaler["scale"]}
+                    if (engine_scaler := p.strategy.engine_scaler_state(p.optimizer))
+                    else {}
+                ),
                 "time": time.time(),
             }
         )
@@ -385,7 +430,7 @@ def _measured_peak(env: DistEnv, device: torch.device, precision: str) -> float:
     The probe's result is cached per machine (CPU, threads, ranks sharing it, dtype), so only the
     first run on a machine pays for it.
     """
-    dtype = DTYPES[precision]
+    dtype = compute_dtype(precision)
     key, cached = cached_peak_flops(dtype, device, env.local_world_size)
     need = torch.tensor(float(cached is None), device=device)
     if env.distributed:

@@ -87,11 +87,53 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
             ["strategy=fsdp_tp", "strategy.tp=4", "launcher.nproc=8", "model.dim=192", "model.n_heads=6"],
             r"must divide model.n_heads = 6",
         ),
+        (["strategy=deepspeed", "strategy.zero_stage=4"], r"strategy.zero_stage=4 is invalid: valid choices are 1, 2, 3"),
+        (
+            ["strategy=deepspeed", "strategy.offload_params=true"],
+            r"strategy.offload_params=True is invalid: parameter offload needs strategy.zero_stage=3, not 2",
+        ),
+        (
+            ["strategy=deepspeed", "strategy.tp=2", "launcher.nproc=2"],
+            r"strategy.tp=2 is invalid: tensor parallelism needs strategy=tp or fsdp_tp, not deepspeed",
+        ),
+        (
+            ["strategy=deepspeed", "trainer.on_nonfinite=skip"],
+            r"trainer.on_nonfinite='skip' is invalid: strategy=deepspeed steps inside its engine",
+        ),
+        (
+            ["strategy=deepspeed", "+strategy.deepspeed.train_batch_size=64"],
+            r"strategy.deepspeed=\['train_batch_size'\] is invalid: these keys come from trainer.global_batch_size",
+        ),
     ],
 )
 def test_bad_overrides_are_refused_with_field_value_and_choices(overrides: list[str], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         compose(overrides)
+
+
+def test_deepspeed_json_comes_from_the_typed_config_with_extra_keys_merged() -> None:
+    from fmtrain.strategies.zero import deepspeed_config
+
+    cfg = compose(
+        ["strategy=deepspeed", "strategy.zero_stage=3", "+strategy.deepspeed.zero_optimization.reduce_bucket_size=1000"]
+    )
+    generated = deepspeed_config(
+        zero_stage=cfg.strategy.zero_stage,
+        precision="bf16",
+        micro=2,
+        accum=4,
+        dp_size=2,
+        grad_clip=1.0,
+        offload_optimizer=True,
+        offload_params=False,
+        extra=cfg.strategy.deepspeed,
+    )
+    assert generated["train_batch_size"] == 16 and generated["gradient_accumulation_steps"] == 4
+    assert generated["zero_optimization"]["stage"] == 3
+    assert generated["zero_optimization"]["reduce_bucket_size"] == 1000  # merged, not replacing the section
+    assert generated["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert generated["bf16"] == {"enabled": True} and generated["fp16"]["enabled"] is False
+    assert generated["gradient_clipping"] == 1.0
 
 
 def test_sweeps_expand_to_every_combination() -> None:

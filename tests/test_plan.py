@@ -40,6 +40,23 @@ def test_data_parallel_plans_hold_everything_or_a_shard() -> None:
     assert fsdp.params_per_rank == ddp.total_params // 2  # every dim 0 of the tiny model is even
 
 
+def test_deepspeed_zero_stages_partition_what_they_say() -> None:
+    n = 8_030_261_248  # the 8b model; 64 ranks divide it exactly: 125,472,832 each
+    part = n // 64
+    plans = {
+        stage: make_plan(
+            compose(["model=8b", "strategy=deepspeed", f"strategy.zero_stage={stage}", "precision=bf16"], check=False),
+            world_size=64,
+        )
+        for stage in (1, 2, 3)
+    }
+    # bf16 parameters (2 bytes) beside an fp32 master partition; bf16 gradients; two fp32 moments.
+    assert (plans[1].param_bytes, plans[1].grad_bytes, plans[1].optimizer_bytes) == (2 * n + 4 * part, 2 * n, 8 * part)
+    assert (plans[2].param_bytes, plans[2].grad_bytes) == (2 * n + 4 * part, 2 * part)
+    assert (plans[3].param_bytes, plans[3].grad_bytes, plans[3].optimizer_bytes) == (6 * part, 2 * part, 8 * part)
+    assert plans[3].params_per_rank == part
+
+
 def test_cli_prints_the_plan_and_refuses_impossible_ones() -> None:
     args = [
         "plan",

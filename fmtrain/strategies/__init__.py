@@ -26,6 +26,46 @@ from fmtrain.model import Transformer
 from fmtrain.parallel import ParallelDims
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with fp8 tensor cores
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype ops run in: fp8 runs its linear layers in float8 and everything else in bf16."""
+    return DTYPES["bf16" if precision == "fp8" else precision]
+
+
+def convert_to_fp8(model: Transformer) -> None:
+    """Swap the blocks' linear layers for torchao's Float8Linear (dynamic tensorwise scaling).
+
+    The output head stays in bf16 (its logits feed the loss; torchtitan does the same), and so does
+    any layer whose sizes are not multiples of 16 (fp8 matmuls need them). Apply before tensor
+    parallelism and FSDP, on the meta device.
+    """
+    from torchao.float8 import convert_to_float8_training
+
+    def eligible(module: nn.Module, fqn: str) -> bool:
+        return (
+            isinstance(module, nn.Linear)
+            and fqn.startswith("blocks.")
+            and not module.in_features % 16
+            and not module.out_features % 16
+        )
+
+    convert_to_float8_training(model, module_filter_fn=eligible)
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """fp8 training only where fp8 tensor cores exist; elsewhere a clear error, not a slow emulation."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
+        where = (
+            device.type
+            if device.type != "cuda"
+            else f"{torch.cuda.get_device_name(device)} (sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})"
+        )
+        raise RuntimeError(
+            f"precision=fp8 needs a GPU with compute capability >= 8.9 (e.g. H100, L40S); this rank runs on {where}: "
+            "use precision=bf16"
+        )
 
 
 def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -41,7 +81,11 @@ def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def prepare_blocks(model: Transformer, cfg: TrainerConfig) -> None:
-    """Activation checkpointing and torch.compile per block: after TP, before FSDP (torchtitan's order)."""
+    """Activation checkpointing and torch.compile per block: after TP, before FSDP (torchtitan's order).
+
+    (fp8's conversion of linear layers comes before all of these: :meth:`Strategy.__init__` checks
+    the device, ``build`` converts on the meta device.)
+    """
     if cfg.activation_checkpointing != "none":
         every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_n
         model.checkpointed = frozenset(range(0, len(model.blocks), every))
@@ -68,10 +112,13 @@ class Strategy:
     """The contract, with the parts every strategy shares (plain, replicated training)."""
 
     needs_process_group = False  # True where a device mesh is built even for one process
+    owns_step = False  # True where an engine clips, scales and steps itself (DeepSpeed): see step()
 
     def __init__(self, cfg: StrategyConfig, precision: str, trainer: TrainerConfig, env: DistEnv, device: torch.device) -> None:
         self.cfg, self.precision, self.trainer, self.env, self.device = cfg, precision, trainer, env, device
         self.dims = ParallelDims.from_config(cfg, env.world_size)
+        if precision == "fp8":
+            check_fp8_device(device)
 
     @property
     def dp_rank(self) -> int:
@@ -84,6 +131,8 @@ class Strategy:
 
     def build(self, model: Transformer, seed: int) -> nn.Module:
         """Materialize ``model`` (on the meta device) on this rank, initialize it, wrap it."""
+        if self.precision == "fp8":
+            convert_to_fp8(model)
         prepare_blocks(model, self.trainer)
         model.to_empty(device=self.device)
         model.init_weights(seed)
@@ -92,11 +141,36 @@ class Strategy:
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
 
+    def attach_optimizer(
+        self, wrapped: nn.Module, optimizer: torch.optim.Optimizer, *, micro: int, accum: int, grad_clip: float
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Hand the optimizer to the strategy, where an engine wraps model and optimizer together."""
+        return wrapped, optimizer
+
+    def files(self) -> dict[str, str]:
+        """Files for the run directory that describe how this strategy runs (name -> text)."""
+        return {}
+
+    def backward(self, wrapped: nn.Module, loss: torch.Tensor, *, boundary: bool) -> None:
+        """Backward of one micro-batch; ``boundary``: the last of the accumulation (gradients sync)."""
+        loss.backward()
+
+    def step(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
+        """Clip, step and zero gradients in one call, for strategies that own the step: (norm, skipped)."""
+        raise NotImplementedError(f"{type(self).__name__} leaves the step to the trainer (owns_step is False)")
+
+    def engine_scaler_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """The fp16 loss scaler's state where the strategy's engine keeps its own (with ``"scale"``)."""
+        return None
+
+    def load_engine_scaler_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        pass
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for the forward pass, where the strategy does not cast parameters itself."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+        return torch.autocast(self.device.type, dtype=compute_dtype(self.precision))
 
     @contextlib.contextmanager
     def no_sync(self, wrapped: nn.Module) -> Iterator[None]:
@@ -141,6 +215,11 @@ class Strategy:
             tensors |= {id(v): _local(v) for v in state.values() if isinstance(v, torch.Tensor)}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
+    def optimizer_state_bytes(self, optimizer: torch.optim.Optimizer) -> int:
+        """Bytes of optimizer state (AdamW moments) that this rank holds: what ZeRO-1 partitions."""
+        tensors = [_local(v) for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def state_dict(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -158,10 +237,12 @@ def make_strategy(cfg: StrategyConfig, precision: str, trainer: TrainerConfig, e
     from fmtrain.strategies.fsdp import FSDPStrategy
     from fmtrain.strategies.fsdp_tp import FSDPTPStrategy
     from fmtrain.strategies.tp import TPStrategy
+    from fmtrain.strategies.zero import DeepSpeedStrategy
 
     strategies: dict[str, type[Strategy]] = {
         "ddp": DDPStrategy,
         "fsdp": FSDPStrategy,
+        "deepspeed": DeepSpeedStrategy,
         "tp": TPStrategy,
         "fsdp_tp": FSDPTPStrategy,
     }

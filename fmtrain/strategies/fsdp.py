@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fmtrain.model import Transformer
-from fmtrain.strategies import DTYPES, Strategy, assign_full, prepare_blocks, sharded_grad_scaler
+from fmtrain.strategies import Strategy, assign_full, compute_dtype, convert_to_fp8, prepare_blocks, sharded_grad_scaler
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -26,7 +26,7 @@ def fully_shard_model(model: Transformer, mesh, *, reshard_after_forward: bool, 
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mixed = (
-        MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
+        MixedPrecisionPolicy(param_dtype=compute_dtype(precision), reduce_dtype=torch.float32)
         if precision != "fp32"
         else MixedPrecisionPolicy()
     )
@@ -47,6 +47,8 @@ class FSDPStrategy(Strategy):
 
     def build(self, model: Transformer, seed: int) -> nn.Module:
         mesh = self.dims.build_mesh(self.device.type)
+        if self.precision == "fp8":
+            convert_to_fp8(model)
         self.apply_tensor_parallel(model, mesh)
         prepare_blocks(model, self.trainer)
         fully_shard_model(
