@@ -1,4 +1,4 @@
-# The targets the README and CI use. PYTHON may point at any interpreter >= 3.10.
+# The targets the README and CI use. PYTHON may point at any interpreter >= 3.11.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin

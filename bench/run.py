@@ -54,14 +54,15 @@ def summary() -> str:
         cells = load("strategies")["cells"]
         lines += ["", "Strategy x precision, 2 CPU ranks, tiny model (one run; relative to DDP fp32):", ""]
         lines += [
-            "| strategy | precision | tokens/s | vs DDP fp32 | state bytes per rank | vs DDP |",
-            "|---|---|---|---|---|---|",
+            "| strategy | precision | tokens/s | vs DDP fp32 | state bytes per rank | vs DDP | optimizer state vs DDP |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, cell in cells.items():
             strategy, precision = name.split()
             lines.append(
                 f"| {strategy} | {precision} | {cell['tokens_per_s']:,.0f} | {cell['tokens_per_s_vs_ddp_fp32']:.2f} "
-                f"| {cell['state_bytes'] / 1e6:.1f} MB | {cell['state_bytes_vs_ddp']:.2f} |"
+                f"| {cell['state_bytes'] / 1e6:.1f} MB | {cell['state_bytes_vs_ddp']:.2f} "
+                f"| {cell.get('optim_state_bytes_vs_ddp', float('nan')):.2f} |"
             )
     machine = t["machine"]
     lines += [

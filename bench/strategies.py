@@ -20,7 +20,15 @@ from pathlib import Path
 
 import common
 
-CELLS = [(s, p) for s in ("ddp", "fsdp", "tp") for p in ("fp32", "bf16", "fp16") if (s, p) != ("tp", "fp16")]
+STRATEGIES = {
+    "ddp": ["strategy=ddp"],
+    "fsdp": ["strategy=fsdp"],
+    "zero1": ["strategy=deepspeed", "strategy.zero_stage=1"],
+    "zero2": ["strategy=deepspeed", "strategy.zero_stage=2"],
+    "zero3": ["strategy=deepspeed", "strategy.zero_stage=3"],
+    "tp": ["strategy=tp"],
+}
+CELLS = [(s, p) for s in STRATEGIES for p in ("fp32", "bf16", "fp16") if (s, p) != ("tp", "fp16")]
 
 
 def main() -> None:
@@ -36,7 +44,7 @@ def main() -> None:
                 fmtrain,
                 "train",
                 f"run_dir={run_dir}",
-                f"strategy={strategy}",
+                *STRATEGIES[strategy],
                 f"precision={precision}",
                 "launcher.nproc=2",
             ]
@@ -50,6 +58,7 @@ def main() -> None:
             rows[f"{strategy} {precision}"] = {
                 "tokens_per_s": common.fmtrain_throughput(run_dir, warmup=5),
                 "state_bytes": [r["state_bytes"] for r in records if "state_bytes" in r][-1],  # steady state
+                "optim_state_bytes": [r["optim_state_bytes"] for r in records if "optim_state_bytes" in r][-1],
                 "final_loss": [r["loss"] for r in records if "loss" in r][-1],
             }
             print(strategy, precision, rows[f"{strategy} {precision}"])
@@ -57,6 +66,7 @@ def main() -> None:
     for row in rows.values():
         row["tokens_per_s_vs_ddp_fp32"] = row["tokens_per_s"] / base["tokens_per_s"]
         row["state_bytes_vs_ddp"] = row["state_bytes"] / base["state_bytes"]
+        row["optim_state_bytes_vs_ddp"] = row["optim_state_bytes"] / base["optim_state_bytes"]
     path = common.write("strategies", {"ranks": 2, "steps": args.steps, "cells": rows})
     print(f"-> {path}")
 

@@ -131,11 +131,48 @@ class PrecisionConfig:
 
 @dataclass
 class LauncherConfig:
+    """Where the ranks start. Fields that a launcher does not use are ignored by it."""
+
     name: str = "local"
+    # local: processes on this machine under torch's elastic agent
     nproc: int = 1
     max_restarts: int = 0
     shutdown_timeout: int = 30
     monitor_interval: float = 0.1
+    # slurm: sbatch through submitit (see conf/launcher/slurm.yaml and conf/cluster/)
+    nodes: int = 1
+    tasks_per_node: int | None = None  # None: gpus_per_node when > 0 (one task per GPU), else 1
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None  # None: Slurm's default (1)
+    mem_gb: float | None = None
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    job_name: str = "fmtrain"
+    sbatch: dict[str, Any] = field(default_factory=dict)  # more sbatch flags: {reservation: x, exclusive: true}
+    setup: list[str] = field(default_factory=list)  # shell lines before the job runs (module load, exports)
+    signal_delay_s: int = 120  # USR2 this long before the time limit: save, requeue, resume
+    max_requeues: int = 3  # preemptions/time limits survived, then the job ends "stopped"
+    array_parallelism: int = 16  # -m sweeps: tasks of the job array running at once
+    env_allow: list[str] = field(default_factory=list)  # secret-looking variables to pass to the job anyway
+    code_snapshot: bool = True  # jobs run a copy of fmtrain taken at submission
+
+
+def world_size_of(launcher: LauncherConfig) -> int:
+    """How many ranks a launcher starts."""
+    if launcher.name == "slurm":
+        return launcher.nodes * tasks_per_node(launcher)
+    return launcher.nproc
+
+
+def tasks_per_node(launcher: LauncherConfig) -> int:
+    """One task per GPU (Slurm starts every rank) unless said otherwise; on CPU one per node."""
+    if launcher.tasks_per_node is not None:
+        return launcher.tasks_per_node
+    return launcher.gpus_per_node or 1
 
 
 @dataclass
@@ -197,7 +234,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 STRATEGIES = ("ddp", "fsdp", "deepspeed", "tp", "fsdp_tp")
 ZERO_STAGES = (1, 2, 3)
 FP8_STRATEGIES = ("ddp", "fsdp")
-LAUNCHERS = ("local",)
+LAUNCHERS = ("local", "slurm")
 TOKENIZERS = {"bytes": 256}
 
 
@@ -315,23 +352,28 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
         )
     if cfg.strategy.name == "deepspeed":
         _check_deepspeed(cfg)
-    world = world_size or lnch.nproc
+    _choice("launcher.name", lnch.name, LAUNCHERS)
+    if lnch.name == "slurm":
+        _check_slurm(lnch)
+    world = world_size or world_size_of(lnch)
     dims = ParallelDims.from_config(cfg.strategy, world)
     dims.check_model(m)
     _choice("precision.name", cfg.precision.name, PRECISIONS)
-    _choice("launcher.name", lnch.name, LAUNCHERS)
     _positive("launcher.nproc", lnch.nproc)
     _positive("launcher.max_restarts", lnch.max_restarts, zero_ok=True)
     _positive("launcher.shutdown_timeout", lnch.shutdown_timeout)
     _positive("launcher.monitor_interval", lnch.monitor_interval)
     if world_size is None:
-        wants_gpu = t.device == "cuda" or (t.device == "auto" and bool(gpus_available))
-        if wants_gpu:
-            limit, what = gpus_available or 0, "GPUs visible"
+        if lnch.name == "slurm":  # the job's nodes decide; the cluster check (sinfo) is the launcher's
+            wants_gpu = t.device == "cuda" or (t.device == "auto" and lnch.gpus_per_node > 0)
         else:
-            limit, what = 4 * usable_cpus(), f"4 x the {usable_cpus()} usable CPU cores"
-        if lnch.nproc > limit:
-            raise ConfigError("launcher.nproc", lnch.nproc, f"must be <= {limit} ({what})")
+            wants_gpu = t.device == "cuda" or (t.device == "auto" and bool(gpus_available))
+            if wants_gpu:
+                limit, what = gpus_available or 0, "GPUs visible"
+            else:
+                limit, what = 4 * usable_cpus(), f"4 x the {usable_cpus()} usable CPU cores"
+            if lnch.nproc > limit:
+                raise ConfigError("launcher.nproc", lnch.nproc, f"must be <= {limit} ({what})")
         if cfg.precision.name == "fp8" and not wants_gpu:
             raise ConfigError(
                 "precision.name",
@@ -356,6 +398,28 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
             "trainer.global_batch_size",
             t.global_batch_size,
             f"must be divisible by trainer.micro_batch_size x data-parallel ranks = {micro} x {dims.dp} = {micro * dims.dp}",
+        )
+
+
+def _check_slurm(lnch: LauncherConfig) -> None:
+    for key in ("nodes", "time_min", "signal_delay_s", "array_parallelism"):
+        _positive(f"launcher.{key}", getattr(lnch, key))
+    _positive("launcher.gpus_per_node", lnch.gpus_per_node, zero_ok=True)
+    _positive("launcher.max_requeues", lnch.max_requeues, zero_ok=True)
+    for key in ("tasks_per_node", "cpus_per_task", "mem_gb"):
+        if getattr(lnch, key) is not None:
+            _positive(f"launcher.{key}", getattr(lnch, key))
+    if lnch.gpus_per_node and tasks_per_node(lnch) not in (1, lnch.gpus_per_node):
+        raise ConfigError(
+            "launcher.tasks_per_node",
+            lnch.tasks_per_node,
+            f"must be launcher.gpus_per_node={lnch.gpus_per_node} (one task per GPU) or 1 (one task per node)",
+        )
+    if lnch.signal_delay_s >= lnch.time_min * 60:
+        raise ConfigError(
+            "launcher.signal_delay_s",
+            lnch.signal_delay_s,
+            f"must be shorter than the time limit launcher.time_min={lnch.time_min} minutes",
         )
 
 

@@ -67,6 +67,7 @@ class RunResult:
     loss: float | None
     val_loss: float | None
     run_dir: str
+    stop_signal: str = ""  # the signal this rank received, when stopped: SIGUSR2 = preemption or time limit
 
 
 class StopFlag:
@@ -416,7 +417,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
     if state["step"] != last_saved:
         save()
     metrics.close()
-    result = RunResult(status, state["step"], loss, state["val_loss"], str(run_dir))
+    stop_signal = signal.Signals(stop.signum).name if status == "stopped" and stop.signum else ""
+    result = RunResult(status, state["step"], loss, state["val_loss"], str(run_dir), stop_signal)
     if env.is_main:
         if t.plot:
             plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")

@@ -3,7 +3,10 @@
     fmtrain train [OVERRIDES...]                 train (local launcher by default)
     fmtrain train -m optim.lr=1e-3,3e-4          one run per value (Hydra multirun)
     fmtrain train --cfg job [OVERRIDES...]       print the composed config and exit
+    fmtrain train launcher=slurm ... [--dry-run] submit to Slurm (--dry-run: print the sbatch script)
     fmtrain status RUN_DIR                       state, steps done and last loss of a run
+    fmtrain logs RUN_DIR [-f] [--rank R]         a run's log (-f: follow until the job ends)
+    fmtrain cancel RUN_DIR                       stop a running or queued job
     fmtrain plan model=8b strategy=fsdp world_size=64   per-rank memory of a plan, nothing allocated
 
 Every override is checked (for a sweep: every combination) before anything starts. A refused command
@@ -15,7 +18,9 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from launch.compose import UsageError, compose, conf_dir, expand_sweep, group_options
@@ -25,6 +30,8 @@ USAGE = """usage: fmtrain <command> [options] [key=value ...]
 commands:
   train     train a model:  fmtrain train model=tiny trainer.max_steps=200 launcher.nproc=2
   status    show a run's state, steps done and last loss:  fmtrain status RUN_DIR
+  logs      show a run's log:  fmtrain logs RUN_DIR [-f] [--rank R]
+  cancel    stop a run's job (Slurm: scancel; local: SIGTERM, it saves first):  fmtrain cancel RUN_DIR
   export    a checkpoint as model.safetensors + config.json:  fmtrain export RUN_DIR [--step N] [--dtype bf16]
   plan      per-rank memory of a plan, allocating nothing:
             fmtrain plan model=8b strategy=fsdp_tp strategy.tp=8 world_size=4096 [--json]
@@ -33,6 +40,8 @@ train options:
   -m, --multirun      one run per combination of comma-separated values (a sweep)
   --cfg job|all       print the composed config instead of running
   --resolve           with --cfg: resolve interpolations
+  --dry-run           validate, print the resolved config (and for launcher=slurm the sbatch script);
+                      start and submit nothing
 
 config groups (choose with GROUP=OPTION):
 {groups}
@@ -42,6 +51,7 @@ shows them all)
 
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd"}
 HYDRA_FLAGS = {"-m", "--multirun", "--resolve", "--info", "-i"}
+FMTRAIN_FLAGS = {"--dry-run"}
 
 log = logging.getLogger("fmtrain.launch")
 
@@ -60,7 +70,7 @@ def _split(args: list[str]) -> tuple[list[str], list[str]]:
             flags += args[i : i + 2]
             i += 2
             continue
-        if arg in HYDRA_FLAGS or arg.startswith("--cfg="):
+        if arg in HYDRA_FLAGS or arg in FMTRAIN_FLAGS or arg.startswith("--cfg="):
             flags.append(arg)
         elif arg.startswith("-"):
             raise UsageError(f"unknown option {arg}; see fmtrain --help")
@@ -76,8 +86,10 @@ def _gpus_available() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_train(overrides: list[str], multirun: bool) -> int:
-    """Compose and validate every job the command line asks for; return how many there are."""
+def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> int:
+    """Compose and validate every job the command line asks for (and for Slurm, check the request
+    against the cluster); return how many jobs there are."""
+    checked: set[str] = set()
     jobs = expand_sweep(overrides)
     if len(jobs) > 1 and not multirun:
         raise UsageError(f"{' '.join(overrides)} describes a sweep of {len(jobs)} runs; add -m to run them all")
@@ -92,10 +104,19 @@ def check_train(overrides: list[str], multirun: bool) -> int:
             validate(cfg, gpus_available=gpus)
         except ConfigError as error:
             raise UsageError(str(error) + (f"  (in run {' '.join(job)})" if len(jobs) > 1 else "")) from error
+        if cfg.launcher.name == "slurm" and not dry_run and repr(cfg.launcher) not in checked:
+            from launch.slurm import SlurmError, check_against_cluster
+
+            try:
+                check_against_cluster(cfg.launcher)  # before Hydra writes run directories
+            except SlurmError as error:
+                raise UsageError(str(error)) from error
+            checked.add(repr(cfg.launcher))
     return len(jobs)
 
 
 _exit_codes: list[int] = []
+_queued: list = []  # RunSpecs for launchers that submit after Hydra has composed every run (Slurm)
 
 
 def _train_task(node: object) -> None:
@@ -114,6 +135,9 @@ def _train_task(node: object) -> None:
     spec = RunSpec(cfg, run_dir, argv=["fmtrain", "train", *sys.argv[1:]])
     spec.write()
     log.info("run directory: %s", run_dir)
+    if cfg.launcher.name == "slurm":
+        _queued.append(spec)  # submitted together, as one job array for a sweep
+        return
     job = make_launcher(cfg.launcher.name).launch(spec)
     result = job.result()
     if result["message"]:
@@ -130,7 +154,10 @@ def train(args: list[str]) -> int:
         return 0
     flags, overrides = _split(args)
     multirun = "-m" in flags or "--multirun" in flags
-    check_train(overrides, multirun)
+    check_train(overrides, multirun, dry_run="--dry-run" in flags)
+    if "--dry-run" in flags:
+        return _dry_run(overrides)
+    flags = [f for f in flags if f not in FMTRAIN_FLAGS]
 
     import hydra
 
@@ -138,8 +165,50 @@ def train(args: list[str]) -> int:
     sys.argv = ["fmtrain train", *flags, *overrides]
     app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)(_train_task)
     app()
+    if _queued:
+        _submit_queued(multirun)
     failed = [code for code in _exit_codes if code]
     return failed[0] if failed else 0
+
+
+def _submit_queued(multirun: bool) -> None:
+    from launch.slurm import SlurmError, SlurmLauncher
+
+    root = _queued[0].run_dir.parent if multirun else _queued[0].run_dir
+    try:
+        jobs = SlurmLauncher().launch_all(list(_queued), root=root)
+    except SlurmError as error:
+        raise UsageError(str(error)) from error
+    for job in jobs:
+        print(f"{job.record.job_id}\t{job.run_dir}")
+
+
+def _dry_run(overrides: list[str]) -> int:
+    """Print what would run: the resolved config of each job, and the sbatch script for Slurm."""
+    from fmtrain.config import to_yaml
+
+    jobs = expand_sweep(overrides)
+    configs = [compose(job) for job in jobs]
+    for job, cfg in zip(jobs, configs, strict=True):
+        print(f"# config ({' '.join(job)})\n{to_yaml(cfg)}")
+    if configs[0].launcher.name == "slurm":
+        from launch.slurm import SlurmError, check_against_cluster, render_sbatch
+
+        lc = configs[0].launcher
+        root = Path(configs[0].run_dir).resolve()
+        root = root.parent if len(jobs) > 1 else root
+        print("# sbatch script (submitit fills in %j)")
+        print(
+            render_sbatch(
+                lc, root / "slurm", root / "code" if lc.code_snapshot else None, array=len(jobs) if len(jobs) > 1 else None
+            )
+        )
+        try:
+            check_against_cluster(lc)
+        except SlurmError as error:
+            print(f"# not submittable here: {error}")
+    print("# dry run: nothing started, nothing submitted")
+    return 0
 
 
 def status(args: list[str]) -> int:
@@ -166,9 +235,98 @@ def status(args: list[str]) -> int:
         "val_loss": val_records[-1]["val_loss"] if val_records else None,
         "started": record.started,
         "ended": record.ended,
+        "message": record.message,
     }
+    if record.launcher == "slurm":
+        from launch.slurm import REQUEUES, scheduler_state
+
+        summary["scheduler_state"] = scheduler_state(record.job_id)
+        requeues = read_jsonl(run_dir / REQUEUES) if (run_dir / REQUEUES).is_file() else []
+        summary["requeues"] = len([r for r in requeues if r["requeued"]])
+        if train_records and "invoked_at" in record.extra:
+            first = train_records[0]
+            if first["step"] == 1:
+                summary["submit_to_first_step_s"] = round(first["time"] - record.extra["invoked_at"], 2)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _run_dir(args: list[str], usage: str) -> Path:
+    if len(args) != 1 or args[0].startswith("-"):
+        raise UsageError(f"usage: {usage}")
+    run_dir = Path(args[0])
+    if not (run_dir / "job.json").is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no job.json)")
+    return run_dir
+
+
+def cancel(args: list[str]) -> int:
+    from launch.local import LocalJob
+    from launch.slurm import SlurmJob
+    from launch.spec import JobRecord
+
+    run_dir = _run_dir(args, "fmtrain cancel RUN_DIR")
+    record = JobRecord.read(run_dir)
+    job = SlurmJob(run_dir) if record.launcher == "slurm" else LocalJob(run_dir)
+    job.cancel()
+    print(f"cancelled {record.launcher} job {record.job_id}: {run_dir}")
+    return 0
+
+
+def logs(args: list[str]) -> int:
+    """``fmtrain logs RUN_DIR [-f] [--rank R]``: rank R's log (and its scheduler output for Slurm)."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(prog="fmtrain logs")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    parser.add_argument("--rank", type=int, default=0)
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    run_dir = _run_dir([str(options.run_dir)], "fmtrain logs RUN_DIR [-f] [--rank R]")
+    from launch.spec import JobRecord
+
+    def files() -> list[Path]:
+        record = JobRecord.read(run_dir)
+        found = [run_dir / "logs" / f"rank{options.rank}.log"]
+        if record.launcher == "slurm" and record.job_id:
+            folder = Path(record.extra.get("slurm_folder", run_dir / "slurm"))
+            found = sorted(folder.glob(f"**/{record.job_id}_{options.rank}_log.*")) + found
+        return [f for f in found if f.is_file()]
+
+    offsets: dict[Path, int] = {}
+
+    def dump() -> None:
+        for file in files():
+            with open(file, errors="replace") as f:
+                f.seek(offsets.get(file, 0))
+                text = f.read()
+                offsets[file] = f.tell()
+            if text:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+    dump()
+    while options.follow and _job_running(run_dir):
+        time.sleep(1.0)
+        dump()
+    if options.follow:
+        dump()
+    return 0
+
+
+def _job_running(run_dir: Path) -> bool:
+    from launch.spec import JobRecord
+
+    record = JobRecord.read(run_dir)
+    if record.launcher == "slurm":
+        from launch.slurm import TERMINAL, scheduler_state
+
+        return scheduler_state(record.job_id) not in TERMINAL
+    return record.state == "running"
 
 
 def plan(args: list[str]) -> int:
@@ -228,11 +386,12 @@ def export(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "status": status, "plan": plan, "export": export}
+COMMANDS = {"train": train, "status": status, "logs": logs, "cancel": cancel, "plan": plan, "export": export}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("FMTRAIN_INVOKED_AT", repr(time.time()))  # submit-to-first-step latency
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2

@@ -52,6 +52,7 @@ class JobRecord:
     exit_code: int | None = None
     attempts: int = 0
     message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # launcher-specific: Slurm folder, code snapshot, ...
 
     @classmethod
     def read(cls, run_dir: Path) -> JobRecord:
@@ -91,6 +92,7 @@ class Launcher(Protocol):
 
 def make_launcher(name: str) -> Launcher:
     from launch.local import LocalLauncher
+    from launch.slurm import SlurmLauncher
 
-    launchers: dict[str, type[Launcher]] = {"local": LocalLauncher}
+    launchers: dict[str, type[Launcher]] = {"local": LocalLauncher, "slurm": SlurmLauncher}
     return launchers[name]()

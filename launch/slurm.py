@@ -1,0 +1,356 @@
+"""The Slurm launcher: sbatch through submitit; a sweep is one job array.
+
+    fmtrain train launcher=slurm launcher.nodes=2 launcher.gpus_per_node=8 [cluster=<site profile>]
+    fmtrain train launcher=slurm ... --dry-run        # print the sbatch script and config; submit nothing
+    fmtrain train -m optim.lr=1e-3,3e-4 launcher=slurm  # one array, launcher.array_parallelism at once
+
+Each Slurm task is one rank (one per GPU, or ``launcher.tasks_per_node`` per CPU node): submitit
+starts :class:`SlurmTask` in every task, which turns Slurm's variables into torch's
+(``launch/env.py``) and calls the same ``run(cfg)`` as every launcher.
+
+Preemption and time limits: the job is submitted with ``--signal=USR2@<launcher.signal_delay_s>``
+and ``--requeue``. USR2 (sent before the time limit, or by ``scancel --signal=USR2``) makes the
+trainer save at the next step boundary; rank 0 then records why (``requeues.jsonl``: time limit or
+preemption, told apart by the time used) and requeues the job, which resumes from that checkpoint,
+up to ``launcher.max_requeues`` times. SIGTERM (``scancel``, ``fmtrain cancel``) saves and ends the
+job without a requeue.
+
+Before sbatch: the config and plan are validated (``fmtrain train`` does), and the request is
+checked against ``sinfo`` (partition, node count, CPUs and GPUs per node). Jobs run a snapshot of
+the code taken at submission (``<run or sweep dir>/code``), so editing the checkout while jobs wait
+changes nothing. Variables that look like secrets (``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``,
+``*KEY*``) are removed from the environment sbatch passes on, unless ``launcher.env_allow`` names them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import logging
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fmtrain.config import LauncherConfig, tasks_per_node
+from launch.spec import JobRecord, RunSpec, command_line, now
+
+log = logging.getLogger("fmtrain.launch")
+
+SECRET_PATTERNS = ("*TOKEN*", "*SECRET*", "*PASSWORD*", "*KEY*")
+REQUEUES = "requeues.jsonl"
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
+class SlurmError(RuntimeError):
+    """A request Slurm cannot run, or a Slurm command that failed: said before anything is submitted."""
+
+
+# ----------------------------------------------------------------------------- in the job
+
+
+@dataclass
+class SlurmTask:
+    """What every Slurm task of a job runs (pickled by submitit at submission)."""
+
+    config_path: str
+    time_min: int
+    signal_delay_s: int
+    max_requeues: int
+
+    def __call__(self) -> dict[str, Any]:
+        from fmtrain import config
+        from fmtrain.trainer import run
+        from launch.env import slurm_job, torch_env_from_slurm
+
+        started = time.time()
+        os.environ.update(torch_env_from_slurm(os.environ))
+        job = slurm_job(os.environ)
+        cfg = config.load(self.config_path)
+        run_dir = Path(cfg.run_dir)
+        rank = int(os.environ["RANK"])
+        print(
+            f"fmtrain rank {rank} of {os.environ['WORLD_SIZE']}, job {job['display_id']}, on {socket.gethostname()}", flush=True
+        )
+        if rank == 0:
+            _update_record(run_dir, state="running", attempts=int(job["restarts"]) + 1, code=str(Path(__file__).parent.parent))
+        try:
+            result = run(cfg)
+        except BaseException as error:
+            if rank == 0:
+                _update_record(run_dir, state="failed", ended=now(), message=f"{type(error).__name__}: {error}")
+            raise
+        if rank == 0:
+            self._finish(run_dir, result, job, time.time() - started)
+        return asdict(result)
+
+    def _finish(self, run_dir: Path, result: Any, job: dict[str, Any], elapsed: float) -> None:
+        if result.status != "stopped" or result.stop_signal != "SIGUSR2":
+            state = "completed" if result.status == "completed" else "stopped"
+            _update_record(
+                run_dir, state=state, ended=now(), message="" if state == "completed" else f"stopped by {result.stop_signal}"
+            )
+            return
+        # USR2: Slurm's warning before the time limit, or a preemption (scancel --signal=USR2).
+        limit = self.time_min * 60
+        reason = "time_limit" if elapsed >= limit - self.signal_delay_s - 30 else "preemption"
+        requeue = job["restarts"] < self.max_requeues
+        event = {
+            "time": now(),
+            "job_id": job["display_id"],
+            "restart": job["restarts"],
+            "reason": reason,
+            "step": result.step,
+            "elapsed_s": round(elapsed, 1),
+            "requeued": requeue,
+        }
+        with open(run_dir / REQUEUES, "a") as f:
+            f.write(json.dumps(event) + "\n")
+        if not requeue:
+            message = (
+                f"{reason} after {job['restarts']} requeue(s) (launcher.max_requeues={self.max_requeues}): "
+                f"saved step {result.step}"
+            )
+            _update_record(run_dir, state="stopped", ended=now(), message=message)
+            return
+        _update_record(run_dir, state="requeued", message=f"{reason}: saved step {result.step}, requeued")
+        subprocess.run(["scontrol", "requeue", str(job["job_id"])], check=True, timeout=60)
+
+
+def _update_record(run_dir: Path, **changes: Any) -> None:
+    record = JobRecord.read(run_dir)
+    for key, value in changes.items():
+        if key in JobRecord.__dataclass_fields__:
+            setattr(record, key, value)
+        else:
+            record.extra[key] = value
+    record.write(run_dir)
+
+
+# ----------------------------------------------------------------------------- submitting
+
+
+def secret_names(environ: dict[str, str] | os._Environ[str], allow: list[str]) -> list[str]:
+    """Variables whose names look like secrets and that ``allow`` (names or globs) does not name."""
+    return sorted(
+        name
+        for name in environ
+        if any(fnmatch.fnmatch(name.upper(), p) for p in SECRET_PATTERNS) and not any(fnmatch.fnmatch(name, a) for a in allow)
+    )
+
+
+@contextlib.contextmanager
+def without_secrets(allow: list[str]) -> Iterator[list[str]]:
+    """sbatch passes this process's environment on to the job: take the secrets out meanwhile."""
+    removed = {name: os.environ.pop(name) for name in secret_names(os.environ, allow)}
+    try:
+        yield sorted(removed)
+    finally:
+        os.environ.update(removed)
+
+
+def snapshot_code(dest: Path) -> Path:
+    """Copy the fmtrain and launch packages (as they are now) into ``dest``; jobs import from there."""
+    import fmtrain
+    import launch
+
+    for package in (fmtrain, launch):
+        source = Path(str(package.__file__)).parent
+        shutil.copytree(source, dest / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
+    return dest
+
+
+def sbatch_parameters(lc: LauncherConfig) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters for a launcher config (sbatch flags by their names)."""
+    params: dict[str, Any] = {
+        "job_name": lc.job_name,
+        "nodes": lc.nodes,
+        "ntasks_per_node": tasks_per_node(lc),
+        "time": lc.time_min,
+        "signal_delay_s": lc.signal_delay_s,
+        "array_parallelism": lc.array_parallelism,
+        # A rank that dies ends the job instead of leaving the others waiting in a collective.
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "additional_parameters": {"requeue": True, **lc.sbatch},
+    }
+    optional = {
+        "partition": lc.partition,
+        "account": lc.account,
+        "qos": lc.qos,
+        "constraint": lc.constraint,
+        "exclude": lc.exclude,
+        "cpus_per_task": lc.cpus_per_task,
+        "gpus_per_node": lc.gpus_per_node or None,
+        "mem": f"{int(lc.mem_gb)}GB"
+        if lc.mem_gb and lc.mem_gb == int(lc.mem_gb)
+        else f"{int((lc.mem_gb or 0) * 1024)}MB"
+        if lc.mem_gb
+        else None,
+    }
+    params |= {k: v for k, v in optional.items() if v is not None}
+    return params
+
+
+def setup_lines(lc: LauncherConfig, code_dir: Path | None) -> list[str]:
+    lines = list(lc.setup)
+    if code_dir is not None:
+        lines.append(f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}}")
+    return lines
+
+
+def job_python(code_dir: Path | None) -> str:
+    """The job's interpreter: this one. With a code snapshot, ``-P`` keeps ``python -m`` from putting
+    the submission directory (often the checkout) before the snapshot on ``sys.path``."""
+    return shlex.quote(sys.executable) + (" -P" if code_dir is not None else "")
+
+
+def render_sbatch(lc: LauncherConfig, folder: Path, code_dir: Path | None, array: int | None = None) -> str:
+    """The sbatch script submitit submits for this config (``--dry-run`` prints it)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = sbatch_parameters(lc)
+    command = " ".join([job_python(code_dir), "-u -m submitit.core._submit", shlex.quote(str(folder / "%j"))])
+    return _make_sbatch_string(command=command, folder=folder / "%j", setup=setup_lines(lc, code_dir), map_count=array, **params)
+
+
+def check_against_cluster(lc: LauncherConfig) -> None:
+    """Refuse what the cluster cannot run (from ``sinfo``), so no job waits in the queue forever."""
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N|%P|%c|%G|%a"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except FileNotFoundError as error:
+        raise SlurmError("sinfo not found: this machine is not a Slurm submit host (or run: slurm/dev-cluster.sh up)") from error
+    except subprocess.CalledProcessError as error:
+        raise SlurmError(f"sinfo failed: {error.stderr.strip() or error}") from error
+    nodes: dict[str, dict[str, Any]] = {}
+    default: str | None = None
+    for line in out.splitlines():
+        name, partition, cpus, gres, avail = line.split("|")
+        if partition.endswith("*"):
+            partition = partition[:-1]
+            default = partition
+        gpus = sum(int(g.split(":")[-1].split("(")[0]) for g in gres.split(",") if g.startswith("gpu"))
+        node = nodes.setdefault(name, {"partitions": set(), "cpus": int(cpus), "gpus": gpus, "up": avail == "up"})
+        node["partitions"].add(partition)
+    partitions = sorted({p for n in nodes.values() for p in n["partitions"]})
+    wanted = lc.partition or default
+    if wanted is None or wanted not in partitions:
+        raise SlurmError(f"launcher.partition={lc.partition!r} is invalid: the cluster's partitions are {', '.join(partitions)}")
+    members = [n for n in nodes.values() if wanted in n["partitions"]]
+    cpus_needed = tasks_per_node(lc) * (lc.cpus_per_task or 1)
+    fitting = [n for n in members if n["cpus"] >= cpus_needed and n["gpus"] >= lc.gpus_per_node]
+    if lc.nodes > len(members):
+        raise SlurmError(f"launcher.nodes={lc.nodes} is invalid: partition {wanted} has {len(members)} node(s)")
+    if lc.nodes > len(fitting):
+        raise SlurmError(
+            f"launcher.nodes={lc.nodes} is invalid: only {len(fitting)} node(s) of partition {wanted} have "
+            f"{cpus_needed} CPUs (tasks_per_node x cpus_per_task) and {lc.gpus_per_node} GPUs"
+        )
+
+
+@dataclass
+class SlurmJob:
+    """A submitted job (or one task of an array), known by its run directory."""
+
+    run_dir: Path
+
+    @property
+    def record(self) -> JobRecord:
+        return JobRecord.read(self.run_dir)
+
+    def state(self) -> str:
+        return scheduler_state(self.record.job_id) or self.record.state
+
+    def result(self) -> dict[str, Any]:
+        record = self.record
+        return {"state": "submitted", "exit_code": 0, "message": f"Slurm job {record.job_id}: fmtrain status {self.run_dir}"}
+
+    def cancel(self) -> None:
+        subprocess.run(["scancel", self.record.job_id], check=True, timeout=60)
+
+    def logs(self) -> list[Path]:
+        record = self.record
+        folder = Path(record.extra.get("slurm_folder", self.run_dir / "slurm"))
+        return sorted(folder.glob(f"**/{record.job_id}_*_log.*")) + sorted((self.run_dir / "logs").glob("rank*.log"))
+
+
+def scheduler_state(job_id: str) -> str | None:
+    """The job's state in Slurm's accounting (``sacct``), e.g. RUNNING, COMPLETED, CANCELLED."""
+    try:
+        out = subprocess.run(
+            ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except FileNotFoundError:
+        return None
+    states = [line.split("|")[1].split()[0] for line in out.splitlines() if line.split("|")[0] == job_id]
+    return states[-1] if states else None
+
+
+class SlurmLauncher:
+    """Submits one run, or a sweep's runs as one job array; returns at once (jobs run in the queue)."""
+
+    def launch(self, spec: RunSpec) -> SlurmJob:
+        return self.launch_all([spec], root=spec.run_dir)[0]
+
+    def launch_all(self, specs: list[RunSpec], root: Path) -> list[SlurmJob]:
+        import submitit
+
+        lc = specs[0].config.launcher
+        check_against_cluster(lc)
+        for spec in specs:  # the job may start elsewhere (-P, other nodes): no path relative to here
+            data = spec.config.data
+            data.paths = [p if os.path.isabs(os.path.expanduser(p)) else os.path.abspath(p) for p in data.paths]
+            if data.cache_dir:
+                data.cache_dir = os.path.abspath(os.path.expanduser(data.cache_dir))
+            spec.write()
+        invoked_at = float(os.environ.get("FMTRAIN_INVOKED_AT", time.time()))
+        folder = root / "slurm"
+        code_dir = snapshot_code(root / "code") if lc.code_snapshot else None
+        executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=lc.max_requeues, python=job_python(code_dir))
+        params = sbatch_parameters(lc)
+        executor.update_parameters(setup=setup_lines(lc, code_dir), **params)
+        tasks = [SlurmTask(str(s.config_path), lc.time_min, lc.signal_delay_s, lc.max_requeues) for s in specs]
+        with without_secrets(lc.env_allow) as removed:
+            if removed:
+                log.info("not passed to the job (secret-looking; allow with launcher.env_allow): %s", ", ".join(removed))
+            if len(tasks) == 1:
+                jobs = [executor.submit(tasks[0])]
+            else:
+                with executor.batch():
+                    pending = [executor.submit(task) for task in tasks]
+                jobs = pending
+        handles = []
+        for spec, job in zip(specs, jobs, strict=True):
+            record = JobRecord(
+                launcher="slurm",
+                state="pending",
+                command=command_line(spec.argv),
+                job_id=str(job.job_id),
+                world_size=lc.nodes * tasks_per_node(lc),
+                started=now(),
+                extra={"invoked_at": invoked_at, "slurm_folder": str(folder), "code": str(code_dir or "")},
+            )
+            record.write(spec.run_dir)
+            log.info("submitted Slurm job %s: %s", job.job_id, spec.run_dir)
+            handles.append(SlurmJob(spec.run_dir))
+        return handles
+
+
+def wait(job_id: str, timeout_s: float, poll_s: float = 1.0) -> str:
+    """Poll accounting until the job reaches a terminal state; return it (tests, ``fmtrain logs -f``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = scheduler_state(job_id)
+        if state in TERMINAL:
+            return state
+        time.sleep(poll_s)
+    raise TimeoutError(f"Slurm job {job_id} did not end within {timeout_s:.0f} s")
