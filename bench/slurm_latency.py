@@ -106,9 +106,8 @@ def main() -> None:
         "goal_s": 3.0,
     }
     path = common.write("slurm_latency", result)
-    print(
-        f"fmtrain {medians['fmtrain']:.2f} s vs bare sbatch {medians['bare_sbatch']:.2f} s: +{result['difference_s']:.2f} s -> {path}"
-    )
+    fm, bare = medians["fmtrain"], medians["bare_sbatch"]
+    print(f"fmtrain {fm:.2f} s vs bare sbatch {bare:.2f} s: +{result['difference_s']:.2f} s -> {path}")
 
 
 if __name__ == "__main__":
