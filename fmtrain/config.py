@@ -197,14 +197,48 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+def unknown_keys(data: Any, cls: Any = TrainConfig, prefix: str = "") -> list[str]:
+    """Keys of ``data`` that the schema does not have (``+trainer.foo=1`` would otherwise be dropped)."""
+    hints = typing_hints(cls)
+    found = []
+    for key, value in data.items():
+        if key not in hints:
+            found.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and hasattr(value, "items"):
+            found += unknown_keys(value, hints[key], f"{prefix}{key}.")
+    return found
+
+
 def to_config(node: Any) -> TrainConfig:
-    """Convert a composed ``DictConfig`` (or a plain mapping) into a :class:`TrainConfig`."""
+    """Convert a composed ``DictConfig`` (or a plain mapping) into a :class:`TrainConfig`.
+
+    Raises:
+        ConfigError: for a key the schema does not have, naming the valid keys of its section.
+    """
     from omegaconf import OmegaConf
 
+    container: Any = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    if unknown := unknown_keys({k: v for k, v in container.items() if k != "hydra"}):
+        key = unknown[0]
+        section = key.rpartition(".")[0]
+        owner: Any = TrainConfig
+        value: Any = container
+        for part in section.split(".") if section else []:
+            owner, value = typing_hints(owner)[part], value[part]
+        valid = ", ".join(f.name for f in dataclasses.fields(owner))
+        raise ConfigError(
+            key, value[key.rpartition(".")[2]], f"unknown key; valid keys under '{section or 'the top level'}': {valid}"
+        )
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), node)
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, TrainConfig)
     return cfg
+
+
+def typing_hints(cls: Any) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
 
 
 def to_yaml(cfg: TrainConfig) -> str:
