@@ -142,6 +142,9 @@ class LauncherConfig:
     # slurm: sbatch through submitit (see conf/launcher/slurm.yaml and conf/cluster/)
     nodes: int = 1
     tasks_per_node: int | None = None  # None: gpus_per_node when > 0 (one task per GPU), else 1
+    procs_per_task: int | None = (
+        None  # ranks each task starts (one task per node): None = 1, or gpus_per_node with tasks_per_node=1
+    )
     gpus_per_node: int = 0
     cpus_per_task: int | None = None  # None: Slurm's default (1)
     mem_gb: float | None = None
@@ -164,8 +167,15 @@ class LauncherConfig:
 def world_size_of(launcher: LauncherConfig) -> int:
     """How many ranks a launcher starts."""
     if launcher.name == "slurm":
-        return launcher.nodes * tasks_per_node(launcher)
+        return launcher.nodes * tasks_per_node(launcher) * procs_per_task(launcher)
     return launcher.nproc
+
+
+def procs_per_task(launcher: LauncherConfig) -> int:
+    """Ranks per Slurm task: 1 (Slurm starts every rank), or one task per node starting them all."""
+    if launcher.procs_per_task is not None:
+        return launcher.procs_per_task
+    return launcher.gpus_per_node if launcher.tasks_per_node == 1 and launcher.gpus_per_node > 1 else 1
 
 
 def tasks_per_node(launcher: LauncherConfig) -> int:
@@ -440,7 +450,7 @@ def _check_slurm(lnch: LauncherConfig) -> None:
         _positive(f"launcher.{key}", getattr(lnch, key))
     _positive("launcher.gpus_per_node", lnch.gpus_per_node, zero_ok=True)
     _positive("launcher.max_requeues", lnch.max_requeues, zero_ok=True)
-    for key in ("tasks_per_node", "cpus_per_task", "mem_gb"):
+    for key in ("tasks_per_node", "procs_per_task", "cpus_per_task", "mem_gb"):
         if getattr(lnch, key) is not None:
             _positive(f"launcher.{key}", getattr(lnch, key))
     if lnch.gpus_per_node and tasks_per_node(lnch) not in (1, lnch.gpus_per_node):
@@ -448,6 +458,12 @@ def _check_slurm(lnch: LauncherConfig) -> None:
             "launcher.tasks_per_node",
             lnch.tasks_per_node,
             f"must be launcher.gpus_per_node={lnch.gpus_per_node} (one task per GPU) or 1 (one task per node)",
+        )
+    if procs_per_task(lnch) > 1 and tasks_per_node(lnch) != 1:
+        raise ConfigError(
+            "launcher.procs_per_task",
+            procs_per_task(lnch),
+            f"several ranks per task needs one task per node: launcher.tasks_per_node=1, not {tasks_per_node(lnch)}",
         )
     if lnch.signal_delay_s >= lnch.time_min * 60:
         raise ConfigError(

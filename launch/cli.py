@@ -174,7 +174,12 @@ def train(args: list[str]) -> int:
 def _submit_queued(multirun: bool) -> None:
     from launch.slurm import SlurmError, SlurmLauncher
 
+    from fmtrain.config import world_size_of
+    from fmtrain.plan import make_plan
+
     root = _queued[0].run_dir.parent if multirun else _queued[0].run_dir
+    cfg = _queued[0].config
+    log.info("plan per rank:\n%s", make_plan(cfg, world_size_of(cfg.launcher)).table())
     try:
         jobs = SlurmLauncher().launch_all(list(_queued), root=root)
     except SlurmError as error:
@@ -191,6 +196,10 @@ def _dry_run(overrides: list[str]) -> int:
     configs = [compose(job) for job in jobs]
     for job, cfg in zip(jobs, configs, strict=True):
         print(f"# config ({' '.join(job)})\n{to_yaml(cfg)}")
+    from fmtrain.config import world_size_of
+    from fmtrain.plan import make_plan
+
+    print(f"# plan per rank\n{make_plan(configs[0], world_size_of(configs[0].launcher)).table()}\n")
     if configs[0].launcher.name == "slurm":
         from launch.slurm import SlurmError, check_against_cluster, render_sbatch
 

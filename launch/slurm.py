@@ -31,6 +31,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fmtrain.config import LauncherConfig, tasks_per_node
+from fmtrain.config import LauncherConfig, procs_per_task, tasks_per_node, world_size_of
 from launch.spec import JobRecord, RunSpec, command_line, now
 
 log = logging.getLogger("fmtrain.launch")
@@ -65,10 +66,10 @@ class SlurmTask:
     time_min: int
     signal_delay_s: int
     max_requeues: int
+    procs_per_task: int = 1
 
     def __call__(self) -> dict[str, Any]:
         from fmtrain import config
-        from fmtrain.trainer import run
         from launch.env import slurm_job, torch_env_from_slurm
 
         started = time.time()
@@ -76,21 +77,50 @@ class SlurmTask:
         job = slurm_job(os.environ)
         cfg = config.load(self.config_path)
         run_dir = Path(cfg.run_dir)
-        rank = int(os.environ["RANK"])
+        rank = int(os.environ["RANK"])  # with procs_per_task > 1: this node's rank
         print(
-            f"fmtrain rank {rank} of {os.environ['WORLD_SIZE']}, job {job['display_id']}, on {socket.gethostname()}", flush=True
+            f"fmtrain task {rank} of {os.environ['WORLD_SIZE']}, job {job['display_id']}, on {socket.gethostname()}", flush=True
         )
         if rank == 0:
             _update_record(run_dir, state="running", attempts=int(job["restarts"]) + 1, code=str(Path(__file__).parent.parent))
         try:
-            result = run(cfg)
+            result = self._run_node(cfg, job) if self.procs_per_task > 1 else _run_rank(cfg)
         except BaseException as error:
             if rank == 0:
                 _update_record(run_dir, state="failed", ended=now(), message=f"{type(error).__name__}: {error}")
             raise
         if rank == 0:
             self._finish(run_dir, result, job, time.time() - started)
-        return asdict(result)
+        return asdict(result) if result is not None else {}
+
+    def _run_node(self, cfg: Any, job: dict[str, Any]) -> Any:
+        """One task per node: start this node's ranks under torch's elastic agent, static rendezvous
+        at the first node. Slurm signals every process of the step, so the ranks see USR2 and
+        SIGTERM themselves; the agent ignores USR2 and waits for them to save and return."""
+        from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+        from fmtrain.trainer import RunResult
+
+        nodes, node_rank = int(job["nodes"]), int(job["node_rank"])
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        os.environ["FMTRAIN_DIE_WITH_PARENT"] = "1"
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.procs_per_task)))
+        launch_config = LaunchConfig(
+            min_nodes=nodes,
+            max_nodes=nodes,
+            nproc_per_node=self.procs_per_task,
+            run_id=f"slurm-{job['job_id']}",
+            rdzv_backend="static",
+            rdzv_endpoint=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            rdzv_configs={"rank": node_rank},
+            max_restarts=0,
+            monitor_interval=0.1,
+        )
+        result_file = Path(cfg.run_dir) / "result.json"
+        if node_rank == 0:
+            result_file.unlink(missing_ok=True)
+        elastic_launch(launch_config, sys.executable)("-u", "-m", "fmtrain.worker", self.config_path)
+        return RunResult(**json.loads(result_file.read_text())) if node_rank == 0 else None
 
     def _finish(self, run_dir: Path, result: Any, job: dict[str, Any], elapsed: float) -> None:
         if result.status != "stopped" or result.stop_signal != "SIGUSR2":
@@ -123,6 +153,12 @@ class SlurmTask:
             return
         _update_record(run_dir, state="requeued", message=f"{reason}: saved step {result.step}, requeued")
         subprocess.run(["scontrol", "requeue", str(job["job_id"])], check=True, timeout=60)
+
+
+def _run_rank(cfg: Any) -> Any:
+    from fmtrain.trainer import run
+
+    return run(cfg)
 
 
 def _update_record(run_dir: Path, **changes: Any) -> None:
@@ -318,7 +354,9 @@ class SlurmLauncher:
         executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=lc.max_requeues, python=job_python(code_dir))
         params = sbatch_parameters(lc)
         executor.update_parameters(setup=setup_lines(lc, code_dir), **params)
-        tasks = [SlurmTask(str(s.config_path), lc.time_min, lc.signal_delay_s, lc.max_requeues) for s in specs]
+        tasks = [
+            SlurmTask(str(s.config_path), lc.time_min, lc.signal_delay_s, lc.max_requeues, procs_per_task(lc)) for s in specs
+        ]
         with without_secrets(lc.env_allow) as removed:
             if removed:
                 log.info("not passed to the job (secret-looking; allow with launcher.env_allow): %s", ", ".join(removed))
@@ -335,7 +373,7 @@ class SlurmLauncher:
                 state="pending",
                 command=command_line(spec.argv),
                 job_id=str(job.job_id),
-                world_size=lc.nodes * tasks_per_node(lc),
+                world_size=world_size_of(lc),
                 started=now(),
                 extra={"invoked_at": invoked_at, "slurm_folder": str(folder), "code": str(code_dir or "")},
             )

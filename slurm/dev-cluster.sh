@@ -106,6 +106,8 @@ InactiveLimit=0
 MinJobAge=300
 Waittime=0
 MailProg=/bin/true
+# Job ids (and so fmtrain's rendezvous ports, derived from them) differ between clusters on one machine.
+FirstJobId=$((PORT_BASE + 1))
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$dbd_port

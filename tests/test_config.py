@@ -46,6 +46,10 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
         (["trainer.foo=1"], r"unknown key 'trainer.foo'; valid keys under 'trainer': max_steps, .*resume"),
         (["bogus=1"], r"unknown key 'bogus'; valid keys at the top level: experiment, run_dir"),
         (["+trainer.foo=1"], r"trainer.foo=1 is invalid: unknown key; valid keys under 'trainer': max_steps"),
+        (
+            ["launcher=slurm", "launcher.tasks_per_node=2", "launcher.procs_per_task=2"],
+            r"launcher.procs_per_task=2 is invalid: several ranks per task needs one task per node",
+        ),
         (["+bogus=1"], r"bogus=1 is invalid: unknown key; valid keys under 'the top level': experiment"),
         (["trainer.max_steps=abc"], r"trainer.max_steps='abc' is invalid: expected integer"),
         (["model=huge"], r"model=huge: no such option; valid choices are 1b, 8b, small, tiny"),

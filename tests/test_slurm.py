@@ -94,7 +94,8 @@ def test_the_sbatch_script_of_a_2x8_gpu_profile_matches_the_golden_file() -> Non
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     """A 2-node cluster for this module: its environment for subprocesses (SLURM_CONF, ...)."""
     home = tmp_path_factory.mktemp("slurm")
-    env = dict(os.environ, FMTRAIN_SLURM_HOME=str(home), FMTRAIN_SLURM_PORT="17800")
+    port = os.environ.get("FMTRAIN_TEST_SLURM_PORT", "17800")  # another for a second test session on this machine
+    env = dict(os.environ, FMTRAIN_SLURM_HOME=str(home), FMTRAIN_SLURM_PORT=port)
     up = subprocess.run([str(CLUSTER), "up", "--nodes", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, f"the dev cluster did not come up:\n{up.stdout}\n{up.stderr}"
     env["SLURM_CONF"] = str(home / "etc" / "slurm.conf")
@@ -154,8 +155,10 @@ def status(cluster: dict[str, str], cache: Path, run_dir: Path) -> dict:
     return json.loads(result.stdout)
 
 
-def local_reference(cache: Path, run_dir: Path, steps: int) -> dict[int, float]:
-    result = fmtrain(["train", f"run_dir={run_dir}", *SMALL, *STEPS, f"trainer.max_steps={steps}", "launcher.nproc=2"], cache)
+def local_reference(cache: Path, run_dir: Path, steps: int, nproc: int = 2) -> dict[int, float]:
+    result = fmtrain(
+        ["train", f"run_dir={run_dir}", *SMALL, *STEPS, f"trainer.max_steps={steps}", f"launcher.nproc={nproc}"], cache
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return train_losses(run_dir)
 
@@ -176,21 +179,23 @@ def test_one_and_two_node_jobs_equal_the_local_launcher(cluster, cache_dir: Path
         env=secrets,
     )[0]
     two = submit(cluster, cache_dir, tmp_path / "two", "trainer.max_steps=20", "launcher.nodes=2", "launcher.tasks_per_node=1")[0]
-    reference = local_reference(cache_dir, tmp_path / "local", 20)
-    for job_id, run_dir in ((one, tmp_path / "one node"), (two, tmp_path / "two")):
-        assert wait_state(cluster, job_id, ("COMPLETED", "FAILED", "CANCELLED")) == "COMPLETED", (
-            run_dir / "job.json"
-        ).read_text()
+    # One task per node, each starting 2 ranks under torch's elastic agent (the GPU-node layout).
+    per_node = ("launcher.nodes=2", "launcher.tasks_per_node=1", "launcher.procs_per_task=2")
+    four = submit(cluster, cache_dir, tmp_path / "per node", "trainer.max_steps=20", *per_node)[0]
+    reference = {2: local_reference(cache_dir, tmp_path / "local", 20), 4: local_reference(cache_dir, tmp_path / "local4", 20, 4)}
+    for job_id, run_dir, world in ((one, tmp_path / "one node", 2), (two, tmp_path / "two", 2), (four, tmp_path / "per node", 4)):
+        state = wait_state(cluster, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
+        assert state == "COMPLETED", (run_dir / "job.json").read_text()
         losses = train_losses(run_dir)
-        # The same world size, data and gloo reductions as the local 2-process run: equal numbers.
-        assert losses == pytest.approx(reference, rel=1e-6)
+        # The same world size, data and gloo reductions as the local run: equal numbers.
+        assert losses == pytest.approx(reference[world], rel=1e-6)
         report = status(cluster, cache_dir, run_dir)
         assert report["scheduler_state"] == "COMPLETED" and report["state"] == "completed" and report["step"] == 20
         assert report["submit_to_first_step_s"] > 0
         assert json.loads((run_dir / "job.json").read_text())["extra"]["code"] == str(run_dir / "code")  # the snapshot ran
     # The 2-node job's ranks ran on both emulated nodes (each task logs where it runs).
     task_logs = sorted((tmp_path / "two" / "slurm").glob(f"**/{two}_*_log.out"))
-    assert {line.split()[-1] for log in task_logs for line in log.read_text().splitlines() if "fmtrain rank" in line} == {
+    assert {line.split()[-1] for log in task_logs for line in log.read_text().splitlines() if "fmtrain task" in line} == {
         "node1",
         "node2",
     }
