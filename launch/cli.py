@@ -172,10 +172,9 @@ def train(args: list[str]) -> int:
 
 
 def _submit_queued(multirun: bool) -> None:
-    from launch.slurm import SlurmError, SlurmLauncher
-
     from fmtrain.config import world_size_of
     from fmtrain.plan import make_plan
+    from launch.slurm import SlurmError, SlurmLauncher
 
     root = _queued[0].run_dir.parent if multirun else _queued[0].run_dir
     cfg = _queued[0].config
