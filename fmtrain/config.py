@@ -162,12 +162,21 @@ class LauncherConfig:
     array_parallelism: int = 16  # -m sweeps: tasks of the job array running at once
     env_allow: list[str] = field(default_factory=list)  # secret-looking variables to pass to the job anyway
     code_snapshot: bool = True  # jobs run a copy of fmtrain taken at submission
+    # ray: Ray Train (TorchTrainer) workers on a Ray cluster
+    address: str | None = None  # None: start a local Ray for this run; "auto"; or the cluster's host:port
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 0  # worker-group restarts, each resuming from the newest checkpoint
+    object_store_mb: int = 256  # the local Ray's object store (fmtrain moves no data through it)
 
 
 def world_size_of(launcher: LauncherConfig) -> int:
     """How many ranks a launcher starts."""
     if launcher.name == "slurm":
         return launcher.nodes * tasks_per_node(launcher) * procs_per_task(launcher)
+    if launcher.name == "ray":
+        return launcher.num_workers
     return launcher.nproc
 
 
@@ -278,7 +287,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 STRATEGIES = ("ddp", "fsdp", "deepspeed", "tp", "fsdp_tp")
 ZERO_STAGES = (1, 2, 3)
 FP8_STRATEGIES = ("ddp", "fsdp")
-LAUNCHERS = ("local", "slurm")
+LAUNCHERS = ("local", "slurm", "ray")
 TOKENIZERS = {"bytes": 256}
 
 
@@ -399,6 +408,16 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     _choice("launcher.name", lnch.name, LAUNCHERS)
     if lnch.name == "slurm":
         _check_slurm(lnch)
+    if lnch.name == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("launcher.name", "ray", "the ray package is not installed: pip install 'fmtrain[ray]'")
+        _positive("launcher.num_workers", lnch.num_workers)
+        _positive("launcher.cpus_per_worker", lnch.cpus_per_worker)
+        _positive("launcher.gpus_per_worker", lnch.gpus_per_worker, zero_ok=True)
+        _positive("launcher.max_failures", lnch.max_failures, zero_ok=True)
+        _positive("launcher.object_store_mb", lnch.object_store_mb)
     world = world_size or world_size_of(lnch)
     dims = ParallelDims.from_config(cfg.strategy, world)
     dims.check_model(m)
@@ -410,6 +429,8 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     if world_size is None:
         if lnch.name == "slurm":  # the job's nodes decide; the cluster check (sinfo) is the launcher's
             wants_gpu = t.device == "cuda" or (t.device == "auto" and lnch.gpus_per_node > 0)
+        elif lnch.name == "ray":  # the cluster's resources are checked when Ray is up
+            wants_gpu = t.device == "cuda" or (t.device == "auto" and lnch.gpus_per_worker > 0)
         else:
             wants_gpu = t.device == "cuda" or (t.device == "auto" and bool(gpus_available))
             if wants_gpu:

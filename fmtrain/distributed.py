@@ -16,7 +16,7 @@ import datetime
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    owns_group: bool = field(default=False, compare=False)  # init() created the process group (close() ends it)
 
     @classmethod
     def from_environ(cls) -> DistEnv:
@@ -62,6 +63,7 @@ class DistEnv:
             dist.init_process_group(
                 backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=chosen if use_cuda else None
             )
+            object.__setattr__(self, "owns_group", True)
         return chosen
 
     def barrier(self) -> None:
@@ -69,8 +71,10 @@ class DistEnv:
             dist.barrier()
 
     def close(self) -> None:
-        if dist.is_initialized():
+        """Leave the process group if this object joined it (Ray Train's own group is Ray's to close)."""
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        object.__setattr__(self, "owns_group", False)
 
 
 def die_with_parent() -> None:

@@ -75,6 +75,8 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum = 0
+        if threading.current_thread() is not threading.main_thread():
+            return  # e.g. a Ray Train worker's loop thread: the host process owns the signals
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -92,7 +94,7 @@ def config_hash(cfg: TrainConfig) -> str:
 def setup_logging(run_dir: Path, rank: int) -> None:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
-    handlers[0].setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s"))
+    handlers[0].setFormatter(logging.Formatter(f"%(asctime)s rank{rank} pid %(process)d %(levelname)s %(message)s"))
     if rank == 0:
         if sys.stdout.isatty():
             from rich.logging import RichHandler

@@ -92,7 +92,8 @@ class Launcher(Protocol):
 
 def make_launcher(name: str) -> Launcher:
     from launch.local import LocalLauncher
+    from launch.ray import RayLauncher
     from launch.slurm import SlurmLauncher
 
-    launchers: dict[str, type[Launcher]] = {"local": LocalLauncher, "slurm": SlurmLauncher}
+    launchers: dict[str, type[Launcher]] = {"local": LocalLauncher, "slurm": SlurmLauncher, "ray": RayLauncher}
     return launchers[name]()

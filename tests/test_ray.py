@@ -1,0 +1,98 @@
+"""launcher=ray against a real local Ray, started by the run itself, inside a loopback-only network
+namespace (Ray otherwise binds the machine's external address). Never skipped: a machine that cannot
+create the namespace (CI runs as root) fails these tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import FMTRAIN, SMALL, env_with, fmtrain, train_losses
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["trainer.eval_interval=10", "checkpoint.interval=10", "checkpoint.keep_last=10"]
+
+
+@pytest.fixture(scope="module")
+def netns():
+    """A network namespace with only loopback, deleted afterwards: the command prefix to run in it."""
+    name = f"fmtrain-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        yield ["ip", "netns", "exec", name]
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+@pytest.fixture
+def ray_tmp():
+    """Ray's session folder: short (its socket paths must stay under 108 bytes), removed afterwards."""
+    path = tempfile.mkdtemp(prefix="fmray-", dir="/tmp")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def ray_env(cache: Path, ray_tmp: Path) -> dict[str, str]:
+    return env_with(
+        cache,
+        RAY_TMPDIR=str(ray_tmp),
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30",
+    )
+
+
+def ray_train(netns: list[str], cache: Path, ray_tmp: Path, run_dir: Path, *overrides: str) -> subprocess.Popen[str]:
+    args = [*netns, FMTRAIN, "train", "launcher=ray", f"run_dir={run_dir}", *SMALL, *STEPS, "trainer.progress=false", *overrides]
+    return subprocess.Popen(args, env=ray_env(cache, ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def local_reference(cache: Path, run_dir: Path, steps: int) -> dict[int, float]:
+    result = fmtrain(["train", f"run_dir={run_dir}", *SMALL, *STEPS, f"trainer.max_steps={steps}", "launcher.nproc=2"], cache)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return train_losses(run_dir)
+
+
+def test_two_ray_workers_equal_the_local_launcher(netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path) -> None:
+    job = ray_train(netns, cache_dir, ray_tmp, tmp_path / "ray", "trainer.max_steps=20", "launcher.num_workers=2")
+    reference = local_reference(cache_dir, tmp_path / "local", 20)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output
+    # Ray Train's gloo group, the same ranks and data as the local 2-process run: equal numbers.
+    assert train_losses(tmp_path / "ray") == pytest.approx(reference, rel=1e-6)
+    assert '"launcher": "ray"' in (tmp_path / "ray" / "job.json").read_text()
+
+
+def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
+    netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "ray"
+    job = ray_train(netns, cache_dir, ray_tmp, run_dir, "trainer.max_steps=200", "launcher.max_failures=1")
+    deadline = time.monotonic() + 180
+    while not (run_dir / "metrics.jsonl").is_file() or len(train_losses(run_dir)) < 12:
+        assert time.monotonic() < deadline, "the run did not get past step 12"
+        time.sleep(0.2)
+    pid = int(re.findall(r"rank1 pid (\d+)", (run_dir / "logs" / "rank1.log").read_text())[-1])
+    os.kill(pid, signal.SIGKILL)
+    reference = local_reference(cache_dir, tmp_path / "local", 200)
+    output, _ = job.communicate(timeout=400)
+    assert job.returncode == 0, output
+    assert train_losses(run_dir) == pytest.approx(reference, rel=1e-6)
+    assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
+
+
+def test_more_workers_than_the_cluster_has_cpus_is_refused(netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path) -> None:
+    job = ray_train(netns, cache_dir, ray_tmp, tmp_path / "ray", "launcher.num_workers=8")
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 2, output
+    assert re.search(r"launcher.num_workers=8 is invalid: 8 x 1 CPU = 8 CPU, but the Ray cluster has \d+", output), output
