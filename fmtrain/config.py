@@ -195,6 +195,30 @@ def tasks_per_node(launcher: LauncherConfig) -> int:
 
 
 @dataclass
+class TuneConfig:
+    """``fmtrain tune``: a Ray Tune search over the same config; every trial is an fmtrain run.
+
+    ``space`` maps a config key to a distribution: ``loguniform(1e-4, 1e-2)``, ``uniform(0.0, 0.2)``,
+    ``randint(2, 8)``, ``choice([2, 4])`` or ``grid([1e-3, 3e-3])`` (tried exhaustively).
+    """
+
+    name: str = "none"
+    scheduler: str = "asha"  # asha (stop bad trials early) | pbt (exploit good trials' checkpoints) | fifo
+    search: str = "random"  # random | grid | optuna
+    num_samples: int = 8
+    metric: str = "val_loss"
+    mode: str = "min"
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1.0
+    grace_period: int = 1  # asha: evaluations before a trial may be stopped
+    reduction_factor: int = 2  # asha: keep the best 1/reduction_factor at each rung
+    perturbation_interval: int = 2  # pbt: evaluations between exploit/explore decisions
+    space: dict[str, Any] = field(default_factory=dict)  # nested keys allowed: {optim: {lr: "..."}}
+    resume: bool = False  # continue an interrupted sweep in run_dir; finished trials are not rerun
+    address: str | None = None  # the Ray cluster for the trials; None starts a local Ray
+
+
+@dataclass
 class TrainConfig:
     experiment: str = "default"
     run_dir: str = "outputs/default/run"
@@ -207,6 +231,7 @@ class TrainConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def register_schema() -> None:

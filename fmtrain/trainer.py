@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -128,15 +129,22 @@ def _injected_fault(rank: int) -> int | None:
     return fault_step if fault_rank == rank else None
 
 
-def run(cfg: TrainConfig) -> RunResult:
-    """Train according to ``cfg`` in this process, as one rank of the world in the environment."""
+EvalHook = Callable[[int, float, "Path | None"], None]
+
+
+def run(cfg: TrainConfig, on_eval: EvalHook | None = None) -> RunResult:
+    """Train according to ``cfg`` in this process, as one rank of the world in the environment.
+
+    ``on_eval(step, val_loss, checkpoint)`` is called on rank 0 after each evaluation, with the
+    checkpoint saved at that step if there is one (``fmtrain tune`` reports to Ray Tune through it).
+    """
     env = DistEnv.from_environ()
     stop = StopFlag()
     run_dir = Path(cfg.run_dir)
     setup_logging(run_dir, env.rank)
     device = env.init(cfg.trainer.device)
     try:
-        return _train(cfg, env, device, run_dir, stop)
+        return _train(cfg, env, device, run_dir, stop, on_eval)
     finally:
         env.close()
 
@@ -301,7 +309,9 @@ def _evaluate(p: Parts) -> float:
     return float(total[0] / total[1])
 
 
-def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, stop: StopFlag) -> RunResult:
+def _train(
+    cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, stop: StopFlag, on_eval: EvalHook | None = None
+) -> RunResult:
     t = cfg.trainer
     torch.manual_seed(cfg.seed + env.rank)
     random.seed(cfg.seed + env.rank)
@@ -353,12 +363,12 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
         else NullMetrics()
     )
 
-    def save() -> None:
+    def save() -> Path:
         if p.scaler:
             state["grad_scaler"] = p.scaler.state_dict()
         if (engine_scaler := p.strategy.engine_scaler_state(p.optimizer)) is not None:
             state["engine_loss_scaler"] = engine_scaler
-        checkpointer.save(state["step"], p.wrapped, p.optimizer, state)
+        return checkpointer.save(state["step"], p.wrapped, p.optimizer, state)
 
     _warm_imports(plot=t.plot and env.is_main)
     fault_step = _injected_fault(env.rank)
@@ -408,9 +418,12 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path, 
                 state["best_val_loss"] = state["val_loss"]
             metrics.log({"step": state["step"], "val_loss": state["val_loss"]})
             log.info("step %d: val_loss %.4f", state["step"], state["val_loss"])
+        saved = None
         if state["step"] % cfg.checkpoint.interval == 0 or done or outcome.stop_requested:
-            save()
+            saved = save()
             last_saved = state["step"]
+        if on_eval is not None and env.is_main and state["val_loss"] is not None:
+            on_eval(state["step"], state["val_loss"], saved)
         if outcome.stop_requested and not done:
             status = "stopped"
             log.warning("stop signal received: saved step %d; run the same command again to resume", state["step"])

@@ -33,6 +33,7 @@ commands:
   logs      show a run's log:  fmtrain logs RUN_DIR [-f] [--rank R]
   cancel    stop a run's job (Slurm: scancel; local: SIGTERM, it saves first):  fmtrain cancel RUN_DIR
   export    a checkpoint as model.safetensors + config.json:  fmtrain export RUN_DIR [--step N] [--dtype bf16]
+  tune      a Ray Tune sweep, every trial an fmtrain run:  fmtrain tune tune=asha tune.num_samples=8
   plan      per-rank memory of a plan, allocating nothing:
             fmtrain plan model=8b strategy=fsdp_tp strategy.tp=8 world_size=4096 [--json]
 
@@ -394,7 +395,36 @@ def export(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "status": status, "logs": logs, "cancel": cancel, "plan": plan, "export": export}
+def tune(args: list[str]) -> int:
+    """``fmtrain tune tune=asha [overrides]``: a Ray Tune sweep; every trial is an fmtrain run."""
+    from fmtrain.config import ConfigError, validate
+
+    if "-h" in args or "--help" in args:
+        print(_usage())
+        return 0
+    flags, overrides = _split(args)
+    if flags:
+        raise UsageError(f"fmtrain tune takes no {' '.join(flags)}; the search space is tune.space")
+    cfg = compose(overrides, check=False)
+    if cfg.tune.name == "none":
+        raise UsageError("choose a search: tune=asha | optuna | pbt | random | grid (see conf/tune/)")
+    from launch.tune import parse_space, run_sweep
+
+    try:
+        validate(cfg, world_size=1)
+        parse_space(cfg.tune)
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
+    base = [o for o in overrides if not o.lstrip("+~").startswith(("tune", "run_dir"))]
+    sweep_dir = run_sweep(cfg, ["fmtrain", "tune", *args], base)
+    print((sweep_dir / "results.csv").read_text(), end="")
+    if (sweep_dir / "best_command.txt").is_file():
+        print(f"best: {(sweep_dir / 'best_command.txt').read_text().strip()}")
+    print(f"sweep directory: {sweep_dir}")
+    return 0
+
+
+COMMANDS = {"train": train, "tune": tune, "status": status, "logs": logs, "cancel": cancel, "plan": plan, "export": export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ def _schema_fields(key: str) -> list[str] | None:
     """Field names of the dataclass at dotted ``key`` (``""`` is the root), if it is one."""
     node: Any = TrainConfig
     for part in filter(None, key.split(".")):
+        if not dataclasses.is_dataclass(node):
+            return None
         fields = {f.name: f for f in dataclasses.fields(node)}
         if part not in fields:
             return None
@@ -48,7 +51,7 @@ def _schema_fields(key: str) -> list[str] | None:
         if default is dataclasses.MISSING:
             return None
         node = type(default())
-    return [f.name for f in dataclasses.fields(node)]
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
 
 
 def _explain(error: BaseException, overrides: list[str]) -> str:
@@ -75,7 +78,12 @@ def _explain(error: BaseException, overrides: list[str]) -> str:
                 valid = ", ".join(group_options()[group])
                 return f"{group}={values.get(group, '?')!s}: no such option; valid choices are {valid}"
         if isinstance(exc, OverrideParseException):
-            return f"cannot parse override: {exc}"
+            if "Unknown function" in str(exc) and (m := re.search(r"evaluating '(\w+\(.*?\))'", str(exc))):
+                return (
+                    f"cannot parse override: {m.group(1)} reads as a Hydra function call; a search-space "
+                    f'distribution is a string, quote it: key="{m.group(1)}"'
+                )
+            return f"cannot parse override: {str(exc).splitlines()[0]}"
     for exc in chain:
         if not isinstance(exc, OmegaConfBaseException):
             continue

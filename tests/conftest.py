@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,36 @@ def final_state(checkpoint: Path) -> dict:
     out = checkpoint.parent / f"{checkpoint.name}.pt"
     dcp_to_torch_save(checkpoint / "model_optim", out)
     return torch.load(out, weights_only=True)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def netns():
+    """A network namespace with only loopback, deleted afterwards: the command prefix to run in it."""
+    name = f"fmtrain-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        yield ["ip", "netns", "exec", name]
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+@pytest.fixture
+def ray_tmp():
+    """Ray's session folder: short (its socket paths must stay under 108 bytes), removed afterwards."""
+    path = tempfile.mkdtemp(prefix="fmray-", dir="/tmp")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def ray_env(cache: Path, ray_tmp: Path) -> dict[str, str]:
+    return env_with(
+        cache,
+        RAY_TMPDIR=str(ray_tmp),
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30",
+    )

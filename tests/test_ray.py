@@ -6,50 +6,17 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from conftest import FMTRAIN, SMALL, env_with, fmtrain, train_losses
+from conftest import FMTRAIN, SMALL, fmtrain, ray_env, train_losses
 
 pytestmark = pytest.mark.slow
 
 STEPS = ["trainer.eval_interval=10", "checkpoint.interval=10", "checkpoint.keep_last=10"]
-
-
-@pytest.fixture(scope="module")
-def netns():
-    """A network namespace with only loopback, deleted afterwards: the command prefix to run in it."""
-    name = f"fmtrain-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        yield ["ip", "netns", "exec", name]
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=True)
-
-
-@pytest.fixture
-def ray_tmp():
-    """Ray's session folder: short (its socket paths must stay under 108 bytes), removed afterwards."""
-    path = tempfile.mkdtemp(prefix="fmray-", dir="/tmp")
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def ray_env(cache: Path, ray_tmp: Path) -> dict[str, str]:
-    return env_with(
-        cache,
-        RAY_TMPDIR=str(ray_tmp),
-        RAY_AUTH_MODE="disabled",
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30",
-    )
 
 
 def ray_train(netns: list[str], cache: Path, ray_tmp: Path, run_dir: Path, *overrides: str) -> subprocess.Popen[str]:

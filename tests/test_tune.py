@@ -1,0 +1,120 @@
+"""fmtrain tune: real Ray Tune sweeps of real fmtrain runs, inside a loopback-only network namespace."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import FMTRAIN, SMALL, fmtrain, ray_env, read_metrics
+
+SWEEP = [*SMALL, "trainer.max_steps=40", "trainer.eval_interval=10", "checkpoint.interval=10", "tune.max_concurrent=2"]
+
+
+def tune(netns: list[str], cache: Path, ray_tmp: Path, sweep: Path, *overrides: str, timeout: float = 400) -> str:
+    args = [*netns, FMTRAIN, "tune", f"run_dir={sweep}", *SWEEP, *overrides]
+    result = subprocess.run(args, env=ray_env(cache, ray_tmp), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def results(sweep: Path) -> list[dict[str, str]]:
+    with open(sweep / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "choose a search: tune=asha | optuna | pbt | random | grid"),
+        (
+            ["tune=asha", '+tune.space.model.n_layerz="choice([2, 4])"'],
+            "tune.space.model.n_layerz='' is invalid: unknown config key",
+        ),
+        (["tune=asha", '+tune.space.model="choice([1])"'], "names a section, not a value"),
+        (["tune=asha", '+tune.space.model.n_layers="choice([])"'], "choice takes one non-empty list"),
+        (["tune=asha", '+tune.space.optim.lr="loguniform(0, 1)"'], "loguniform needs low > 0"),
+        (["tune=asha", '+tune.space.optim.lr="normal(0, 1)"'], "must be one of uniform(...), loguniform(...)"),
+        (["tune=grid", '+tune.space.optim.lr="loguniform(1e-4, 1e-2)"'], "every tune.space value must be grid([...])"),
+        (["tune=asha", "+tune.space.optim.lr=loguniform(1e-4, 1e-2)"], 'quote it: key="loguniform(1e-4, 1e-2)"'),
+        (["tune=asha", "tune.scheduler=hyperband"], "tune.scheduler='hyperband' is invalid: valid choices are asha, pbt, fifo"),
+    ],
+)
+def test_bad_search_spaces_are_refused_before_ray_starts(overrides, message, cache_dir: Path, tmp_path: Path) -> None:
+    result = fmtrain(["tune", f"run_dir={tmp_path}/sweep", *overrides], cache_dir, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_an_asha_sweep_stops_the_worst_trials_early_and_ranks_by_validation_loss(
+    netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "asha"
+    tune(netns, cache_dir, ray_tmp, sweep, "tune=asha", "tune.num_samples=8")
+    rows = results(sweep)
+    assert len(rows) == 8
+    steps = sum(int(r["steps"]) for r in rows)
+    assert steps < 0.8 * 8 * 40, f"ASHA used {steps} trial-steps of {8 * 40}"
+    assert any(r["status"] == "stopped early" for r in rows)
+    # Ranked by each trial's best validation loss, read back from its own run directory.
+    for row in rows:
+        val = [r["val_loss"] for r in read_metrics(Path(row["run_dir"])) if "val_loss" in r]
+        assert float(row["val_loss"]) == pytest.approx(min(val), rel=1e-9)
+        assert int(row["steps"]) == max(r["step"] for r in read_metrics(Path(row["run_dir"])) if "loss" in r)
+    losses = [float(r["val_loss"]) for r in rows]
+    assert losses == sorted(losses)
+    best = yaml.safe_load((sweep / "best_overrides.yaml").read_text())
+    assert best["optim.lr"] == pytest.approx(float(rows[0]["optim.lr"]))
+    assert f"optim.lr={rows[0]['optim.lr']}" in (sweep / "best_command.txt").read_text()
+    assert (sweep / "tune.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("search", ["optuna", "pbt"])
+def test_optuna_and_pbt_sweeps_complete(search: str, netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / search
+    # All 4 trials at once (half a CPU each), so PBT compares a full population at each interval.
+    together = ["tune.max_concurrent=4", "tune.cpus_per_trial=0.5"]
+    tune(netns, cache_dir, ray_tmp, sweep, f"tune={search}", "tune.num_samples=4", "trainer.max_steps=60", *together)
+    rows = results(sweep)
+    assert len(rows) == 4 and all(r["val_loss"] for r in rows)
+    if search == "pbt":
+        # PBT's exploit: a trial continued from another trial's checkpoint, copied into its own run.
+        logs = [(Path(r["run_dir"]) / "logs" / "rank0.log").read_text() for r in rows]
+        assert any("resumed from" in log for log in logs)
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_driver_is_stopped_resumes_without_rerunning_finished_trials(
+    netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "resumed"
+    overrides = ["tune=random", "tune.num_samples=4", "tune.max_concurrent=1", "trainer.max_steps=60"]
+    args = [*netns, FMTRAIN, "tune", f"run_dir={sweep}", *SWEEP, *overrides]
+    driver = subprocess.Popen(args, env=ray_env(cache_dir, ray_tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list((sweep / "trials").glob("*/result.json"))) < 2:
+        assert time.monotonic() < deadline and driver.poll() is None, "two trials did not finish"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)  # like Ctrl-C: Ray Tune saves its state and stops
+    driver.wait(timeout=120)
+    finished = {p.parent.name: p.stat().st_mtime for p in (sweep / "trials").glob("*/result.json")}
+    tune(netns, cache_dir, ray_tmp, sweep, *overrides, "tune.resume=true")
+    rows = results(sweep)
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    for trial, mtime in finished.items():
+        assert (sweep / "trials" / trial / "result.json").stat().st_mtime == mtime, f"{trial} ran again"
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(ray_tmp).encode() in _cmdline(p)]
+    assert leftovers == [], "Ray processes of the sweep are still running"
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
