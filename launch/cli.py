@@ -270,13 +270,12 @@ def _run_dir(args: list[str], usage: str) -> Path:
 
 
 def cancel(args: list[str]) -> int:
-    from launch.local import LocalJob
     from launch.slurm import SlurmJob
-    from launch.spec import JobRecord
+    from launch.spec import ForegroundJob, JobRecord
 
     run_dir = _run_dir(args, "fmtrain cancel RUN_DIR")
     record = JobRecord.read(run_dir)
-    job = SlurmJob(run_dir) if record.launcher == "slurm" else LocalJob(run_dir)
+    job = SlurmJob(run_dir) if record.launcher == "slurm" else ForegroundJob(run_dir)
     job.cancel()
     print(f"cancelled {record.launcher} job {record.job_id}: {run_dir}")
     return 0

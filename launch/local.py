@@ -20,14 +20,13 @@ import os
 import signal
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs
 
 from fmtrain.config import usable_cpus
-from launch.spec import JobRecord, RunSpec, command_line, now
+from launch.spec import ForegroundJob, JobRecord, RunSpec, command_line, now
 
 log = logging.getLogger("fmtrain.launch")
 
@@ -67,30 +66,8 @@ def failure_report(error: Any) -> str:
     return f"rank {rank} failed (exit code {failure.exitcode}, pid {failure.pid}):\n{detail}".rstrip()
 
 
-@dataclass
-class LocalJob:
-    """A finished local job (the local launcher runs in the foreground)."""
-
-    run_dir: Path
-
-    def state(self) -> str:
-        return JobRecord.read(self.run_dir).state
-
-    def result(self) -> dict[str, Any]:
-        record = JobRecord.read(self.run_dir)
-        return {"state": record.state, "exit_code": record.exit_code, "message": record.message}
-
-    def cancel(self) -> None:
-        record = JobRecord.read(self.run_dir)
-        if record.state == "running" and record.pid:
-            os.kill(record.pid, signal.SIGTERM)
-
-    def logs(self) -> list[Path]:
-        return sorted((self.run_dir / "logs").glob("rank*"))
-
-
 class LocalLauncher:
-    def launch(self, spec: RunSpec) -> LocalJob:
+    def launch(self, spec: RunSpec) -> ForegroundJob:
         from torch.distributed.elastic.multiprocessing import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -143,4 +120,4 @@ class LocalLauncher:
             record.state, record.exit_code = json.loads(result_file.read_text())["status"], 0
         record.ended = now()
         record.write(spec.run_dir)
-        return LocalJob(spec.run_dir)
+        return ForegroundJob(spec.run_dir)

@@ -18,12 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fmtrain.config import LauncherConfig
-from launch.spec import JobRecord, RunSpec, command_line, now
+from launch.spec import ForegroundJob, JobRecord, RunSpec, command_line, now
 
 log = logging.getLogger("fmtrain.launch")
 
@@ -56,38 +54,17 @@ def check_resources(lc: LauncherConfig, available: dict[str, float]) -> None:
             )
 
 
-@dataclass
-class RayJob:
-    """A finished Ray run (the launcher waits for ``fit()``)."""
-
-    run_dir: Path
-
-    def state(self) -> str:
-        return JobRecord.read(self.run_dir).state
-
-    def result(self) -> dict[str, Any]:
-        record = JobRecord.read(self.run_dir)
-        return {"state": record.state, "exit_code": record.exit_code, "message": record.message}
-
-    def cancel(self) -> None:
-        import signal
-
-        record = JobRecord.read(self.run_dir)
-        if record.state == "running" and record.pid:
-            os.kill(record.pid, signal.SIGTERM)
-
-    def logs(self) -> list[Path]:
-        return sorted((self.run_dir / "logs").glob("rank*"))
-
-
 class RayLauncher:
-    def launch(self, spec: RunSpec) -> RayJob:
+    def launch(self, spec: RunSpec) -> ForegroundJob:
         os.environ.update(ray_environment())
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
+        from fmtrain.plan import make_plan
+
         lc = spec.config.launcher
+        log.info("plan per rank:\n%s", make_plan(spec.config, lc.num_workers).table())
         record = JobRecord(
             launcher="ray",
             state="running",
@@ -136,4 +113,4 @@ class RayLauncher:
                 ray.shutdown()
         record.ended = now()
         record.write(spec.run_dir)
-        return RayJob(spec.run_dir)
+        return ForegroundJob(spec.run_dir)

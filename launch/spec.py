@@ -86,6 +86,31 @@ class JobHandle(Protocol):
     def logs(self) -> list[Path]: ...
 
 
+@dataclass
+class ForegroundJob:
+    """A job that ran in this (the CLI's) process and has ended: local and Ray runs."""
+
+    run_dir: Path
+
+    def state(self) -> str:
+        return JobRecord.read(self.run_dir).state
+
+    def result(self) -> dict[str, Any]:
+        record = JobRecord.read(self.run_dir)
+        return {"state": record.state, "exit_code": record.exit_code, "message": record.message}
+
+    def cancel(self) -> None:
+        """SIGTERM to the launching process (while it runs): every rank saves, then the job ends."""
+        import signal
+
+        record = JobRecord.read(self.run_dir)
+        if record.state == "running" and record.pid:
+            os.kill(record.pid, signal.SIGTERM)
+
+    def logs(self) -> list[Path]:
+        return sorted((self.run_dir / "logs").glob("rank*"))
+
+
 class Launcher(Protocol):
     def launch(self, spec: RunSpec) -> JobHandle: ...
 

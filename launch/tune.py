@@ -176,6 +176,10 @@ def _trial(params: dict[str, Any], base_yaml: str, sweep_dir: str, hand_over_che
     trial_dir = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()
     cfg.run_dir = str(trial_dir)
     cfg.trainer.progress = False
+    if hand_over_checkpoints:
+        # PBT may hand any reported checkpoint to another trial later: keep them all (Ray keeps
+        # only pointers to them, so nothing is stored twice).
+        cfg.checkpoint.keep_last = max(cfg.checkpoint.keep_last, math.ceil(cfg.trainer.max_steps / cfg.checkpoint.interval) + 1)
     inherited = tune.get_checkpoint()  # PBT: a better trial's checkpoint to continue from
     if inherited is not None:
         with inherited.as_directory() as folder:
@@ -284,7 +288,8 @@ def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> P
                     name="sweep",
                     storage_path=str(storage),
                     verbose=0,
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    # PBT: every pointer kept (a few bytes each), so an exploit never finds its source gone.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if tune_cfg.scheduler == "pbt" else 2),
                 ),
             )
         grid = tuner.fit()
