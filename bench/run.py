@@ -41,6 +41,26 @@ def summary() -> str:
             f"{median(a['accelerate_tokens_per_s']):,.0f} tok/s "
             f"| {median(a['fmtrain_tokens_per_s']):,.0f} tok/s | {a['ratio']:.3f} | {a['goal']} |"
         )
+    if (RESULTS / "slurm_latency.json").is_file():
+        sl = load("slurm_latency")
+        lines.append(
+            f"| submit-to-first-step on the dev Slurm cluster | bare `sbatch --wrap` {sl['median_s']['bare_sbatch']:.2f} s "
+            f"| {sl['median_s']['fmtrain']:.2f} s | +{sl['difference_s']:.2f} s | within {sl['goal_s']:.0f} s |"
+        )
+    if (RESULTS / "tune_asha.json").is_file():
+        ta = load("tune_asha")
+        lines.append(
+            f"| {ta['trials']}-trial learning-rate search | full grid: {ta['grid']['trial_steps']} trial-steps, best val_loss "
+            f"{ta['grid']['best_val_loss']:.4f} | ASHA: {ta['asha']['trial_steps']} trial-steps, "
+            f"{ta['asha']['best_val_loss']:.4f} "
+            f"| compute {ta['compute_ratio_trial_steps']:.2f}, loss {ta['best_loss_ratio']:.3f} | compute <= 0.35, loss <= 1.02 |"
+        )
+    if (RESULTS / "ray_startup.json").is_file():
+        rs = load("ray_startup")
+        lines.append(
+            f"| start-up, 2 ranks, one step | local launcher {rs['median_s']['local']:.1f} s | launcher=ray "
+            f"{rs['median_s']['ray']:.1f} s | {rs['ratio']:.2f} | (reported) |"
+        )
     m = load("mfu")
     for name, row in m["models"].items():
         lines.append(
@@ -74,7 +94,9 @@ def summary() -> str:
 
 
 def main() -> None:
-    for script in ("throughput.py", "startup.py", "mfu.py", "strategies.py", "accelerate_ddp.py"):
+    scripts = ["throughput.py", "startup.py", "mfu.py", "strategies.py", "accelerate_ddp.py"]
+    scripts += ["slurm_latency.py", "tune_asha.py", "ray_startup.py"]  # root: a Slurm cluster, network namespaces
+    for script in scripts:
         subprocess.run([sys.executable, str(HERE / script)], check=True)
     (RESULTS / "summary.md").write_text(summary())
     print(summary())

@@ -211,7 +211,7 @@ class TuneConfig:
     max_concurrent: int = 2
     cpus_per_trial: float = 1.0
     grace_period: int = 1  # asha: evaluations before a trial may be stopped
-    reduction_factor: int = 2  # asha: keep the best 1/reduction_factor at each rung
+    reduction_factor: int = 3  # asha: keep the best 1/reduction_factor at each rung
     perturbation_interval: int = 2  # pbt: evaluations between exploit/explore decisions
     space: dict[str, Any] = field(default_factory=dict)  # nested keys allowed: {optim: {lr: "..."}}
     resume: bool = False  # continue an interrupted sweep in run_dir; finished trials are not rerun
