@@ -381,14 +381,3 @@ class SlurmLauncher:
             log.info("submitted Slurm job %s: %s", job.job_id, spec.run_dir)
             handles.append(SlurmJob(spec.run_dir))
         return handles
-
-
-def wait(job_id: str, timeout_s: float, poll_s: float = 1.0) -> str:
-    """Poll accounting until the job reaches a terminal state; return it (tests, ``fmtrain logs -f``)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = scheduler_state(job_id)
-        if state in TERMINAL:
-            return state
-        time.sleep(poll_s)
-    raise TimeoutError(f"Slurm job {job_id} did not end within {timeout_s:.0f} s")

@@ -63,3 +63,39 @@ def test_more_workers_than_the_cluster_has_cpus_is_refused(netns, ray_tmp: Path,
     output, _ = job.communicate(timeout=120)
     assert job.returncode == 2, output
     assert re.search(r"launcher.num_workers=8 is invalid: 8 x 1 CPU = 8 CPU, but the Ray cluster has \d+", output), output
+
+
+def test_a_two_node_dev_cluster_runs_a_job_on_both_nodes_and_goes_down_by_pid(
+    cache_dir: Path, ray_tmp: Path, tmp_path: Path
+) -> None:
+    """ray-cluster/dev-cluster.sh: a head and a node on 127.0.0.2, 1 CPU each, in their own namespace."""
+    script = Path(__file__).resolve().parent.parent / "ray-cluster" / "dev-cluster.sh"
+    namespace = f"fmtrain-raydev-{os.getpid()}"
+    env = ray_env(cache_dir, ray_tmp) | {"FMTRAIN_RAY_HOME": str(tmp_path / "state"), "FMTRAIN_RAY_PORT": "6391"}
+    env["RAY"] = str(Path(FMTRAIN).parent / "ray")  # the ray command beside this environment's fmtrain
+    up = subprocess.run(
+        [str(script), "up", "--nodes", "2", "--cpus", "1", "--netns", namespace], env=env, capture_output=True, text=True
+    )
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        run_dir = tmp_path / "run"
+        args = ["ip", "netns", "exec", namespace, FMTRAIN, "train", "launcher=ray", "launcher.address=127.0.0.1:6391"]
+        args += [f"run_dir={run_dir}", *SMALL, *STEPS, "trainer.max_steps=20", "launcher.num_workers=2"]
+        job = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        # One worker per 1-CPU node: ranks on two emulated nodes, and still the local run's numbers.
+        assert train_losses(run_dir) == pytest.approx(local_reference(cache_dir, tmp_path / "local", 20), rel=1e-6)
+    finally:
+        down = subprocess.run([str(script), "down"], env=env, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+    state_tmp = (tmp_path / "state" / "tmp").read_text().strip()
+    leftovers = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and state_tmp.encode() in _cmdline(p)]
+    assert leftovers == [], "processes of the dev cluster are still running"
+    assert namespace not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
