@@ -206,6 +206,8 @@ def snapshot_code(dest: Path) -> Path:
 
 def sbatch_parameters(lc: LauncherConfig) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters for a launcher config (sbatch flags by their names)."""
+    from submitit.slurm.slurm import _convert_mem  # submitit's own GB/MB rendering of mem
+
     params: dict[str, Any] = {
         "job_name": lc.job_name,
         "nodes": lc.nodes,
@@ -225,11 +227,7 @@ def sbatch_parameters(lc: LauncherConfig) -> dict[str, Any]:
         "exclude": lc.exclude,
         "cpus_per_task": lc.cpus_per_task,
         "gpus_per_node": lc.gpus_per_node or None,
-        "mem": f"{int(lc.mem_gb)}GB"
-        if lc.mem_gb and lc.mem_gb == int(lc.mem_gb)
-        else f"{int((lc.mem_gb or 0) * 1024)}MB"
-        if lc.mem_gb
-        else None,
+        "mem": _convert_mem(lc.mem_gb) if lc.mem_gb else None,
     }
     params |= {k: v for k, v in optional.items() if v is not None}
     return params

@@ -46,6 +46,19 @@ def fmtrain(args: list[str], cache: Path, timeout: float = 300, **extra_env: str
     return subprocess.run([FMTRAIN, *args], env=env_with(cache, **extra_env), capture_output=True, text=True, timeout=timeout)
 
 
+def pids_mentioning(text: str | Path) -> list[int]:
+    """PIDs of processes whose command line contains ``text`` (a run or Ray session folder)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(text).encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

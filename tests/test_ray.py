@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FMTRAIN, SMALL, fmtrain, ray_env, train_losses
+from conftest import FMTRAIN, SMALL, fmtrain, pids_mentioning, ray_env, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -89,13 +89,6 @@ def test_a_two_node_dev_cluster_runs_a_job_on_both_nodes_and_goes_down_by_pid(
         down = subprocess.run([str(script), "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stderr
     state_tmp = (tmp_path / "state" / "tmp").read_text().strip()
-    leftovers = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and state_tmp.encode() in _cmdline(p)]
+    leftovers = pids_mentioning(state_tmp)
     assert leftovers == [], "processes of the dev cluster are still running"
     assert namespace not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-
-
-def _cmdline(proc: Path) -> bytes:
-    try:
-        return (proc / "cmdline").read_bytes()
-    except OSError:
-        return b""

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, fmtrain, train_losses
+from conftest import SMALL, fmtrain, pids_mentioning, train_losses
 
 from launch.env import expand_nodelist, rendezvous_port, torch_env_from_slurm
 from launch.slurm import secret_names
@@ -278,22 +278,9 @@ def test_status_logs_and_cancel_work_on_a_running_job(cluster, cache_dir: Path, 
     assert cancelled.returncode == 0, cancelled.stderr
     assert wait_state(cluster, job_id, ("CANCELLED", "COMPLETED", "FAILED"), timeout=60) == "CANCELLED"
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and processes_of(run_dir):
+    while time.monotonic() < deadline and pids_mentioning(run_dir):
         time.sleep(0.5)
-    assert processes_of(run_dir) == [], "a process of the cancelled job is still running"
-
-
-def processes_of(run_dir: Path) -> list[int]:
-    """PIDs whose command line names the run directory (the job's tasks do: their submitit folder)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if str(run_dir).encode() in (proc / "cmdline").read_bytes():
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
+    assert pids_mentioning(run_dir) == [], "a process of the cancelled job is still running"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FMTRAIN, SMALL, fmtrain, ray_env, read_metrics
+from conftest import FMTRAIN, SMALL, fmtrain, pids_mentioning, ray_env, read_metrics
 
 SWEEP = [*SMALL, "trainer.max_steps=40", "trainer.eval_interval=10", "checkpoint.interval=10", "tune.max_concurrent=2"]
 
@@ -109,12 +109,5 @@ def test_a_sweep_whose_driver_is_stopped_resumes_without_rerunning_finished_tria
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
     for trial, mtime in finished.items():
         assert (sweep / "trials" / trial / "result.json").stat().st_mtime == mtime, f"{trial} ran again"
-    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(ray_tmp).encode() in _cmdline(p)]
+    leftovers = pids_mentioning(ray_tmp)
     assert leftovers == [], "Ray processes of the sweep are still running"
-
-
-def _cmdline(proc: Path) -> bytes:
-    try:
-        return (proc / "cmdline").read_bytes()
-    except OSError:
-        return b""

@@ -299,7 +299,6 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        engine: Any = wrapped
         base: Any = optimizer.optimizer  # type: ignore[attr-defined]
         moments = state["optim"]["state"]
         step = next(iter(moments.values()))["step"]
@@ -321,7 +320,6 @@ class DeepSpeedStrategy(Strategy):
                         param.data.copy_(full.to(param.dtype).reshape(param.shape))
             else:
                 param.data.copy_(full.to(param.dtype).reshape(param.shape))
-        del engine
 
     def _step_count(self, base: Any) -> int:
         for state in base.state.values():
