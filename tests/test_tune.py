@@ -79,8 +79,9 @@ def test_an_asha_sweep_stops_the_worst_trials_early_and_ranks_by_validation_loss
 def test_optuna_and_pbt_sweeps_complete(search: str, netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path) -> None:
     sweep = tmp_path / search
     # All 4 trials at once (half a CPU each), so PBT compares a full population at each interval.
-    together = ["tune.max_concurrent=4", "tune.cpus_per_trial=0.5"]
-    tune(netns, cache_dir, ray_tmp, sweep, f"tune={search}", "tune.num_samples=4", "trainer.max_steps=60", *together)
+    # PBT may exploit at every evaluation (8 of them): one chance per interval was sometimes too few.
+    together = ["tune.max_concurrent=4", "tune.cpus_per_trial=0.5", "tune.perturbation_interval=1"]
+    tune(netns, cache_dir, ray_tmp, sweep, f"tune={search}", "tune.num_samples=4", "trainer.max_steps=80", *together)
     rows = results(sweep)
     assert len(rows) == 4 and all(r["val_loss"] for r in rows)
     if search == "pbt":
