@@ -169,6 +169,7 @@ class LauncherConfig:
     gpus_per_worker: float = 0.0
     max_failures: int = 0  # worker-group restarts, each resuming from the newest checkpoint
     object_store_mb: int = 256  # the local Ray's object store (fmtrain moves no data through it)
+    submit: str = "foreground"  # "jobs": submit through the Ray Jobs API (address = the dashboard's URL) and return its id
 
 
 def world_size_of(launcher: LauncherConfig) -> int:
@@ -313,6 +314,7 @@ STRATEGIES = ("ddp", "fsdp", "deepspeed", "tp", "fsdp_tp")
 ZERO_STAGES = (1, 2, 3)
 FP8_STRATEGIES = ("ddp", "fsdp")
 LAUNCHERS = ("local", "slurm", "ray")
+RAY_SUBMIT = ("foreground", "jobs")
 TOKENIZERS = {"bytes": 256}
 
 
@@ -443,6 +445,11 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
         _positive("launcher.gpus_per_worker", lnch.gpus_per_worker, zero_ok=True)
         _positive("launcher.max_failures", lnch.max_failures, zero_ok=True)
         _positive("launcher.object_store_mb", lnch.object_store_mb)
+        _choice("launcher.submit", lnch.submit, RAY_SUBMIT)
+        if lnch.submit == "jobs" and not lnch.address:
+            raise ConfigError(
+                "launcher.address", lnch.address, "launcher.submit=jobs needs the cluster's dashboard, e.g. http://127.0.0.1:8265"
+            )
     world = world_size or world_size_of(lnch)
     dims = ParallelDims.from_config(cfg.strategy, world)
     dims.check_model(m)

@@ -4,9 +4,12 @@
     fmtrain train -m optim.lr=1e-3,3e-4          one run per value (Hydra multirun)
     fmtrain train --cfg job [OVERRIDES...]       print the composed config and exit
     fmtrain train launcher=slurm ... [--dry-run] submit to Slurm (--dry-run: print the sbatch script)
-    fmtrain status RUN_DIR                       state, steps done and last loss of a run
-    fmtrain logs RUN_DIR [-f] [--rank R]         a run's log (-f: follow until the job ends)
-    fmtrain cancel RUN_DIR                       stop a running or queued job
+    fmtrain train launcher=ray launcher.submit=jobs launcher.address=http://HEAD:8265   Ray Jobs API
+    fmtrain status RUN_DIR|JOB_ID                state, steps done and last loss of a run
+    fmtrain logs RUN_DIR|JOB_ID [-f] [--rank R]  a run's log (-f: follow until the job ends)
+    fmtrain cancel RUN_DIR|JOB_ID                stop a running or queued job
+
+A JOB_ID is a Ray Jobs submission id, looked up on the cluster at $RAY_ADDRESS (its dashboard URL).
     fmtrain plan model=8b strategy=fsdp world_size=64   per-rank memory of a plan, nothing allocated
 
 Every override is checked (for a sweep: every combination) before anything starts. A refused command
@@ -32,6 +35,7 @@ commands:
   status    show a run's state, steps done and last loss:  fmtrain status RUN_DIR
   logs      show a run's log:  fmtrain logs RUN_DIR [-f] [--rank R]
   cancel    stop a run's job (Slurm: scancel; local: SIGTERM, it saves first):  fmtrain cancel RUN_DIR
+            (for a Ray Jobs submission, RUN_DIR may be its id, with RAY_ADDRESS=http://HEAD:8265)
   export    a checkpoint as model.safetensors + config.json:  fmtrain export RUN_DIR [--step N] [--dtype bf16]
   tune      a Ray Tune sweep, every trial an fmtrain run:  fmtrain tune tune=asha tune.num_samples=8
   plan      per-rank memory of a plan, allocating nothing:
@@ -140,6 +144,11 @@ def _train_task(node: object) -> None:
         _queued.append(spec)  # submitted together, as one job array for a sweep
         return
     job = make_launcher(cfg.launcher.name).launch(spec)
+    if cfg.launcher.name == "ray" and cfg.launcher.submit == "jobs":
+        from launch.spec import JobRecord
+
+        print(f"{JobRecord.read(run_dir).job_id}\t{run_dir}")  # the Ray Jobs submission id
+        return
     result = job.result()
     if result["message"]:
         (log.error if result["state"] == "failed" else log.warning)("%s", result["message"])
@@ -224,11 +233,9 @@ def status(args: list[str]) -> int:
     from fmtrain.metrics import read_jsonl
     from launch.spec import JobRecord
 
-    if len(args) != 1:
-        raise UsageError("usage: fmtrain status RUN_DIR")
-    run_dir = Path(args[0])
-    if not (run_dir / "job.json").is_file():
-        raise UsageError(f"{run_dir} is not a run directory (no job.json)")
+    run_dir = _run_dir(args, "fmtrain status RUN_DIR|JOB_ID")
+    if not (run_dir / "job.json").is_file():  # a Ray job whose run directory this machine cannot see
+        return _print_remote_ray_job(args[0])
     record = JobRecord.read(run_dir)
     records = read_jsonl(run_dir / "metrics.jsonl")
     train_records = [r for r in records if "loss" in r]
@@ -256,53 +263,112 @@ def status(args: list[str]) -> int:
             first = train_records[0]
             if first["step"] == 1:
                 summary["submit_to_first_step_s"] = round(first["time"] - record.extra["invoked_at"], 2)
+    from launch.ray import RayJob
+
+    ray_job = RayJob.of(run_dir) if record.launcher == "ray" else None
+    if ray_job is not None:
+        summary["scheduler_state"] = ray_job.scheduler_state()
+        if record.state in ("pending", "running"):  # a driver that was stopped or killed could not say so itself
+            summary["state"] = ray_job.state()
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _print_remote_ray_job(submission_id: str) -> int:
+    from launch.ray import JOB_STATES, find_submission
+
+    info = find_submission(os.environ["RAY_ADDRESS"], submission_id)
+    summary = {
+        "job_id": submission_id,
+        "launcher": "ray",
+        "state": JOB_STATES[str(info.status.value)],
+        "scheduler_state": str(info.status.value),
+        "run_dir": (info.metadata or {}).get("run_dir", ""),
+        "message": info.message or "",
+    }
     print(json.dumps(summary, indent=1))
     return 0
 
 
 def _run_dir(args: list[str], usage: str) -> Path:
+    """RUN_DIR, or a Ray Jobs submission id (on the cluster at $RAY_ADDRESS) -> its run directory.
+
+    The directory of a Ray job may not be visible here (no shared storage): then it has no job.json
+    and callers fall back on what the Jobs API says."""
     if len(args) != 1 or args[0].startswith("-"):
         raise UsageError(f"usage: {usage}")
     run_dir = Path(args[0])
-    if not (run_dir / "job.json").is_file():
-        raise UsageError(f"{run_dir} is not a run directory (no job.json)")
-    return run_dir
+    if (run_dir / "job.json").is_file():
+        return run_dir
+    if "/" not in args[0] and os.environ.get("RAY_ADDRESS"):
+        from launch.ray import RayError, find_submission
+
+        try:
+            info = find_submission(os.environ["RAY_ADDRESS"], args[0])
+        except RayError as error:
+            raise UsageError(f"{args[0]} is neither a run directory (no job.json) nor a Ray job: {error}") from error
+        return Path((info.metadata or {}).get("run_dir", ""))
+    hint = "" if "/" in args[0] else " (for a Ray Jobs id, set RAY_ADDRESS to the cluster's dashboard URL)"
+    raise UsageError(f"{run_dir} is not a run directory (no job.json){hint}")
 
 
 def cancel(args: list[str]) -> int:
+    from launch.ray import RayJob
     from launch.slurm import SlurmJob
     from launch.spec import ForegroundJob, JobRecord
 
-    run_dir = _run_dir(args, "fmtrain cancel RUN_DIR")
+    run_dir = _run_dir(args, "fmtrain cancel RUN_DIR|JOB_ID")
+    if not (run_dir / "job.json").is_file():  # a Ray job whose run directory this machine cannot see
+        RayJob(run_dir, args[0], os.environ["RAY_ADDRESS"]).cancel()
+        print(f"cancelled ray job {args[0]}")
+        return 0
     record = JobRecord.read(run_dir)
-    job = SlurmJob(run_dir) if record.launcher == "slurm" else ForegroundJob(run_dir)
+    ray_job = RayJob.of(run_dir) if record.launcher == "ray" else None
+    job = SlurmJob(run_dir) if record.launcher == "slurm" else ray_job or ForegroundJob(run_dir)
     job.cancel()
     print(f"cancelled {record.launcher} job {record.job_id}: {run_dir}")
     return 0
 
 
 def logs(args: list[str]) -> int:
-    """``fmtrain logs RUN_DIR [-f] [--rank R]``: rank R's log (and its scheduler output for Slurm)."""
+    """``fmtrain logs RUN_DIR|JOB_ID [-f] [--rank R]``: rank R's log (and its scheduler output for Slurm);
+    for a Ray Jobs submission without ``--rank``, the job driver's log as the Jobs API keeps it."""
     import argparse
     import time
 
     parser = argparse.ArgumentParser(prog="fmtrain logs")
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir")
     parser.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
-    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--rank", type=int, default=None)
     try:
         options = parser.parse_args(args)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    run_dir = _run_dir([str(options.run_dir)], "fmtrain logs RUN_DIR [-f] [--rank R]")
+    run_dir = _run_dir([options.run_dir], "fmtrain logs RUN_DIR|JOB_ID [-f] [--rank R]")
+    from launch.ray import TERMINAL_JOB_STATES, RayJob
     from launch.spec import JobRecord
+
+    visible = (run_dir / "job.json").is_file()
+    ray_job = RayJob.of(run_dir) if visible else RayJob(run_dir, options.run_dir, os.environ["RAY_ADDRESS"])
+    if ray_job is not None and options.rank is None:
+        printed = 0
+        while True:
+            done = ray_job.scheduler_state() in TERMINAL_JOB_STATES  # read before the log: nothing is missed
+            text = ray_job.driver_log()
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+            if done or not options.follow:
+                return 0
+            time.sleep(1.0)
+    rank = options.rank or 0
 
     def files() -> list[Path]:
         record = JobRecord.read(run_dir)
-        found = [run_dir / "logs" / f"rank{options.rank}.log"]
+        found = [run_dir / "logs" / f"rank{rank}.log"]
         if record.launcher == "slurm" and record.job_id:
             folder = Path(record.extra.get("slurm_folder", run_dir / "slurm"))
-            found = sorted(folder.glob(f"**/{record.job_id}_{options.rank}_log.*")) + found
+            found = sorted(folder.glob(f"**/{record.job_id}_{rank}_log.*")) + found
         return [f for f in found if f.is_file()]
 
     offsets: dict[Path, int] = {}
@@ -334,6 +400,11 @@ def _job_running(run_dir: Path) -> bool:
         from launch.slurm import TERMINAL, scheduler_state
 
         return scheduler_state(record.job_id) not in TERMINAL
+    from launch.ray import RayJob
+
+    ray_job = RayJob.of(run_dir) if record.launcher == "ray" else None
+    if ray_job is not None:
+        return ray_job.state() in ("pending", "running")
     return record.state == "running"
 
 

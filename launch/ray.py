@@ -11,13 +11,32 @@ workers resume from the newest valid checkpoint, as any fmtrain run does.
 
 The launcher runs in the foreground, like the local one, and refuses a request the cluster's
 resources cannot satisfy (more CPUs or GPUs than it has) before starting any worker.
+
+``launcher.submit=jobs`` sends the same run through the Ray Jobs API instead and returns at once with
+the submission id (``launcher.address`` is then the dashboard's URL):
+
+    fmtrain train launcher=ray launcher.submit=jobs launcher.address=http://head:8265 run_dir=/shared/runs/x
+    RAY_ADDRESS=http://head:8265 fmtrain status|logs [-f]|cancel fmtrain-20261122-141500-1a2b3c
+
+The job's entrypoint (``python -m launch.ray config.yaml``, with the resolved config uploaded as its
+working directory) runs this launcher in the foreground on the cluster, against ``address=auto``.
+The run directory is written by the cluster's processes: put it on storage they share with you to
+see metrics and rank logs here; the Jobs API alone gives the state, the driver's log and cancel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fmtrain.config import LauncherConfig
@@ -54,8 +73,80 @@ def check_resources(lc: LauncherConfig, available: dict[str, float]) -> None:
             )
 
 
+# The Jobs API's states, in fmtrain's words.
+JOB_STATES = {"PENDING": "pending", "RUNNING": "running", "SUCCEEDED": "completed", "STOPPED": "stopped", "FAILED": "failed"}
+TERMINAL_JOB_STATES = ("SUCCEEDED", "STOPPED", "FAILED")
+
+
+def jobs_client(address: str) -> Any:
+    os.environ.update(ray_environment())
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+@dataclass
+class RayJob:
+    """A run submitted through the Ray Jobs API: its submission id and what the cluster says of it."""
+
+    run_dir: Path
+    submission_id: str
+    address: str
+
+    @classmethod
+    def of(cls, run_dir: Path) -> RayJob | None:
+        """The submitted job behind a run directory (None: the run was not submitted through the Jobs API)."""
+        extra = JobRecord.read(run_dir).extra
+        return cls(run_dir, extra["submission_id"], extra["address"]) if "submission_id" in extra else None
+
+    def info(self) -> Any:
+        return jobs_client(self.address).get_job_info(self.submission_id)
+
+    def scheduler_state(self) -> str:
+        """PENDING, RUNNING, SUCCEEDED, STOPPED or FAILED."""
+        return str(jobs_client(self.address).get_job_status(self.submission_id).value)
+
+    def state(self) -> str:
+        return JOB_STATES[self.scheduler_state()]
+
+    def result(self) -> dict[str, Any]:
+        info = self.info()
+        state = JOB_STATES[str(info.status.value)]
+        return {"state": state, "exit_code": info.driver_exit_code, "message": info.message or ""}
+
+    def cancel(self, wait_s: float = 30.0) -> None:
+        """Ray stops the job's driver (SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S) and with it the
+        workers; a later run in the same directory resumes from the newest checkpoint. Waits (up to
+        ``wait_s``) for the cluster to confirm, then records the end the killed driver could not."""
+        jobs_client(self.address).stop_job(self.submission_id)
+        deadline = time.monotonic() + wait_s
+        while (state := self.scheduler_state()) not in TERMINAL_JOB_STATES and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if (self.run_dir / "job.json").is_file() and state in TERMINAL_JOB_STATES:
+            record = JobRecord.read(self.run_dir)
+            if record.state in ("pending", "running"):
+                record.state, record.ended, record.message = JOB_STATES[state], now(), "cancelled through the Ray Jobs API"
+                record.write(self.run_dir)
+
+    def driver_log(self) -> str:
+        return str(jobs_client(self.address).get_job_logs(self.submission_id))
+
+    def logs(self) -> list[Path]:
+        return sorted((self.run_dir / "logs").glob("rank*"))
+
+
+def find_submission(address: str, submission_id: str) -> Any:
+    """The Jobs API's record of a submission, whose metadata names its run directory."""
+    try:
+        return jobs_client(address).get_job_info(submission_id)
+    except (RuntimeError, ConnectionError) as error:  # the client's "job does not exist" (an HTTP 404), or no dashboard
+        raise RayError(f"{submission_id} is not a job on the Ray cluster at {address}: {error}") from error
+
+
 class RayLauncher:
-    def launch(self, spec: RunSpec) -> ForegroundJob:
+    def launch(self, spec: RunSpec) -> ForegroundJob | RayJob:
+        if spec.config.launcher.submit == "jobs":
+            return self.submit(spec)
         os.environ.update(ray_environment())
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -73,7 +164,13 @@ class RayLauncher:
             world_size=lc.num_workers,
             started=now(),
         )
-        record.attempts = JobRecord.read(spec.run_dir).attempts + 1 if (spec.run_dir / "job.json").exists() else 1
+        if (spec.run_dir / "job.json").exists():
+            previous = JobRecord.read(spec.run_dir)
+            record.attempts = previous.attempts + 1
+            if "submission_id" in previous.extra:  # this is the driver of a Jobs API submission: keep its id
+                record.extra, record.job_id, record.command = previous.extra, previous.job_id, previous.command
+        else:
+            record.attempts = 1
         record.write(spec.run_dir)
         (spec.run_dir / "result.json").unlink(missing_ok=True)
         started_here = not ray.is_initialized() and lc.address is None
@@ -84,7 +181,7 @@ class RayLauncher:
             ray.init(**options)
         try:
             check_resources(lc, ray.cluster_resources())
-            record.job_id = ray.get_runtime_context().get_job_id()
+            record.job_id = record.job_id or ray.get_runtime_context().get_job_id()
             record.write(spec.run_dir)
             use_gpu = lc.gpus_per_worker > 0
             resources = {"CPU": lc.cpus_per_worker} | ({"GPU": lc.gpus_per_worker} if use_gpu else {})
@@ -114,3 +211,59 @@ class RayLauncher:
         record.ended = now()
         record.write(spec.run_dir)
         return ForegroundJob(spec.run_dir)
+
+    def submit(self, spec: RunSpec) -> RayJob:
+        """Send the run through the Ray Jobs API; return as soon as the cluster has accepted it."""
+        lc = spec.config.launcher
+        run_dir = spec.run_dir.resolve()
+        job_cfg = dataclasses.replace(
+            spec.config, run_dir=str(run_dir), launcher=dataclasses.replace(lc, submit="foreground", address="auto")
+        )
+        job_spec = RunSpec(job_cfg, run_dir, spec.argv)
+        job_spec.write()  # config.yaml is what runs on the cluster
+        submission_id = f"fmtrain-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        record = JobRecord(
+            launcher="ray",
+            state="pending",
+            command=command_line(spec.argv),
+            job_id=submission_id,
+            world_size=lc.num_workers,
+            started=now(),
+            extra={"submission_id": submission_id, "address": lc.address},
+        )
+        record.write(run_dir)  # before submitting: the job's driver updates this record when it starts
+        client = jobs_client(str(lc.address))
+        with tempfile.TemporaryDirectory(prefix="fmtrain-job-") as staging:
+            shutil.copy(job_spec.config_path, Path(staging) / "config.yaml")
+            try:
+                client.submit_job(
+                    entrypoint="python -m launch.ray config.yaml",
+                    submission_id=submission_id,
+                    runtime_env={"working_dir": staging, "env_vars": ray_environment()},
+                    metadata={"run_dir": str(run_dir), "command": record.command},
+                )
+            except Exception as error:  # connection refused, HTTP errors: said, and recorded
+                record.state, record.exit_code, record.message = "failed", 2, f"submission to {lc.address} failed: {error}"
+                record.write(run_dir)
+                raise RayError(record.message) from error
+        log.info("submitted to the Ray cluster at %s as %s", lc.address, submission_id)
+        return RayJob(run_dir, submission_id, str(lc.address))
+
+
+def main(argv: list[str]) -> int:
+    """A Jobs API submission's entrypoint: ``python -m launch.ray config.yaml`` runs it in the foreground."""
+    from fmtrain import config
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    cfg = config.load(argv[0])
+    spec = RunSpec(cfg, Path(cfg.run_dir), argv=["python", "-m", "launch.ray", *argv])
+    spec.write()
+    result = RayLauncher().launch(spec).result()
+    if result["message"]:
+        log.error("%s", result["message"])
+    log.info("%s: %s", result["state"], spec.run_dir)
+    return int(result["exit_code"] or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -4,6 +4,7 @@ create the namespace (CI runs as root) fails these tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -92,3 +93,77 @@ def test_a_two_node_dev_cluster_runs_a_job_on_both_nodes_and_goes_down_by_pid(
     leftovers = pids_mentioning(state_tmp)
     assert leftovers == [], "processes of the dev cluster are still running"
     assert namespace not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_a_ray_jobs_submission_returns_an_id_that_status_logs_and_cancel_work_on(
+    cache_dir: Path, ray_tmp: Path, tmp_path: Path
+) -> None:
+    """launcher.submit=jobs against a dev cluster with a dashboard: the submission returns at once
+    with an id; status and logs follow it to the end; cancel stops a second job and its workers."""
+    script = Path(__file__).resolve().parent.parent / "ray-cluster" / "dev-cluster.sh"
+    namespace = f"fmtrain-rayjobs-{os.getpid()}"
+    dashboard = "http://127.0.0.1:8276"
+    env = ray_env(cache_dir, ray_tmp) | {"FMTRAIN_RAY_HOME": str(tmp_path / "state"), "FMTRAIN_RAY_PORT": "6392"}
+    env |= {"RAY": str(Path(FMTRAIN).parent / "ray"), "RAY_ADDRESS": dashboard}
+    up = subprocess.run(
+        [str(script), "up", "--cpus", "2", "--netns", namespace, "--dashboard", "8276"], env=env, capture_output=True, text=True
+    )
+
+    def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", namespace, FMTRAIN, *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def submit(run_dir: Path, steps: int) -> str:
+        started = time.monotonic()
+        result = cli("train", "launcher=ray", "launcher.submit=jobs", f"launcher.address={dashboard}", f"run_dir={run_dir}",
+                     *SMALL, *STEPS, f"trainer.max_steps={steps}", "trainer.progress=false")  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert time.monotonic() - started < 60, "the submission waited for the job"
+        job_id, printed_dir = result.stdout.strip().splitlines()[-1].split("\t")
+        assert printed_dir == str(run_dir) and re.fullmatch(r"fmtrain-\d{8}-\d{6}-[0-9a-f]{6}", job_id), result.stdout
+        return job_id
+
+    def status(job_id: str) -> dict:
+        result = cli("status", job_id)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        run_dir = tmp_path / "done"
+        job_id = submit(run_dir, 20)
+        deadline = time.monotonic() + 300
+        while (summary := status(job_id))["scheduler_state"] in ("PENDING", "RUNNING"):
+            assert time.monotonic() < deadline, summary
+            time.sleep(2)
+        assert (summary["state"], summary["scheduler_state"], summary["step"]) == ("completed", "SUCCEEDED", 20), summary
+        assert summary["run_dir"] == str(run_dir) and summary["job_id"] == job_id
+        assert len(train_losses(run_dir)) == 20 and json.loads((run_dir / "result.json").read_text())["status"] == "completed"
+        log = cli("logs", job_id)
+        assert log.returncode == 0 and f"completed: {run_dir}" in log.stdout, log.stdout + log.stderr
+        assert "rank1 pid" in (rank1 := cli("logs", str(run_dir), "--rank", "1").stdout) and "step 20: val_loss" in rank1
+
+        run_dir = tmp_path / "cancelled"
+        job_id = submit(run_dir, 5000)
+        deadline = time.monotonic() + 180
+        while not (run_dir / "metrics.jsonl").is_file() or len(train_losses(run_dir)) < 3:
+            assert time.monotonic() < deadline, status(job_id)
+            time.sleep(0.5)
+        ranks = [int(re.findall(r"rank\d pid (\d+)", (run_dir / "logs" / f"rank{r}.log").read_text())[0]) for r in (0, 1)]
+        cancelled = cli("cancel", job_id)
+        assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+        summary = status(job_id)
+        assert (summary["state"], summary["scheduler_state"]) == ("stopped", "STOPPED"), summary
+        assert summary["step"] < 5000
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in ranks):
+            assert time.monotonic() < deadline, "the cancelled job's workers are still running"
+            time.sleep(0.5)
+
+        unknown = cli("status", "fmtrain-20000101-000000-abcdef")
+        assert unknown.returncode == 2 and "is neither a run directory (no job.json) nor a Ray job" in unknown.stderr
+    finally:
+        down = subprocess.run([str(script), "down"], env=env, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+    assert pids_mentioning((tmp_path / "state" / "tmp").read_text().strip()) == []
