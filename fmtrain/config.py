@@ -210,7 +210,7 @@ class TuneConfig:
     metric: str = "val_loss"
     mode: str = "min"
     max_concurrent: int = 2
-    cpus_per_trial: float = 1.0
+    cpus_per_trial: float = 1.0  # per rank: a trial of launcher.nproc=N ranks takes N x this (Slurm trials: see launcher)
     grace_period: int = 1  # asha: evaluations before a trial may be stopped
     reduction_factor: int = 3  # asha: keep the best 1/reduction_factor at each rung
     perturbation_interval: int = 2  # pbt: evaluations between exploit/explore decisions
@@ -448,7 +448,9 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
         _choice("launcher.submit", lnch.submit, RAY_SUBMIT)
         if lnch.submit == "jobs" and not lnch.address:
             raise ConfigError(
-                "launcher.address", lnch.address, "launcher.submit=jobs needs the cluster's dashboard, e.g. http://127.0.0.1:8265"
+                "launcher.address",
+                lnch.address,
+                "launcher.submit=jobs needs the dashboard of the cluster, e.g. http://127.0.0.1:8265",
             )
     world = world_size or world_size_of(lnch)
     dims = ParallelDims.from_config(cfg.strategy, world)

@@ -478,13 +478,21 @@ def tune(args: list[str]) -> int:
     cfg = compose(overrides, check=False)
     if cfg.tune.name == "none":
         raise UsageError("choose a search: tune=asha | optuna | pbt | random | grid (see conf/tune/)")
-    from launch.tune import parse_space, run_sweep
+    from launch.tune import check_trials, parse_space, run_sweep
 
     try:
-        validate(cfg, world_size=1)
+        validate(cfg)
         parse_space(cfg.tune)
+        check_trials(cfg)
     except ConfigError as error:
         raise UsageError(str(error)) from error
+    if cfg.launcher.name == "slurm":
+        from launch.slurm import SlurmError, check_against_cluster
+
+        try:
+            check_against_cluster(cfg.launcher)  # before Ray starts
+        except SlurmError as error:
+            raise UsageError(str(error)) from error
     base = [o for o in overrides if not o.lstrip("+~").startswith(("tune", "run_dir"))]
     sweep_dir = run_sweep(cfg, ["fmtrain", "tune", *args], base)
     print((sweep_dir / "results.csv").read_text(), end="")

@@ -121,3 +121,20 @@ class LocalLauncher:
         record.ended = now()
         record.write(spec.run_dir)
         return ForegroundJob(spec.run_dir)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m launch.local RUN_DIR/config.yaml``: run a written config with the local launcher
+    (``fmtrain tune`` starts its multi-rank trials this way)."""
+    from fmtrain import config
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", stream=sys.stdout)
+    cfg = config.load(argv[0])
+    result = LocalLauncher().launch(RunSpec(cfg, Path(cfg.run_dir), argv=["python", "-m", "launch.local", *argv])).result()
+    if result["message"]:
+        log.error("%s", result["message"])
+    return int(result["exit_code"] or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,33 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     from fmtrain.trainer import run
 
     run(config.load(loop_config["config_path"]))
+
+
+def torch_trainer(
+    lc: LauncherConfig,
+    config_path: Path,
+    storage: Path,
+    loop: Callable[[dict[str, Any]], None] = _worker_loop,
+    callbacks: tuple[Any, ...] = (),
+) -> Any:
+    """Ray Train's ``TorchTrainer`` running ``loop`` on ``launcher.num_workers`` workers (gloo on CPU, nccl on GPUs)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = lc.gpus_per_worker > 0
+    resources = {"CPU": lc.cpus_per_worker} | ({"GPU": lc.gpus_per_worker} if use_gpu else {})
+    return TorchTrainer(
+        loop,
+        train_loop_config={"config_path": str(config_path)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=lc.max_failures),
+            callbacks=list(callbacks),
+        ),
+    )
 
 
 def ray_environment() -> dict[str, str]:
@@ -149,8 +177,6 @@ class RayLauncher:
             return self.submit(spec)
         os.environ.update(ray_environment())
         import ray
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
 
         from fmtrain.plan import make_plan
 
@@ -183,19 +209,7 @@ class RayLauncher:
             check_resources(lc, ray.cluster_resources())
             record.job_id = record.job_id or ray.get_runtime_context().get_job_id()
             record.write(spec.run_dir)
-            use_gpu = lc.gpus_per_worker > 0
-            resources = {"CPU": lc.cpus_per_worker} | ({"GPU": lc.gpus_per_worker} if use_gpu else {})
-            trainer = TorchTrainer(
-                _worker_loop,
-                train_loop_config={"config_path": str(spec.config_path)},
-                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-                scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-                run_config=RunConfig(
-                    name="train",
-                    storage_path=str(spec.run_dir.resolve() / "ray"),
-                    failure_config=FailureConfig(max_failures=lc.max_failures),
-                ),
-            )
+            trainer = torch_trainer(lc, spec.config_path, spec.run_dir.resolve() / "ray")
             try:
                 trainer.fit()
             except Exception as error:  # Ray wraps the worker's exception (WorkerGroupError, TrainingFailedError)

@@ -335,7 +335,9 @@ class SlurmLauncher:
     def launch(self, spec: RunSpec) -> SlurmJob:
         return self.launch_all([spec], root=spec.run_dir)[0]
 
-    def launch_all(self, specs: list[RunSpec], root: Path) -> list[SlurmJob]:
+    def launch_all(self, specs: list[RunSpec], root: Path, code_dir: Path | None = None) -> list[SlurmJob]:
+        """Submit ``specs`` (several: one job array) with their Slurm files under ``root``; the code
+        snapshot is taken into ``root/code`` unless one is given (a sweep's trials share one)."""
         import submitit
 
         lc = specs[0].config.launcher
@@ -348,7 +350,8 @@ class SlurmLauncher:
             spec.write()
         invoked_at = float(os.environ.get("FMTRAIN_INVOKED_AT", time.time()))
         folder = root / "slurm"
-        code_dir = snapshot_code(root / "code") if lc.code_snapshot else None
+        if code_dir is None and lc.code_snapshot:
+            code_dir = snapshot_code(root / "code")
         executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=lc.max_requeues, python=job_python(code_dir))
         params = sbatch_parameters(lc)
         executor.update_parameters(setup=setup_lines(lc, code_dir), **params)

@@ -138,6 +138,21 @@ def parse_space(tune: TuneConfig) -> dict[str, Distribution]:
     return space
 
 
+def check_trials(cfg: TrainConfig) -> None:
+    """How trials run: one rank in the trial's process, N ranks on its node, or a Slurm job each."""
+    lc = cfg.launcher
+    if lc.name == "ray":
+        raise ConfigError(
+            "launcher.name", "ray", "the sweep itself runs on Ray; for N ranks per trial use launcher.nproc=N (on the "
+            "trial's node) or launcher=slurm (a Slurm job per trial)"
+        )  # fmt: skip
+    if cfg.tune.scheduler == "pbt" and (lc.name != "local" or lc.nproc > 1):
+        raise ConfigError(
+            "tune.scheduler", "pbt", "PBT hands checkpoints between trials that train in Ray Tune's own processes: use "
+            "launcher=local with launcher.nproc=1"
+        )  # fmt: skip
+
+
 def flatten(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{optim: {lr: d}}`` and ``{"optim.lr": d}`` alike -> ``{"optim.lr": d}``."""
     flat: dict[str, Any] = {}
@@ -159,23 +174,23 @@ def apply_overrides(base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
     for key, value in values.items():
         OmegaConf.update(node, key, value, merge=False)
     cfg = to_config(node)
-    validate(cfg, world_size=cfg.launcher.nproc)
+    validate(cfg)
     return cfg
 
 
-def _trial(params: dict[str, Any], base_yaml: str, sweep_dir: str, hand_over_checkpoints: bool) -> None:
-    """One Ray Tune trial: an fmtrain run in its own directory, reporting after each evaluation."""
-    from omegaconf import OmegaConf
+def _trial(params: dict[str, Any], base_yaml: str, sweep_dir: str, hand_over_checkpoints: bool, code_dir: str = "") -> None:
+    """One Ray Tune trial: an fmtrain run in its own directory, reporting after each evaluation.
+
+    One rank (``launcher=local``, the default) trains in this process. N ranks
+    (``launcher.nproc=N``) are the local launcher in a child process, and ``launcher=slurm`` is a
+    Slurm job submitted from here; either is followed through its ``metrics.jsonl`` and stopped
+    (SIGTERM, scancel) when the trial ends first: stopped by the scheduler, or failed."""
     from ray import tune
 
-    from fmtrain.config import to_config, to_yaml
-    from fmtrain.trainer import run
+    from fmtrain.config import to_yaml
 
-    base = to_config(OmegaConf.create(base_yaml))
-    cfg = apply_overrides(base, params)
-    trial_dir = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()
-    cfg.run_dir = str(trial_dir)
-    cfg.trainer.progress = False
+    cfg = _trial_config(params, base_yaml, Path(sweep_dir) / "trials" / tune.get_context().get_trial_id())
+    trial_dir = Path(cfg.run_dir)
     if hand_over_checkpoints:
         # PBT may hand any reported checkpoint to another trial later: keep them all (Ray keeps
         # only pointers to them, so nothing is stored twice).
@@ -192,6 +207,30 @@ def _trial(params: dict[str, Any], base_yaml: str, sweep_dir: str, hand_over_che
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "config.yaml").write_text(to_yaml(cfg))
     (trial_dir / "params.json").write_text(json.dumps(params))
+    if cfg.launcher.name == "slurm":
+        _follow(_SlurmTrialJob.submit(cfg, Path(code_dir) if code_dir else None), trial_dir, cfg.trainer.max_steps)
+    elif cfg.launcher.nproc > 1:
+        _follow(_LocalTrialJob.start(trial_dir, cfg.tune.cpus_per_trial), trial_dir, cfg.trainer.max_steps)
+    else:
+        _run_here(cfg, hand_over_checkpoints)
+
+
+def _trial_config(params: dict[str, Any], base_yaml: str, trial_dir: Path) -> TrainConfig:
+    from omegaconf import OmegaConf
+
+    from fmtrain.config import to_config
+
+    cfg = apply_overrides(to_config(OmegaConf.create(base_yaml)), params)
+    cfg.run_dir = str(trial_dir)
+    cfg.trainer.progress = False
+    return cfg
+
+
+def _run_here(cfg: TrainConfig, hand_over_checkpoints: bool) -> None:
+    """The trial's run in this process; checkpoints reported as pointers for PBT to hand over."""
+    from ray import tune
+
+    from fmtrain.trainer import run
 
     def report(step: int, val_loss: float, checkpoint: Path | None) -> None:
         metrics = {"val_loss": val_loss, "step": step}
@@ -208,6 +247,191 @@ def _trial(params: dict[str, Any], base_yaml: str, sweep_dir: str, hand_over_che
             tune.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
     run(cfg, on_eval=report)
+
+
+def _follow(job: _LocalTrialJob | _SlurmTrialJob, trial_dir: Path, max_steps: int, poll_s: float = 1.0) -> None:
+    """Report a run that trains elsewhere from its metrics.jsonl; stop it if the trial ends first
+    (and say so in ``cancelled.json``). A run can be quicker than the scheduler: one that finished
+    before the trial was stopped is left as it is."""
+    import time
+
+    from ray import tune
+
+    from fmtrain.metrics import read_jsonl
+
+    metrics_file, reported, reporting, ended = trial_dir / "metrics.jsonl", 0, 0, False
+    try:
+        while True:
+            done = job.done()  # asked before reading: every evaluation written before the end is reported
+            for record in read_jsonl(metrics_file) if metrics_file.is_file() else []:
+                if "val_loss" in record and record["step"] > reported:
+                    try:
+                        reporting = record["step"]
+                        tune.report({"val_loss": record["val_loss"], "step": record["step"], **job.ids()})
+                    except SystemExit:  # how Ray Tune ends a trial that its scheduler stops
+                        if record["step"] >= max_steps:  # the last evaluation: the run is saving its end
+                            while not job.done():
+                                time.sleep(poll_s)
+                        raise
+                    reported = record["step"]
+            if done:
+                ended = True
+                break
+            time.sleep(poll_s)
+        job.check()
+    finally:
+        if not ended and not job.done():  # the driver's _StopRuns does the same, should this actor be gone first
+            log.info("trial stopped at step %d before its run ended: stopping %s", reporting, job)
+            job.cancel()
+
+
+@dataclasses.dataclass
+class _LocalTrialJob:
+    """N ranks on this node: the local launcher (``python -m launch.local``) in a child process."""
+
+    process: Any
+    trial_dir: Path
+
+    @classmethod
+    def start(cls, trial_dir: Path, cpus_per_rank: float) -> _LocalTrialJob:
+        import subprocess
+        import sys
+
+        log_file = open(trial_dir / "launcher.log", "ab")  # noqa: SIM115  (the child's; closed with it)
+        command = [sys.executable, "-m", "launch.local", str(trial_dir / "config.yaml")]
+        # Ray sets the trial's whole CPU count as OMP_NUM_THREADS; each rank gets its share.
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, int(cpus_per_rank))))
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        log_file.close()
+        return cls(process, trial_dir)
+
+    def ids(self) -> dict[str, Any]:
+        return {"pid": self.process.pid}
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def check(self) -> None:
+        if self.process.returncode != 0:
+            tail = (self.trial_dir / "launcher.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the trial's run exited with code {self.process.returncode}:\n{tail}")
+
+    def cancel(self) -> None:
+        """SIGTERM: every rank saves and exits; SIGKILL to the process group if it has not after 60 s."""
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@dataclasses.dataclass
+class _SlurmTrialJob:
+    """The trial as a Slurm job, submitted through the Slurm launcher."""
+
+    job: Any  # launch.slurm.SlurmJob
+    job_id: str
+    state: str | None = None  # Slurm's, as of the last done()
+
+    @classmethod
+    def submit(cls, cfg: TrainConfig, code_dir: Path | None) -> _SlurmTrialJob:
+        from launch.slurm import SlurmLauncher
+        from launch.spec import RunSpec
+
+        trial_dir = Path(cfg.run_dir)
+        _end_earlier_job(trial_dir)
+        spec = RunSpec(cfg, trial_dir, argv=["fmtrain", "tune", f"(trial {trial_dir.name})"])
+        job = SlurmLauncher().launch_all([spec], root=trial_dir, code_dir=code_dir)[0]
+        return cls(job, job.record.job_id)
+
+    def __str__(self) -> str:
+        return f"Slurm job {self.job_id}"
+
+    def ids(self) -> dict[str, Any]:
+        return {"slurm_job_id": self.job_id}
+
+    def done(self) -> bool:
+        from launch.slurm import TERMINAL, scheduler_state
+
+        self.state = scheduler_state(self.job_id)
+        return self.state in TERMINAL
+
+    def check(self) -> None:
+        if self.state != "COMPLETED" or not (self.job.run_dir / "result.json").is_file():
+            raise RuntimeError(f"the trial's Slurm job {self.job_id} ended {self.state}: see fmtrain logs {self.job.run_dir}")
+
+    def cancel(self) -> None:
+        self.job.cancel()
+
+
+def stop_trial_run(trial_dir: Path, stopped_at_step: int) -> bool:
+    """Stop the run of a trial that has ended (scheduler stop, error) while its run has not: a
+    Slurm job is cancelled, a local launcher gets SIGTERM (its ranks save). Noted in
+    ``cancelled.json``; returns whether there was anything to stop."""
+    from launch.slurm import TERMINAL, SlurmJob, scheduler_state
+    from launch.spec import ForegroundJob, JobRecord
+
+    if not (trial_dir / "job.json").is_file():
+        return False
+    record = JobRecord.read(trial_dir)
+    if record.launcher == "slurm":
+        if scheduler_state(record.job_id) in TERMINAL:
+            return False
+        SlurmJob(trial_dir).cancel()
+    else:
+        if record.state != "running" or not record.pid or not Path(f"/proc/{record.pid}").exists():
+            return False
+        ForegroundJob(trial_dir).cancel()
+    note = {"launcher": record.launcher, "job_id": record.job_id, "pid": record.pid, "stopped_at_step": stopped_at_step}
+    (trial_dir / "cancelled.json").write_text(json.dumps(note) + "\n")
+    log.info("stopped the %s run of trial %s (step %d)", record.launcher, trial_dir.name, stopped_at_step)
+    return True
+
+
+def _stop_runs_callback(sweep_dir: Path, max_steps: int) -> Any:
+    """A Ray Tune callback in the driver: a trial that ends before its run's last evaluation has its
+    run stopped, even when the trial's actor is gone before it could do that itself."""
+    from ray.tune import Callback
+
+    class StopRuns(Callback):  # type: ignore[misc]
+        def _stop(self, trial: Any) -> None:
+            step = int((trial.last_result or {}).get("step", 0))
+            if step < max_steps:  # a trial stopped at the last evaluation leaves its run to save and end
+                stop_trial_run(sweep_dir / "trials" / trial.trial_id, step)
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._stop(trial)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._stop(trial)
+
+    return StopRuns()
+
+
+def _end_earlier_job(trial_dir: Path) -> None:
+    """A resumed sweep restarts unfinished trials: a job an earlier driver left running in the same
+    directory is cancelled (it saves on SIGTERM) and waited for, and the new job resumes from it."""
+    import time
+
+    from launch.slurm import TERMINAL, SlurmJob, scheduler_state
+    from launch.spec import JobRecord
+
+    if not (trial_dir / "job.json").is_file() or JobRecord.read(trial_dir).launcher != "slurm":
+        return
+    job = SlurmJob(trial_dir)
+    job_id = job.record.job_id
+    if scheduler_state(job_id) in TERMINAL:
+        return
+    log.info("cancelling Slurm job %s left by an earlier run of this sweep", job_id)
+    job.cancel()
+    deadline = time.monotonic() + 300
+    while scheduler_state(job_id) not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(1.0)
 
 
 def _scheduler(tune_cfg: TuneConfig, space: dict[str, Distribution], max_steps: int) -> Any:
@@ -248,6 +472,8 @@ def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> P
 
     tune_cfg = cfg.tune
     space = parse_space(tune_cfg)
+    check_trials(cfg)
+    lc = cfg.launcher
     sweep_dir = Path(cfg.run_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     storage = sweep_dir / "ray"
@@ -255,6 +481,14 @@ def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> P
     (sweep_dir / "config.yaml").write_text(base_yaml)
     (sweep_dir / "command.txt").write_text(shlex.join(argv) + "\n")
     evals = math.ceil(cfg.trainer.max_steps / cfg.trainer.eval_interval)
+    code_dir = ""
+    if lc.name == "slurm" and lc.code_snapshot:
+        from launch.slurm import snapshot_code
+
+        code_dir = str(snapshot_code(sweep_dir / "code"))  # every trial's job runs this copy
+    # A trial on this node takes its ranks' CPUs; one that follows a Slurm job needs next to none
+    # (tune.max_concurrent says how many jobs are in the queue at once).
+    trial_resources = {"cpu": tune_cfg.cpus_per_trial * lc.nproc if lc.name == "local" else 0.01}
     started_here = not ray.is_initialized()
     if started_here:
         options: dict[str, Any] = {"address": tune_cfg.address, "logging_level": logging.WARNING, "log_to_driver": False}
@@ -264,9 +498,13 @@ def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> P
     try:
         trainable = tune.with_resources(
             tune.with_parameters(
-                _trial, base_yaml=base_yaml, sweep_dir=str(sweep_dir), hand_over_checkpoints=tune_cfg.scheduler == "pbt"
+                _trial,
+                base_yaml=base_yaml,
+                sweep_dir=str(sweep_dir),
+                hand_over_checkpoints=tune_cfg.scheduler == "pbt",
+                code_dir=code_dir,
             ),
-            {"cpu": tune_cfg.cpus_per_trial},
+            trial_resources,
         )
         if tune_cfg.resume and tune.Tuner.can_restore(str(storage / "sweep")):
             tuner = tune.Tuner.restore(str(storage / "sweep"), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -282,12 +520,15 @@ def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> P
                     scheduler=_scheduler(tune_cfg, space, evals),
                     search_alg=_search(tune_cfg),
                     max_concurrent_trials=tune_cfg.max_concurrent,
-                    reuse_actors=True,
+                    # A stopped trial that follows a run elsewhere ends in its `finally` (which stops the
+                    # run); its actor is not reused while that may still be going on.
+                    reuse_actors=lc.name == "local" and lc.nproc == 1,
                 ),
                 run_config=tune.RunConfig(
                     name="sweep",
                     storage_path=str(storage),
                     verbose=0,
+                    callbacks=[_stop_runs_callback(sweep_dir, cfg.trainer.max_steps)],
                     # PBT: every pointer kept (a few bytes each), so an exploit never finds its source gone.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=None if tune_cfg.scheduler == "pbt" else 2),
                 ),
@@ -296,8 +537,22 @@ def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> P
     finally:
         if started_here:
             ray.shutdown()
+        if lc.name == "slurm" or lc.nproc > 1:
+            _stop_left_runs(sweep_dir, cfg.trainer.max_steps)
     write_results(sweep_dir, grid, list(space), tune_cfg, base_overrides, cfg.trainer.max_steps)
     return sweep_dir
+
+
+def _stop_left_runs(sweep_dir: Path, max_steps: int) -> None:
+    """The sweep is over, or its driver was interrupted: no trial's run outlives it unless it is
+    only finishing (past its last evaluation)."""
+    from fmtrain.metrics import read_jsonl
+
+    for job_file in sorted(sweep_dir.glob("trials/*/job.json")):
+        metrics_file = job_file.parent / "metrics.jsonl"
+        steps = [r["step"] for r in read_jsonl(metrics_file) if "val_loss" in r] if metrics_file.is_file() else []
+        if max(steps, default=0) < max_steps:
+            stop_trial_run(job_file.parent, max(steps, default=0))
 
 
 def write_results(
@@ -307,7 +562,9 @@ def write_results(
     rows = []
     for result in grid:
         metrics = result.metrics or {}
-        trial_dir = sweep_dir / "trials" / str(metrics.get("trial_id", ""))
+        # A trial that failed before reporting has no metrics: its id is in Ray's folder name.
+        named = re.match(r"_trial_([0-9a-f]+_\d+)", Path(str(result.path)).name)
+        trial_dir = sweep_dir / "trials" / str(metrics.get("trial_id") or (named.group(1) if named else ""))
         params = result.config or {}
         history = result.metrics_dataframe
         losses = history["val_loss"].dropna().tolist() if history is not None and "val_loss" in history else []

@@ -28,6 +28,24 @@ SMALL = [
     "trainer.plot=false",
 ]
 
+# A sweep's trial with slower steps (~0.1 s) than SMALL: a trial's run that trains outside Ray Tune
+# (N local ranks, a Slurm job) is still running when the scheduler stops the trial.
+SLOW_TRIAL = [
+    "model.dim=128",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "data.seq_len=128",
+    "data.max_bytes=3000000",
+    "trainer.global_batch_size=16",
+    "trainer.eval_batches=2",
+    "trainer.plot=false",
+    "trainer.max_steps=200",
+    "trainer.eval_interval=20",
+    "checkpoint.interval=20",
+]
+# The good learning rate first, one trial at a time: ASHA then stops each worse one at its first evaluation.
+ASHA_GRID = ["tune=asha", "tune.search=grid", "tune.num_samples=1", "tune.max_concurrent=1"]
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -52,7 +52,7 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
         ),
         (["+bogus=1"], r"bogus=1 is invalid: unknown key; valid keys under 'the top level': experiment"),
         (["launcher=ray", "launcher.submit=later"], r"launcher.submit='later' is invalid: valid choices are foreground, jobs"),
-        (["launcher=ray", "launcher.submit=jobs"], r"launcher.address=None is invalid: launcher.submit=jobs needs the cluster's dashboard"),
+        (["launcher=ray", "launcher.submit=jobs"], r"launcher.address=None is invalid: launcher.submit=jobs needs the dashboard"),
         (["trainer.max_steps=abc"], r"trainer.max_steps='abc' is invalid: expected integer"),
         (["model=huge"], r"model=huge: no such option; valid choices are 1b, 8b, small, tiny"),
         (["trainer.max_steps=0"], r"trainer.max_steps=0 is invalid: must be positive"),

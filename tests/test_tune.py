@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import subprocess
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FMTRAIN, SMALL, fmtrain, pids_mentioning, ray_env, read_metrics
+from conftest import ASHA_GRID, FMTRAIN, SLOW_TRIAL, SMALL, fmtrain, pids_mentioning, ray_env, read_metrics
 
 SWEEP = [*SMALL, "trainer.max_steps=40", "trainer.eval_interval=10", "checkpoint.interval=10", "tune.max_concurrent=2"]
 
@@ -42,6 +43,8 @@ def results(sweep: Path) -> list[dict[str, str]]:
         (["tune=grid", '+tune.space.optim.lr="loguniform(1e-4, 1e-2)"'], "every tune.space value must be grid([...])"),
         (["tune=asha", "+tune.space.optim.lr=loguniform(1e-4, 1e-2)"], 'quote it: key="loguniform(1e-4, 1e-2)"'),
         (["tune=asha", "tune.scheduler=hyperband"], "tune.scheduler='hyperband' is invalid: valid choices are asha, pbt, fifo"),
+        (["tune=asha", "launcher=ray"], "launcher.name='ray' is invalid: the sweep itself runs on Ray; for N ranks per trial"),
+        (["tune=pbt", "launcher.nproc=2"], "tune.scheduler='pbt' is invalid: PBT hands checkpoints between trials"),
     ],
 )
 def test_bad_search_spaces_are_refused_before_ray_starts(overrides, message, cache_dir: Path, tmp_path: Path) -> None:
@@ -112,3 +115,33 @@ def test_a_sweep_whose_driver_is_stopped_resumes_without_rerunning_finished_tria
         assert (sweep / "trials" / trial / "result.json").stat().st_mtime == mtime, f"{trial} ran again"
     leftovers = pids_mentioning(ray_tmp)
     assert leftovers == [], "Ray processes of the sweep are still running"
+
+
+@pytest.mark.slow
+def test_distributed_trials_train_on_two_ranks_and_stopped_ones_are_stopped(
+    netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """launcher.nproc=2: every trial is a 2-rank local-launcher run; ASHA's stops reach its processes."""
+    sweep = tmp_path / "two_ranks"
+    args = [*netns, FMTRAIN, "tune", f"run_dir={sweep}", *SLOW_TRIAL, *ASHA_GRID, "launcher.nproc=2"]
+    args += ['+tune.space.optim.lr="grid([0.003, 0.00001, 0.00002])"']
+    result = subprocess.run(args, env=ray_env(cache_dir, ray_tmp), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = results(sweep)
+    assert [(float(r["optim.lr"]), r["status"], r["steps"]) for r in rows] == [
+        (0.003, "completed", "200"),
+        (0.00002, "stopped early", "20"),
+        (0.00001, "stopped early", "20"),
+    ]
+    for row in rows:
+        run_dir = Path(row["run_dir"])
+        assert "world 2 (dp 2" in (run_dir / "logs" / "rank0.log").read_text()
+        assert "rank1 pid" in (run_dir / "logs" / "rank1.log").read_text()
+    for row in rows[1:]:
+        note = json.loads((Path(row["run_dir"]) / "cancelled.json").read_text())
+        assert note["launcher"] == "local" and note["stopped_at_step"] == 20
+        assert max(r["step"] for r in read_metrics(Path(row["run_dir"])) if "loss" in r) < 200
+    deadline = time.monotonic() + 60
+    while pids_mentioning(sweep):
+        assert time.monotonic() < deadline, "processes of stopped trials are still running"
+        time.sleep(0.5)
