@@ -11,6 +11,11 @@ evaluation. ASHA stops the worst trials early; PBT restarts the worst from a bet
 checkpoint (fmtrain's own checkpoint directory, handed over by Ray Tune) with perturbed values;
 Optuna's TPE proposes values from the results so far.
 
+A trial trains as the launcher says: one rank in the trial's Ray process (``launcher=local``), N
+ranks through the local launcher in a child process (``launcher.nproc=N``), or a Slurm job of its
+own (``launcher=slurm``). The last two are followed through their ``metrics.jsonl``; when the trial
+ends first (ASHA stops it), the driver stops its run: SIGTERM, or scancel.
+
 The sweep directory holds ``results.csv`` (one row per trial, best first: its values, metric,
 steps, status), ``best_overrides.yaml``, ``best_command.txt``, ``tune.png`` (learning curves, and the
 final metric against each hyper-parameter) and Ray Tune's state under ``ray/``, from which
