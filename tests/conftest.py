@@ -28,15 +28,18 @@ SMALL = [
     "trainer.plot=false",
 ]
 
-# A sweep's trial with slower steps (~0.1 s) than SMALL: a trial's run that trains outside Ray Tune
+# Steps of ~0.1 s (SMALL's take ~0.02 s). A sweep's trial of them: a trial's run that trains outside Ray Tune
 # (N local ranks, a Slurm job) is still running when the scheduler stops the trial.
-SLOW_TRIAL = [
+SLOWER = [
     "model.dim=128",
     "model.n_layers=2",
     "model.n_heads=4",
     "data.seq_len=128",
     "data.max_bytes=3000000",
     "trainer.global_batch_size=16",
+]
+SLOW_TRIAL = [
+    *SLOWER,
     "trainer.eval_batches=2",
     "trainer.plot=false",
     "trainer.max_steps=200",

@@ -12,18 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FMTRAIN, SMALL, env_with, final_state, fmtrain, read_metrics, train_losses
+from conftest import FMTRAIN, SLOWER, SMALL, env_with, final_state, fmtrain, read_metrics, train_losses
 
 pytestmark = pytest.mark.slow
 
 # Big enough that 60 steps take a few seconds, so a test can interrupt a run between checkpoints.
 RESUME = [
-    "model.dim=128",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "data.seq_len=128",
-    "data.max_bytes=3000000",
-    "trainer.global_batch_size=16",
+    *SLOWER,
     "trainer.max_steps=80",
     "trainer.eval_interval=20",
     "trainer.eval_batches=2",
