@@ -423,13 +423,6 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     _choice("strategy.name", cfg.strategy.name, STRATEGIES)
     from fmtrain.parallel import ParallelDims
 
-    if cfg.precision.name == "fp16" and cfg.strategy.name == "tp":
-        raise ConfigError(
-            "precision.name",
-            "fp16",
-            "not supported with strategy=tp: its sharded and replicated gradients cannot share one loss scaler "
-            "(torch's AMP unscale refuses mixed DTensor/Tensor lists); use bf16, or fp16 with strategy=fsdp_tp",
-        )
     if cfg.strategy.name == "deepspeed":
         _check_deepspeed(cfg)
     _choice("launcher.name", lnch.name, LAUNCHERS)

@@ -59,10 +59,6 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
         (["optim.schedule=step"], r"optim.schedule='step' is invalid: valid choices are cosine, linear, constant"),
         (["precision=fp32", "precision.name=fp64"], r"precision.name='fp64' is invalid: valid choices are fp32, bf16, fp16, fp8"),
         (
-            ["precision=fp16", "strategy=tp", "launcher.nproc=2"],
-            r"precision.name='fp16' is invalid: not supported with strategy=tp",
-        ),
-        (
             ["precision=fp8", "trainer.device=cpu"],
             r"precision.name='fp8' is invalid: fp8 training needs GPUs .* this run has no GPU",
         ),

@@ -145,3 +145,16 @@ def test_distributed_trials_train_on_two_ranks_and_stopped_ones_are_stopped(
     while pids_mentioning(sweep):
         assert time.monotonic() < deadline, "processes of stopped trials are still running"
         time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_trials_bigger_than_the_ray_cluster_are_refused_before_any_trial(
+    netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    args = [*netns, FMTRAIN, "tune", f"run_dir={tmp_path / 'sweep'}", *SWEEP, "tune=asha", "launcher.nproc=2"]
+    args += ["tune.cpus_per_trial=8"]
+    result = subprocess.run(args, env=ray_env(cache_dir, ray_tmp), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "tune.cpus_per_trial=8.0 is invalid: a trial of launcher.nproc=2 rank(s) x 8 CPU needs 16 CPUs" in result.stderr
+    assert not (tmp_path / "sweep" / "trials").exists()
+    assert pids_mentioning(ray_tmp) == []

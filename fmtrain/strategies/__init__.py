@@ -102,10 +102,25 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def sharded_grad_scaler(strategy: Strategy) -> torch.amp.GradScaler | None:
     """fp16 loss scaling for gradients that differ between ranks (shards): the overflow flag is
-    all-reduced, so every rank skips the same steps."""
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    all-reduced, so every rank skips the same steps. Gradients may be DTensors and plain tensors
+    side by side (tensor parallel's split projections beside its replicated embeddings and norms):
+    each is unscaled through its local tensor, which torch's one-list unscale kernel accepts."""
+    from types import SimpleNamespace
 
-    return ShardedGradScaler(strategy.device.type) if strategy.precision == "fp16" else None
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    from torch.distributed.tensor import DTensor
+
+    class LocalTensorGradScaler(ShardedGradScaler):
+        def _unscale_grads_(self, optimizer: Any, inv_scale: Any, found_inf: Any, allow_fp16: bool = True) -> Any:
+            grads = [
+                SimpleNamespace(grad=p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
+                for group in optimizer.param_groups
+                for p in group["params"]
+            ]
+            local = SimpleNamespace(param_groups=[{"params": grads}])
+            return super()._unscale_grads_(local, inv_scale, found_inf, allow_fp16)  # type: ignore[arg-type]
+
+    return LocalTensorGradScaler(strategy.device.type) if strategy.precision == "fp16" else None
 
 
 class Strategy:
