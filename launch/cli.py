@@ -494,7 +494,10 @@ def tune(args: list[str]) -> int:
         except SlurmError as error:
             raise UsageError(str(error)) from error
     base = [o for o in overrides if not o.lstrip("+~").startswith(("tune", "run_dir"))]
-    sweep_dir = run_sweep(cfg, ["fmtrain", "tune", *args], base)
+    try:
+        sweep_dir = run_sweep(cfg, ["fmtrain", "tune", *args], base)
+    except ConfigError as error:  # a request the Ray cluster cannot hold, found once it is up
+        raise UsageError(str(error)) from error
     print((sweep_dir / "results.csv").read_text(), end="")
     if (sweep_dir / "best_command.txt").is_file():
         print(f"best: {(sweep_dir / 'best_command.txt').read_text().strip()}")

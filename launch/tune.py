@@ -501,6 +501,14 @@ def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> P
             options |= {"include_dashboard": False, "object_store_memory": 256 * 1024 * 1024}
         ray.init(**options)
     try:
+        cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+        if trial_resources["cpu"] > cluster_cpus:  # Ray Tune would leave every trial pending
+            raise ConfigError(
+                "tune.cpus_per_trial",
+                tune_cfg.cpus_per_trial,
+                f"a trial of launcher.nproc={lc.nproc} rank(s) x {tune_cfg.cpus_per_trial:g} CPU needs "
+                f"{trial_resources['cpu']:g} CPUs, but the Ray cluster has {cluster_cpus:g}",
+            )
         trainable = tune.with_resources(
             tune.with_parameters(
                 _trial,
