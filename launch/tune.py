@@ -374,24 +374,36 @@ class _SlurmTrialJob:
         self.job.cancel()
 
 
-def stop_trial_run(trial_dir: Path, stopped_at_step: int) -> bool:
-    """Stop the run of a trial that has ended (scheduler stop, error) while its run has not: a
-    Slurm job is cancelled, a local launcher gets SIGTERM (its ranks save). Noted in
-    ``cancelled.json``; returns whether there was anything to stop."""
-    from launch.slurm import TERMINAL, SlurmJob, scheduler_state
-    from launch.spec import ForegroundJob, JobRecord
+def _running_record(trial_dir: Path) -> Any:
+    """The trial's job record if its run is still going (a Slurm job not ended, a live local
+    launcher), else None."""
+    from launch.slurm import TERMINAL, scheduler_state
+    from launch.spec import JobRecord
 
     if not (trial_dir / "job.json").is_file():
-        return False
+        return None
     record = JobRecord.read(trial_dir)
     if record.launcher == "slurm":
-        if scheduler_state(record.job_id) in TERMINAL:
-            return False
-        SlurmJob(trial_dir).cancel()
-    else:
-        if record.state != "running" or not record.pid or not Path(f"/proc/{record.pid}").exists():
-            return False
-        ForegroundJob(trial_dir).cancel()
+        return None if scheduler_state(record.job_id) in TERMINAL else record
+    alive = record.state == "running" and record.pid and Path(f"/proc/{record.pid}").exists()
+    return record if alive else None
+
+
+def _stop_run(trial_dir: Path, launcher: str) -> None:
+    """scancel a Slurm job; SIGTERM a local launcher (its ranks save)."""
+    from launch.slurm import SlurmJob
+    from launch.spec import ForegroundJob
+
+    (SlurmJob(trial_dir) if launcher == "slurm" else ForegroundJob(trial_dir)).cancel()
+
+
+def stop_trial_run(trial_dir: Path, stopped_at_step: int) -> bool:
+    """Stop the run of a trial that has ended (scheduler stop, error) while its run has not. Noted
+    in ``cancelled.json``; returns whether there was anything to stop."""
+    record = _running_record(trial_dir)
+    if record is None:
+        return False
+    _stop_run(trial_dir, record.launcher)
     note = {"launcher": record.launcher, "job_id": record.job_id, "pid": record.pid, "stopped_at_step": stopped_at_step}
     (trial_dir / "cancelled.json").write_text(json.dumps(note) + "\n")
     log.info("stopped the %s run of trial %s (step %d)", record.launcher, trial_dir.name, stopped_at_step)
@@ -419,23 +431,17 @@ def _stop_runs_callback(sweep_dir: Path, max_steps: int) -> Any:
 
 
 def _end_earlier_job(trial_dir: Path) -> None:
-    """A resumed sweep restarts unfinished trials: a job an earlier driver left running in the same
-    directory is cancelled (it saves on SIGTERM) and waited for, and the new job resumes from it."""
+    """A resumed sweep restarts unfinished trials: a Slurm job an earlier driver left running in the
+    same directory is cancelled (it saves on SIGTERM) and waited for, and the new job resumes from it."""
     import time
 
-    from launch.slurm import TERMINAL, SlurmJob, scheduler_state
-    from launch.spec import JobRecord
-
-    if not (trial_dir / "job.json").is_file() or JobRecord.read(trial_dir).launcher != "slurm":
+    record = _running_record(trial_dir)
+    if record is None or record.launcher != "slurm":
         return
-    job = SlurmJob(trial_dir)
-    job_id = job.record.job_id
-    if scheduler_state(job_id) in TERMINAL:
-        return
-    log.info("cancelling Slurm job %s left by an earlier run of this sweep", job_id)
-    job.cancel()
+    log.info("cancelling Slurm job %s left by an earlier run of this sweep", record.job_id)
+    _stop_run(trial_dir, "slurm")
     deadline = time.monotonic() + 300
-    while scheduler_state(job_id) not in TERMINAL and time.monotonic() < deadline:
+    while _running_record(trial_dir) is not None and time.monotonic() < deadline:
         time.sleep(1.0)
 
 
