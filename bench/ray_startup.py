@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import common
-from netns import loopback_namespace
+from netns import loopback_namespace, run_in
 
 FMTRAIN = str(Path(sys.executable).parent / "fmtrain")
 RUN = ["trainer.max_steps=1", "trainer.eval_interval=1", "checkpoint.interval=1", "trainer.plot=false", "trainer.progress=false"]
@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     times: dict[str, list[float]] = {"local": [], "ray": []}
-    with tempfile.TemporaryDirectory(dir="/tmp", prefix="fmbench-") as tmp, loopback_namespace() as prefix:
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="fmbench-") as tmp, loopback_namespace() as namespace:
+        prefix = run_in(namespace)
         env = dict(os.environ, RAY_TMPDIR=tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
         for round_ in range(args.rounds):
             for name, launcher in (("local", ["launcher.nproc=2"]), ("ray", ["launcher=ray", "launcher.num_workers=2"])):

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import common
-from netns import loopback_namespace
+from netns import loopback_namespace, run_in
 
 FMTRAIN = str(Path(sys.executable).parent / "fmtrain")
 LOW, HIGH = 3e-4, 3e-2
@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
     grid = [LOW * (HIGH / LOW) ** (i / (args.trials - 1)) for i in range(args.trials)]
-    with tempfile.TemporaryDirectory(dir="/tmp", prefix="fmbench-") as tmp, loopback_namespace() as prefix:
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="fmbench-") as tmp, loopback_namespace() as namespace:
+        prefix = run_in(namespace)
         env = dict(os.environ, RAY_TMPDIR=tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
         asha = sweep(
             prefix,

@@ -8,10 +8,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import pytest
+
+from bench.netns import loopback_namespace, run_in
 
 FMTRAIN = str(Path(sys.executable).parent / "fmtrain")
 
@@ -104,13 +105,8 @@ def final_state(checkpoint: Path) -> dict:
 @pytest.fixture(scope="session")
 def netns():
     """A network namespace with only loopback, deleted afterwards: the command prefix to run in it."""
-    name = f"fmtrain-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        yield ["ip", "netns", "exec", name]
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=True)
+    with loopback_namespace("test") as name:
+        yield run_in(name)
 
 
 @pytest.fixture

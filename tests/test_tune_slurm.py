@@ -9,11 +9,12 @@ import json
 import os
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 from conftest import ASHA_GRID, FMTRAIN, SLOW_TRIAL, env_with, pids_mentioning, ray_env
+
+from bench.netns import loopback_namespace
 
 pytestmark = pytest.mark.slow
 
@@ -23,23 +24,22 @@ CLUSTER = Path(__file__).resolve().parent.parent / "slurm" / "dev-cluster.sh"
 @pytest.fixture(scope="module")
 def slurm_in_netns(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
     """A 1-node Slurm cluster inside a namespace of its own: (command prefix, environment)."""
-    name = f"fmtrain-tune-slurm-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    prefix = ["nsenter", f"--net=/run/netns/{name}"]
     home = tmp_path_factory.mktemp("slurm-tune")
     port = str(int(os.environ.get("FMTRAIN_TEST_SLURM_PORT", "17800")) + 100)
     env = env_with(cache_dir, FMTRAIN_SLURM_HOME=str(home), FMTRAIN_SLURM_PORT=port, SLURM_CONF=str(home / "etc" / "slurm.conf"))
-    try:
-        subprocess.run([*prefix, "ip", "link", "set", "lo", "up"], check=True)
+    with loopback_namespace("tune-slurm") as name:
+        prefix = ["nsenter", f"--net=/run/netns/{name}"]
         # glibc's getaddrinfo(AI_ADDRCONFIG) finds no IPv4 without an address besides 127.0.0.1, and
         # slurmdbd then cannot listen: a second address, on loopback.
         subprocess.run([*prefix, "ip", "addr", "add", "10.254.0.1/32", "dev", "lo"], check=True)
-        up = subprocess.run([*prefix, str(CLUSTER), "up", "--nodes", "1"], env=env, capture_output=True, text=True, timeout=300)
-        assert up.returncode == 0, f"the dev cluster did not come up:\n{up.stdout}\n{up.stderr}"
-        yield prefix, env
-    finally:
-        subprocess.run([*prefix, str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=300)
-        subprocess.run(["ip", "netns", "delete", name], check=True)
+        try:
+            up = subprocess.run(
+                [*prefix, str(CLUSTER), "up", "--nodes", "1"], env=env, capture_output=True, text=True, timeout=300
+            )
+            assert up.returncode == 0, f"the dev cluster did not come up:\n{up.stdout}\n{up.stderr}"
+            yield prefix, env
+        finally:
+            subprocess.run([*prefix, str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_a_slurm_sweep_cancels_the_trials_asha_stops_and_completes(slurm_in_netns, ray_tmp: Path, tmp_path: Path) -> None:
