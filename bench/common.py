@@ -35,7 +35,8 @@ def build_model(cfg: TrainConfig) -> Transformer:
 def bare_loop(cfg: TrainConfig, steps: int, warmup: int) -> float:
     """Tokens/s of the plainest loop that trains the same model, batch and dtype: no framework."""
     model = build_model(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    fused = cfg.optim.implementation == "fused"  # the kernel fmtrain uses, so only the framework differs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=fused)
     batch, seq = cfg.trainer.global_batch_size, cfg.data.seq_len
     data = torch.randint(0, cfg.model.vocab_size, (steps, batch, seq + 1))
     dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.precision.name]

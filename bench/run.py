@@ -39,7 +39,18 @@ def summary() -> str:
         lines.append(
             f"| DDP throughput, tiny fp32, 2 processes | `accelerate launch` (MULTI_CPU) "
             f"{median(a['accelerate_tokens_per_s']):,.0f} tok/s "
-            f"| {median(a['fmtrain_tokens_per_s']):,.0f} tok/s | {a['ratio']:.3f} | {a['goal']} |"
+            f"| {median(a['fmtrain_tokens_per_s']):,.0f} tok/s | {a['ratio']:.3f} "
+            f"| {a['goal']} (ceiling {a['ceiling']:.3f}: forward+backward only) |"
+            if "ceiling" in a
+            else f"| {median(a['fmtrain_tokens_per_s']):,.0f} tok/s | {a['ratio']:.3f} | {a['goal']} |"
+        )
+    if (RESULTS / "zero3_init.json").is_file():
+        z = load("zero3_init")
+        whole = max(r["peak_growth_bytes"] for r in z["built_whole"]) / 2**20
+        partitioned = max(r["peak_growth_bytes"] for r in z["built_partitioned"]) / 2**20
+        lines.append(
+            f"| ZeRO-3 build, peak memory per rank, {z['model']['fp32_bytes'] / 2**20:,.0f} MiB model, 2 processes "
+            f"| built whole {whole:,.0f} MiB | `deepspeed.zero.Init` {partitioned:,.0f} MiB | {z['ratio']:.2f} | {z['goal']} |"
         )
     if (RESULTS / "slurm_latency.json").is_file():
         sl = load("slurm_latency")
@@ -94,7 +105,7 @@ def summary() -> str:
 
 
 def main() -> None:
-    scripts = ["throughput.py", "startup.py", "mfu.py", "strategies.py", "accelerate_ddp.py"]
+    scripts = ["throughput.py", "startup.py", "mfu.py", "strategies.py", "accelerate_ddp.py", "zero3_init.py"]
     scripts += ["slurm_latency.py", "tune_asha.py", "ray_startup.py"]  # root: a Slurm cluster, network namespaces
     for script in scripts:
         subprocess.run([sys.executable, str(HERE / script)], check=True)

@@ -80,6 +80,10 @@ class OptimConfig:
     warmup_steps: int = 10
     schedule: str = "cosine"
     grad_clip: float = 1.0
+    # torch's AdamW kernels, as torchtitan names them: "fused" (one kernel for the whole update; CPU
+    # and CUDA; 12 -> 4 ms per step for the tiny model on one core), "foreach" (torch's default),
+    # "for_loop" (one parameter at a time: the least temporary memory).
+    implementation: str = "fused"
 
 
 @dataclass
@@ -121,6 +125,9 @@ class StrategyConfig:
     zero_stage: int = 2  # deepspeed: 1 optimizer state, 2 + gradients, 3 + parameters partitioned
     offload_optimizer: bool = False  # deepspeed: optimizer state and step on the CPU (ZeRO-Offload)
     offload_params: bool = False  # deepspeed stage 3: parameters on the CPU between uses
+    # deepspeed stage 3: build the model inside deepspeed.zero.Init, each layer partitioned as it is
+    # made, so no rank ever holds the whole model (false: materialize it on every rank, then partition)
+    zero_init: bool = True
     deepspeed: dict[str, Any] = field(default_factory=dict)  # deepspeed: extra JSON keys, merged over fmtrain's
 
 
@@ -307,6 +314,7 @@ def as_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZER_IMPLEMENTATIONS = ("fused", "foreach", "for_loop")
 ACTIVATION_CHECKPOINTING = ("none", "full", "every_n")
 NONFINITE = ("error", "skip")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
@@ -403,6 +411,7 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     if not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError("optim.betas", list(o.betas), "each beta must be in [0, 1)")
     _choice("optim.schedule", o.schedule, SCHEDULES)
+    _choice("optim.implementation", o.implementation, OPTIMIZER_IMPLEMENTATIONS)
 
     for key in ("max_steps", "global_batch_size", "eval_interval", "eval_batches", "log_interval"):
         _positive(f"trainer.{key}", getattr(t, key))

@@ -13,7 +13,7 @@ what they need (``blocks`` to shard or checkpoint, ``flops_per_token`` for MFU).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -144,12 +144,19 @@ class Transformer(nn.Module):
         self.rope.copy_(rotary_tables(head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device))
 
     @torch.no_grad()
-    def init_weights(self, seed: int, assign: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+    def init_weights(
+        self,
+        seed: int,
+        assign: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        parameters: Iterable[tuple[str, nn.Parameter]] | None = None,
+    ) -> None:
         """Initialize every parameter from ``seed`` alone, in a fixed order, on the model's device.
 
         Values are drawn on the CPU for the whole (unsharded) parameter, so a model sharded by a
         strategy starts exactly where a single process does: ``assign(param, full_value)`` copies
-        the part a rank holds (the default copies all of it).
+        the part a rank holds (the default copies all of it). ``parameters`` replaces
+        ``named_parameters()`` (same names, same order) where a strategy must make each parameter
+        whole while it is written (ZeRO-3 gathers one at a time).
 
         Residual output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2's rule) so that the
         residual stream's variance does not grow with depth.
@@ -162,7 +169,7 @@ class Transformer(nn.Module):
 
         generator = torch.Generator(device="cpu").manual_seed(seed)
         std = self.cfg.init_std
-        for name, param in self.named_parameters():
+        for name, param in self.named_parameters() if parameters is None else parameters:
             if name.endswith("norm.weight"):
                 assign(param, torch.ones(param.shape))
                 continue

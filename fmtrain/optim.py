@@ -14,14 +14,26 @@ from torch import nn
 from fmtrain.config import OptimConfig
 
 
+def decays(param: torch.Tensor) -> bool:
+    """Whether weight decay applies: to matrices, by the parameter's own shape (ZeRO-3 keeps a
+    partitioned parameter as a flat local tensor and its shape in ``ds_shape``)."""
+    return len(getattr(param, "ds_shape", param.shape)) >= 2
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; matrices (embeddings and projections) decay, vectors (norm gains) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if decays(p)], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if not decays(p)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps)
+    fused: bool | None = cfg.implementation == "fused"
+    foreach: bool | None = cfg.implementation == "foreach"
+    if len({type(p) for p in params}) > 1:
+        # DTensors beside plain tensors (tensor parallel's split matrices, its replicated norm gains):
+        # the fused and foreach kernels take one kind per call, so torch's default picks the kernel.
+        fused = foreach = None
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, fused=fused, foreach=foreach)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -191,6 +191,8 @@ def _build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
         model = Transformer(cfg.model)
     num_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
     wrapped = strategy.build(model, cfg.seed)
+    built = getattr(wrapped, "module", wrapped)  # evaluation runs the model itself, outside DDP's hooks
+    assert isinstance(built, Transformer), type(built)
     accum = t.global_batch_size // (micro * strategy.dp_size)
     wrapped, optimizer = strategy.attach_optimizer(
         wrapped, build_optimizer(wrapped, cfg.optim), micro=micro, accum=accum, grad_clip=cfg.optim.grad_clip
@@ -202,7 +204,7 @@ def _build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
         corpus=corpus,
         batches=GlobalBatches(corpus.train, cfg.data.seq_len, cfg.seed),
         val_ids=eval_windows(corpus.val, cfg.data.seq_len, t.eval_batches * t.global_batch_size),
-        model=model,
+        model=built,
         num_params=num_params,
         flops_per_token=flops_per_token,
         wrapped=wrapped,

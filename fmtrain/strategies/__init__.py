@@ -120,6 +120,13 @@ def sharded_grad_scaler(strategy: Strategy) -> torch.amp.GradScaler | None:
             local = SimpleNamespace(param_groups=[{"params": grads}])
             return super()._unscale_grads_(local, inv_scale, found_inf, allow_fp16)  # type: ignore[arg-type]
 
+        def unscale_(self, optimizer: Any) -> None:
+            super().unscale_(optimizer)
+            # ShardedGradScaler's flags have shape [1]; a fused optimizer subtracts them from its
+            # 0-d step counters in place, which needs them 0-d, as GradScaler's own are.
+            state = self._per_optimizer_states[id(optimizer)]
+            state["found_inf_per_device"] = {d: f.reshape(()) for d, f in state["found_inf_per_device"].items()}
+
     return LocalTensorGradScaler(strategy.device.type) if strategy.precision == "fp16" else None
 
 
@@ -145,7 +152,11 @@ class Strategy:
         return self.dims.dp
 
     def build(self, model: Transformer, seed: int) -> nn.Module:
-        """Materialize ``model`` (on the meta device) on this rank, initialize it, wrap it."""
+        """Materialize ``model`` (on the meta device) on this rank, initialize it, wrap it.
+
+        Returns the model to train: ``model`` itself, a wrapper that holds it as ``.module`` (DDP),
+        or a Transformer of the same config built in place of it (ZeRO-3's partitioned construction).
+        """
         if self.precision == "fp8":
             convert_to_fp8(model)
         prepare_blocks(model, self.trainer)
@@ -244,6 +255,11 @@ class Strategy:
     def load_state_dict(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        # A group's saved hyper-parameters replace this optimizer's, its kernel choice among them; a
+        # run saved with the fused kernel must not impose it where this strategy cannot use it (tp).
+        kernel = {k: optimizer.param_groups[0][k] for k in ("fused", "foreach") if k in optimizer.param_groups[0]}
+        for group in state["optim"].get("param_groups", []):
+            group.update(kernel)
         set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 

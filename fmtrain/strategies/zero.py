@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fmtrain.config import micro_batch_size
 from fmtrain.model import Transformer
+from fmtrain.optim import decays
 from fmtrain.strategies import Strategy, prepare_blocks
 
 if TYPE_CHECKING:
@@ -117,6 +119,16 @@ def _share_fp32_master(optimizer: Any) -> None:
             master.data = partition.data
 
 
+def _gathered_one_at_a_time(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``named_parameters()`` of a ZeRO-3 model, each parameter whole while the caller holds it and
+    partitioned again (from rank 0's values, which every rank drew alike) when the next is asked for."""
+    import deepspeed
+
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            yield name, param
+
+
 def _link_optimizer_state(optimizer: Any) -> None:
     """Point every parameter's fragment mapping at the optimizer state (ZeRO-1/2).
 
@@ -143,6 +155,19 @@ class DeepSpeedStrategy(Strategy):
         return self.cfg.zero_stage
 
     def build(self, model: Transformer, seed: int) -> nn.Module:
+        if self.stage == 3 and self.cfg.zero_init:
+            # Each layer is partitioned as soon as it is made, and each parameter is gathered alone
+            # to take its seeded value: no rank holds more than one whole parameter at a time.
+            deepspeed = self._start_deepspeed()
+            micro = micro_batch_size(self.trainer, self.dp_size)
+            accum = self.trainer.global_batch_size // (micro * self.dp_size)
+            # zero.Init reads the precision and zero_optimization sections (dtype, parameter offload).
+            config = self._config(micro, accum, grad_clip=0.0)
+            with contextlib.redirect_stdout(io.StringIO()), deepspeed.zero.Init(config_dict_or_path=config):
+                model = Transformer(model.cfg)
+            prepare_blocks(model, self.trainer)
+            model.init_weights(seed, parameters=_gathered_one_at_a_time(model))
+            return model
         # Materialized whole on every rank, then partitioned by the engine (attach_optimizer).
         prepare_blocks(model, self.trainer)
         model.to_empty(device=self.device)
@@ -152,6 +177,15 @@ class DeepSpeedStrategy(Strategy):
     def attach_optimizer(
         self, wrapped: nn.Module, optimizer: torch.optim.Optimizer, *, micro: int, accum: int, grad_clip: float
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        deepspeed = self._start_deepspeed()
+        self.config = self._config(micro, accum, grad_clip)
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its op builds to stdout
+            engine, ds_optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=self.config)
+        _share_fp32_master(ds_optimizer)
+        return engine, ds_optimizer
+
+    def _start_deepspeed(self) -> Any:
+        """Import DeepSpeed quietly and start its communication on torch's process group."""
         import os
 
         from fmtrain.config import cache_root
@@ -165,8 +199,12 @@ class DeepSpeedStrategy(Strategy):
         ds_logger.setLevel(logging.WARNING)
         # DeepSpeed calls torch's all_gather_into_tensor/reduce_scatter_tensor, deprecated in torch 2.13.
         warnings.filterwarnings("ignore", message=r".* is deprecated\. Please use .*_single", category=FutureWarning)
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its op builds to stdout
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+        return deepspeed
 
-        self.config = deepspeed_config(
+    def _config(self, micro: int, accum: int, grad_clip: float) -> dict[str, Any]:
+        return deepspeed_config(
             zero_stage=self.stage,
             precision=self.precision,
             micro=micro,
@@ -177,11 +215,6 @@ class DeepSpeedStrategy(Strategy):
             offload_params=self.cfg.offload_params,
             extra=dict(self.cfg.deepspeed),
         )
-        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its op builds to stdout
-            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
-            engine, ds_optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=self.config)
-        _share_fp32_master(ds_optimizer)
-        return engine, ds_optimizer
 
     def files(self) -> dict[str, str]:
         import json
@@ -326,7 +359,7 @@ class DeepSpeedStrategy(Strategy):
             flat_state = base.state[flat]
             for key in ADAM_KEYS:
                 flat_state.setdefault(key, torch.zeros_like(flat))
-            flat_state["step"] = step.detach().clone().float()
+            flat_state["step"] = step.detach().clone().float().to(flat.device)  # fused AdamW: on the state's device
         _link_optimizer_state(optimizer)
         for name, param in self._named_params(wrapped):
             full = state["model"][name].full_tensor()
@@ -360,8 +393,6 @@ class DeepSpeedStrategy(Strategy):
         return aliases
 
     def _param_groups_by_name(self, wrapped: nn.Module, names: dict[int, str]) -> list[list[str]]:
-        """The names in each of fmtrain's AdamW groups (matrices decay, vectors do not), in order;
-        by the original shapes, which ZeRO-3's partitioned parameters keep in ``ds_shape``."""
+        """The names in each of fmtrain's AdamW groups (matrices decay, vectors do not), in order."""
         params = [p for _, p in self._named_params(wrapped) if p.requires_grad]
-        ndim = {id(p): len(getattr(p, "ds_shape", p.shape)) for p in params}
-        return [[names[id(p)] for p in params if ndim[id(p)] >= 2], [names[id(p)] for p in params if ndim[id(p)] < 2]]
+        return [[names[id(p)] for p in params if decays(p)], [names[id(p)] for p in params if not decays(p)]]
