@@ -231,12 +231,14 @@ def _dry_run(overrides: list[str]) -> int:
 
 def status(args: list[str]) -> int:
     from fmtrain.metrics import read_jsonl
-    from launch.spec import JobRecord
+    from launch.spec import ForegroundJob, JobRecord
 
     run_dir = _run_dir(args, "fmtrain status RUN_DIR|JOB_ID")
     if not (run_dir / "job.json").is_file():  # a Ray job whose run directory this machine cannot see
         return _print_remote_ray_job(args[0])
     record = JobRecord.read(run_dir)
+    if record.launcher == "local":
+        record = ForegroundJob(run_dir).record()  # a killed launcher's "running" is corrected
     records = read_jsonl(run_dir / "metrics.jsonl")
     train_records = [r for r in records if "loss" in r]
     val_records = [r for r in records if "val_loss" in r]
@@ -393,7 +395,7 @@ def logs(args: list[str]) -> int:
 
 
 def _job_running(run_dir: Path) -> bool:
-    from launch.spec import JobRecord
+    from launch.spec import ForegroundJob, JobRecord
 
     record = JobRecord.read(run_dir)
     if record.launcher == "slurm":
@@ -405,7 +407,7 @@ def _job_running(run_dir: Path) -> bool:
     ray_job = RayJob.of(run_dir) if record.launcher == "ray" else None
     if ray_job is not None:
         return ray_job.state() in ("pending", "running")
-    return record.state == "running"
+    return ForegroundJob(run_dir).state() == "running"
 
 
 def plan(args: list[str]) -> int:

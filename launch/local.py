@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -88,6 +89,7 @@ class LocalLauncher:
             pid=os.getpid(),
             world_size=nproc,
             started=now(),
+            extra={"host": socket.gethostname()},
         )
         if (spec.run_dir / "job.json").exists():
             record.attempts = JobRecord.read(spec.run_dir).attempts

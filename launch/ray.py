@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -189,12 +190,13 @@ class RayLauncher:
             pid=os.getpid(),
             world_size=lc.num_workers,
             started=now(),
+            extra={"host": socket.gethostname()},
         )
         if (spec.run_dir / "job.json").exists():
             previous = JobRecord.read(spec.run_dir)
             record.attempts = previous.attempts + 1
             if "submission_id" in previous.extra:  # this is the driver of a Jobs API submission: keep its id
-                record.extra, record.job_id, record.command = previous.extra, previous.job_id, previous.command
+                record.extra, record.job_id, record.command = previous.extra | record.extra, previous.job_id, previous.command
         else:
             record.attempts = 1
         record.write(spec.run_dir)

@@ -6,9 +6,11 @@ state, command line), logs, metrics and checkpoints. ``fmtrain status`` works fr
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shlex
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,6 +70,33 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None if there is no such process
+    or it has exited and only waits to be reaped (a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # from field 3 on, after the parenthesised command name
+    if fields[0] in ("Z", "X"):
+        return None
+    ticks = int(fields[19])  # field 22
+    boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def launcher_alive(record: JobRecord) -> bool:
+    """Whether the process that wrote ``record`` as running still runs: a process of that pid that
+    started before the record did (a pid freed by a killed launcher may be some other process's now)."""
+    if record.state != "running" or not record.pid or not record.started:
+        return False
+    if record.extra.get("host", socket.gethostname()) != socket.gethostname():
+        return True  # another machine's process: the record is all there is to go on
+    started = process_started(record.pid)
+    recorded = datetime.datetime.strptime(record.started, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    return started is not None and started < recorded + 1.0  # the record's time is cut to the second
+
+
 def command_line(argv: list[str]) -> str:
     return shlex.join(argv)
 
@@ -92,11 +121,20 @@ class ForegroundJob:
 
     run_dir: Path
 
+    def record(self) -> JobRecord:
+        """``job.json``, corrected where it says running but its launcher is gone (SIGKILL, OOM
+        killer, a lost node): that launcher could not record its end, so the run has failed."""
+        record = JobRecord.read(self.run_dir)
+        if record.state == "running" and not launcher_alive(record):
+            record.state = "failed"
+            record.message = f"the launcher (pid {record.pid}) ended without recording an end: killed?; rerun to resume"
+        return record
+
     def state(self) -> str:
-        return JobRecord.read(self.run_dir).state
+        return self.record().state
 
     def result(self) -> dict[str, Any]:
-        record = JobRecord.read(self.run_dir)
+        record = self.record()
         return {"state": record.state, "exit_code": record.exit_code, "message": record.message}
 
     def cancel(self) -> None:
@@ -104,7 +142,7 @@ class ForegroundJob:
         import signal
 
         record = JobRecord.read(self.run_dir)
-        if record.state == "running" and record.pid:
+        if launcher_alive(record):
             os.kill(record.pid, signal.SIGTERM)
 
     def logs(self) -> list[Path]:

@@ -302,6 +302,7 @@ class _LocalTrialJob:
         import subprocess
         import sys
 
+        _end_earlier_job(trial_dir)
         log_file = open(trial_dir / "launcher.log", "ab")  # noqa: SIM115  (the child's; closed with it)
         command = [sys.executable, "-m", "launch.local", str(trial_dir / "config.yaml")]
         # Ray sets the trial's whole CPU count as OMP_NUM_THREADS; each rank gets its share.
@@ -378,15 +379,14 @@ def _running_record(trial_dir: Path) -> Any:
     """The trial's job record if its run is still going (a Slurm job not ended, a live local
     launcher), else None."""
     from launch.slurm import TERMINAL, scheduler_state
-    from launch.spec import JobRecord
+    from launch.spec import JobRecord, launcher_alive
 
     if not (trial_dir / "job.json").is_file():
         return None
     record = JobRecord.read(trial_dir)
     if record.launcher == "slurm":
         return None if scheduler_state(record.job_id) in TERMINAL else record
-    alive = record.state == "running" and record.pid and Path(f"/proc/{record.pid}").exists()
-    return record if alive else None
+    return record if launcher_alive(record) else None
 
 
 def _stop_run(trial_dir: Path, launcher: str) -> None:
@@ -431,15 +431,16 @@ def _stop_runs_callback(sweep_dir: Path, max_steps: int) -> Any:
 
 
 def _end_earlier_job(trial_dir: Path) -> None:
-    """A resumed sweep restarts unfinished trials: a Slurm job an earlier driver left running in the
-    same directory is cancelled (it saves on SIGTERM) and waited for, and the new job resumes from it."""
+    """A resumed sweep restarts unfinished trials: a run an earlier driver left going in the same
+    directory (a Slurm job; a local launcher, should it have outlived its Ray worker) is stopped (it
+    saves on SIGTERM) and waited for, and the new run resumes from it."""
     import time
 
     record = _running_record(trial_dir)
-    if record is None or record.launcher != "slurm":
+    if record is None:
         return
-    log.info("cancelling Slurm job %s left by an earlier run of this sweep", record.job_id)
-    _stop_run(trial_dir, "slurm")
+    log.info("stopping the %s run %s left by an earlier run of this sweep", record.launcher, record.job_id)
+    _stop_run(trial_dir, record.launcher)
     deadline = time.monotonic() + 300
     while _running_record(trial_dir) is not None and time.monotonic() < deadline:
         time.sleep(1.0)

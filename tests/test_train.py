@@ -97,6 +97,12 @@ def test_sigkill_of_the_process_group_resumes_exactly(reference: Path, cache_dir
     process.wait(timeout=30)
     killed_at = max(train_losses(run_dir))
     assert killed_at < 80, "the kill must land mid-run for this test to mean anything"
+    # job.json still says running (the launcher could not record its end); status says what happened,
+    # and cancel signals nothing (the launcher's pid may be another process's by now).
+    assert json.loads((run_dir / "job.json").read_text())["state"] == "running"
+    summary = json.loads(subprocess.run([FMTRAIN, "status", str(run_dir)], capture_output=True, text=True, check=True).stdout)
+    assert summary["state"] == "failed" and "ended without recording an end" in summary["message"]
+    subprocess.run([FMTRAIN, "cancel", str(run_dir)], capture_output=True, check=True)
 
     again = fmtrain(["train", f"run_dir={run_dir}", *RESUME], cache_dir)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -223,6 +229,18 @@ def test_default_run_learns_and_fills_its_run_directory(cache_dir: Path, tmp_pat
     status = subprocess.run([FMTRAIN, "status", str(run_dir)], capture_output=True, text=True, check=True)
     summary = json.loads(status.stdout)
     assert (summary["state"], summary["step"]) == ("completed", 120)
+
+
+def test_a_launcher_is_alive_only_while_its_pid_is_the_process_that_recorded_it() -> None:
+    from launch.spec import JobRecord, launcher_alive, now
+
+    mine = JobRecord(launcher="local", state="running", command="fmtrain train", pid=os.getpid(), started=now())
+    assert launcher_alive(mine)
+    # A record older than this process: its launcher is gone and the pid now belongs to another process.
+    assert not launcher_alive(JobRecord(**{**mine.__dict__, "started": "2020-01-01T00:00:00+0000"}))
+    assert not launcher_alive(JobRecord(**{**mine.__dict__, "state": "completed"}))
+    elsewhere = JobRecord(**{**mine.__dict__, "pid": 2**22 + 1, "extra": {"host": "another-node"}})
+    assert launcher_alive(elsewhere), "another machine's process: the record is trusted"
 
 
 def test_multirun_gives_each_value_its_own_run_directory(cache_dir: Path, tmp_path: Path) -> None:

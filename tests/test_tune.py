@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import time
@@ -158,3 +159,36 @@ def test_trials_bigger_than_the_ray_cluster_are_refused_before_any_trial(
     assert "tune.cpus_per_trial=8.0 is invalid: a trial of launcher.nproc=2 rank(s) x 8 CPU needs 16 CPUs" in result.stderr
     assert not (tmp_path / "sweep" / "trials").exists()
     assert pids_mentioning(ray_tmp) == []
+
+
+@pytest.mark.slow
+def test_a_killed_driver_leaves_no_trial_run_behind_and_the_sweep_resumes(
+    netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL to the sweep's driver (a kill -9, the OOM killer): the N-rank trial's launcher does not
+    train on unattended; tune.resume=true resumes the trial from its last checkpoint and finishes."""
+    sweep = tmp_path / "killed"
+    overrides = [*SLOW_TRIAL, "tune=grid", '+tune.space.optim.lr="grid([0.003])"', "launcher.nproc=2"]
+    args = [*netns, FMTRAIN, "tune", f"run_dir={sweep}", *overrides]
+    driver = subprocess.Popen(args, env=ray_env(cache_dir, ray_tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not any(r.get("step", 0) >= 25 for m in (sweep / "trials").glob("*/metrics.jsonl") for r in read_metrics(m.parent)):
+        assert time.monotonic() < deadline and driver.poll() is None, "the trial did not get past its first checkpoint"
+        time.sleep(0.5)
+    driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 60
+    while pids_mentioning(sweep):
+        assert time.monotonic() < deadline, "the trial's run outlived the sweep's driver"
+        time.sleep(0.5)
+    (trial,) = [p.parent for p in (sweep / "trials").glob("*/job.json")]
+    status = subprocess.run([FMTRAIN, "status", str(trial)], capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout)["state"] == "failed", "its launcher was killed: status must not say running"
+
+    tune(netns, cache_dir, ray_tmp, sweep, *overrides, "tune.resume=true", timeout=600)
+    (row,) = results(sweep)
+    assert (row["status"], row["steps"]) == ("completed", "200")
+    resumed = re.search(r"resumed from \S+ at step (\d+)", (trial / "logs" / "rank0.log").read_text())
+    assert resumed and int(resumed.group(1)) >= 20, "the resumed trial starts from its checkpoint, not from scratch"
+    assert [r["step"] for r in read_metrics(trial) if "loss" in r] == list(range(1, 201))
+    assert pids_mentioning(sweep) == [] and pids_mentioning(ray_tmp) == []
