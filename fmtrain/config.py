@@ -118,6 +118,9 @@ class StrategyConfig:
 
     name: str = "ddp"
     tp: int | None = None  # tensor-parallel degree (tp, fsdp_tp); None: the world size for tp
+    # tp, fsdp_tp: norms and the residual stream split along the sequence between the projections
+    # (Megatron's sequence parallelism): activations 1/tp, all-reduces become reduce-scatter + all-gather
+    sequence_parallel: bool = False
     reshard_after_forward: bool = True  # fsdp, fsdp_tp: free gathered parameters after forward
     cpu_offload: bool = False  # fsdp, fsdp_tp: keep parameters, gradients and optimizer state on CPU
     find_unused_parameters: bool = False  # ddp
@@ -457,6 +460,19 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     world = world_size or world_size_of(lnch)
     dims = ParallelDims.from_config(cfg.strategy, world)
     dims.check_model(m)
+    if cfg.strategy.sequence_parallel:
+        if cfg.strategy.name not in ("tp", "fsdp_tp"):
+            raise ConfigError(
+                "strategy.sequence_parallel",
+                True,
+                f"splits tensor-parallel activations: strategy=tp or fsdp_tp, not {cfg.strategy.name}",
+            )
+        if cfg.data.seq_len % dims.tp:
+            raise ConfigError(
+                "strategy.sequence_parallel",
+                True,
+                f"needs data.seq_len={cfg.data.seq_len} divisible by the tensor-parallel degree {dims.tp}",
+            )
     _choice("precision.name", cfg.precision.name, PRECISIONS)
     _positive("launcher.nproc", lnch.nproc)
     _positive("launcher.max_restarts", lnch.max_restarts, zero_ok=True)

@@ -188,6 +188,21 @@ class Transformer(nn.Module):
         plan |= {"feed_forward.w1": "colwise", "feed_forward.w3": "colwise", "feed_forward.w2": "rowwise"}
         return {f"blocks.{i}.{path}": style for i in range(self.cfg.n_layers) for path, style in plan.items()}
 
+    def sequence_parallel_plan(self) -> dict[str, str]:
+        """With sequence parallelism, on top of :meth:`tp_plan`: between the projections the residual
+        stream is split along the sequence, and the row-parallel projections reduce-scatter into
+        that split instead of all-reducing.
+
+        "split": the module's input is split along the sequence (the first block's, coming from the
+        replicated embeddings); "norm": runs on each rank's part of the sequence; "gather": the
+        module's input is gathered whole before it runs (attention, feed-forward, the head).
+        """
+        plan = {"blocks.0": "split", "norm": "norm", "output": "gather"}
+        for i in range(self.cfg.n_layers):
+            plan |= {f"blocks.{i}.attention_norm": "norm", f"blocks.{i}.attention": "gather"}
+            plan |= {f"blocks.{i}.ffn_norm": "norm", f"blocks.{i}.feed_forward": "gather"}
+        return plan
+
     def num_params(self, *, embeddings: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())
         return total if embeddings else total - self.tok_embeddings.weight.numel()

@@ -75,32 +75,37 @@ def _local_numel(shape: torch.Size, tp_dim: int | None, dims: ParallelDims, shar
 
 
 def activation_bytes(cfg: TrainConfig, micro: int, tp: int) -> int:
-    """Activations kept for backward in one micro-batch, after Korthikanti et al. (2022), eq. 2.
+    """Activations kept for backward in one micro-batch, after Korthikanti et al. (2022), eq. 2
+    (tensor parallel) and eq. 4 (with sequence parallelism, which splits the other 10 too).
 
-    Per layer ``s*b*h*(10 + 24/t)`` bytes in 16-bit, doubled for fp32 compute, plus the fp32 logits
-    and their gradient. Their ``5*a*s/(h*t)`` term (the stored attention matrix) is left out: fused
-    scaled-dot-product attention keeps no s x s matrix. An estimate: SwiGLU keeps a little more
-    than GELU.
+    Per layer ``s*b*h*(10 + 24/t)`` bytes in 16-bit (``s*b*h*34/t`` with sequence parallelism),
+    doubled for fp32 compute, plus the fp32 logits and their gradient. Their ``5*a*s/(h*t)`` term
+    (the stored attention matrix) is left out: fused scaled-dot-product attention keeps no s x s
+    matrix. An estimate: SwiGLU keeps a little more than GELU.
     """
     s, b, h = cfg.data.seq_len, micro, cfg.model.dim
-    per_layer = s * b * h * (10 + 24 / tp)
+    split = tp if cfg.strategy.sequence_parallel else 1
+    per_layer = s * b * h * (10 / split + 24 / tp)
     width = 1 if cfg.precision.name == "fp32" else 0.5
     logits = 2 * s * b * cfg.model.vocab_size * FP32
     return int(cfg.model.n_layers * per_layer * 2 * width + logits)
 
 
-def zero_bytes(numel: int, dp: int, stage: int, precision: str) -> tuple[int, int, int, int]:
+def zero_bytes(numel: int, dp: int, stage: int, precision: str, offload_optimizer: bool = False) -> tuple[int, int, int, int]:
     """DeepSpeed ZeRO per rank: (parameters held, parameter bytes, gradient bytes, optimizer bytes).
 
     ZeRO partitions flat buffers over the data-parallel ranks (alignment padding left out). The
     model's parameters are in the compute dtype (fp32, or 16-bit for bf16/fp16), and DeepSpeed
-    keeps an fp32 master partition beside them under every precision (measured: even in fp32 it
-    does not alias them). Stage 1 partitions the optimizer state, 2 also gradients, 3 also parameters.
+    keeps an fp32 master partition beside them, except where fmtrain makes the fp32 parameter
+    partition the master itself (ZeRO-3 in fp32 without optimizer offload; ``_share_fp32_master``).
+    Stage 1 partitions the optimizer state, 2 also gradients, 3 also parameters.
     """
     low = FP32 if precision == "fp32" else 2
     part = math.ceil(numel / dp)
     held = part if stage == 3 else numel
-    return held, held * low + part * FP32, (part if stage >= 2 else numel) * low, part * FP32 * ADAM_STATES
+    shared_master = stage == 3 and precision == "fp32" and not offload_optimizer
+    param_bytes = held * low + (0 if shared_master else part * FP32)
+    return held, param_bytes, (part if stage >= 2 else numel) * low, part * FP32 * ADAM_STATES
 
 
 def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
@@ -115,7 +120,7 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     param_bytes, grad_bytes, optimizer_bytes = local * FP32, local * FP32, local * FP32 * ADAM_STATES
     if cfg.strategy.name == "deepspeed":
         local, param_bytes, grad_bytes, optimizer_bytes = zero_bytes(
-            model.num_params(), dims.dp, cfg.strategy.zero_stage, cfg.precision.name
+            model.num_params(), dims.dp, cfg.strategy.zero_stage, cfg.precision.name, cfg.strategy.offload_optimizer
         )
     micro = micro_batch_size(cfg.trainer, dims.dp)
     return Plan(

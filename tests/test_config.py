@@ -82,6 +82,14 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
             r"strategy.tp=2 is invalid: tensor parallelism needs strategy=tp or fsdp_tp",
         ),
         (["strategy=tp", "strategy.tp=3", "launcher.nproc=4"], r"strategy.tp=3 is invalid: must divide the world size 4"),
+        (
+            ["strategy=fsdp", "strategy.sequence_parallel=true", "launcher.nproc=2"],
+            r"strategy.sequence_parallel=True is invalid: splits tensor-parallel activations: strategy=tp or fsdp_tp, not fsdp",
+        ),
+        (
+            ["strategy=tp", "strategy.sequence_parallel=true", "launcher.nproc=2", "data.seq_len=255"],
+            r"strategy.sequence_parallel=True is invalid: needs data.seq_len=255 divisible by the tensor-parallel degree 2",
+        ),
         (["strategy=tp", "strategy.tp=2", "launcher.nproc=4"], r"strategy.tp=2 is invalid: .* tp must equal the world size 4"),
         (
             ["strategy=fsdp_tp", "launcher.nproc=2"],

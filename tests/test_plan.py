@@ -55,6 +55,19 @@ def test_deepspeed_zero_stages_partition_what_they_say() -> None:
     assert (plans[2].param_bytes, plans[2].grad_bytes) == (2 * n + 4 * part, 2 * part)
     assert (plans[3].param_bytes, plans[3].grad_bytes, plans[3].optimizer_bytes) == (6 * part, 2 * part, 8 * part)
     assert plans[3].params_per_rank == part
+    # fp32 ZeRO-3: the fp32 parameter partition is the master (one copy), as state_bytes measures.
+    fp32 = make_plan(compose(["model=8b", "strategy=deepspeed", "strategy.zero_stage=3"], check=False), world_size=64)
+    assert (fp32.param_bytes, fp32.grad_bytes, fp32.optimizer_bytes) == (4 * part, 4 * part, 8 * part)
+
+
+def test_sequence_parallelism_splits_the_rest_of_the_activations() -> None:
+    """Korthikanti et al.: per layer s*b*h*(10 + 24/t) bytes (16-bit) under TP, s*b*h*34/t with SP."""
+    overrides = ["model=8b", "strategy=tp", "precision=bf16", "trainer.global_batch_size=1", "data.seq_len=4096"]
+    tp = make_plan(compose([*overrides], check=False), world_size=8)
+    sp = make_plan(compose([*overrides, "strategy.sequence_parallel=true"], check=False), world_size=8)
+    logits = 2 * 4096 * 128256 * 4
+    assert tp.activation_bytes == 32 * 4096 * 4096 * (10 + 3) + logits
+    assert sp.activation_bytes == 32 * 4096 * 4096 * 34 // 8 + logits
 
 
 def test_cli_prints_the_plan_and_refuses_impossible_ones() -> None:

@@ -18,4 +18,4 @@ if TYPE_CHECKING:
 
 class FSDPTPStrategy(FSDPStrategy):
     def apply_tensor_parallel(self, model: Transformer, mesh: DeviceMesh) -> None:
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=self.cfg.sequence_parallel)

@@ -2,7 +2,10 @@
 
 The plan comes from the model (``Transformer.tp_plan``): column-parallel Q/K/V and SwiGLU inputs,
 row-parallel output projections, so each block needs one all-reduce forward and one backward.
-Every rank sees the same data; embeddings, norms and the head stay replicated.
+Every rank sees the same data; embeddings, norms and the head stay replicated. With
+``strategy.sequence_parallel=true`` the norms and the residual stream are split along the sequence
+between the projections (``Transformer.sequence_parallel_plan``): each all-reduce becomes a
+reduce-scatter and an all-gather, and activations outside attention and the feed-forward take 1/tp.
 """
 
 from __future__ import annotations
@@ -14,11 +17,40 @@ from fmtrain.model import Transformer
 from fmtrain.strategies import Strategy, assign_full, prepare_blocks, sharded_grad_scaler
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+def apply_tensor_parallel(model: Transformer, tp_mesh, *, sequence_parallel: bool = False) -> None:
+    import inspect
 
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-    parallelize_module(model, tp_mesh, {path: styles[style]() for path, style in model.tp_plan().items()})
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        ParallelStyle,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    def style(path: str, name: str) -> ParallelStyle:
+        if name == "colwise":
+            return ColwiseParallel()
+        if name == "rowwise":
+            return RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate())
+        if name == "norm":
+            return SequenceParallel()
+        # "split" / "gather": the first input (activations) changes layout, the others (rope) do not.
+        others = (None,) * (len(inspect.signature(model.get_submodule(path).forward).parameters) - 1)
+        if name == "split":
+            return PrepareModuleInput(
+                input_layouts=(Replicate(), *others), desired_input_layouts=(Shard(1), *others), use_local_output=True
+            )
+        return PrepareModuleInput(
+            input_layouts=(Shard(1), *others), desired_input_layouts=(Replicate(), *others), use_local_output=True
+        )
+
+    plan = dict(model.tp_plan())
+    if sequence_parallel:
+        plan |= model.sequence_parallel_plan()
+    parallelize_module(model, tp_mesh, {path: style(path, name) for path, name in plan.items()})
 
 
 class TPStrategy(Strategy):
@@ -28,7 +60,8 @@ class TPStrategy(Strategy):
         return sharded_grad_scaler(self)
 
     def build(self, model: Transformer, seed: int) -> nn.Module:
-        apply_tensor_parallel(model, self.dims.build_mesh(self.device.type)["tp"])
+        mesh = self.dims.build_mesh(self.device.type)["tp"]
+        apply_tensor_parallel(model, mesh, sequence_parallel=self.cfg.sequence_parallel)
         prepare_blocks(model, self.trainer)
         model.to_empty(device=self.device)
         model.init_weights(seed, assign=assign_full)
