@@ -27,6 +27,7 @@ STRATEGIES = {
     "zero2": ["strategy=deepspeed", "strategy.zero_stage=2"],
     "zero3": ["strategy=deepspeed", "strategy.zero_stage=3"],
     "tp": ["strategy=tp"],
+    "tp+sp": ["strategy=tp", "strategy.sequence_parallel=true"],
 }
 CELLS = [(s, p) for s in STRATEGIES for p in ("fp32", "bf16", "fp16")]
 
