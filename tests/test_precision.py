@@ -77,11 +77,12 @@ def _fp8_rank(rank: int, port: int, overrides: list[str]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_fp8_training_composes_with_its_strategies_and_learns_like_bf16(strategy: str, cache_dir: Path, tmp_path: Path) -> None:
-    """fp8 as a GPU would run it: Float8Linear converted on meta, under DDP (bf16 autocast) or FSDP2
-    (bf16 parameters, fp32 reduction), 2 ranks; only the device check is bypassed. 10 steps: on this
-    CPU an fp8 step takes ~2.4 s (70x bf16's)."""
+def test_fp8_training_under_fsdp_learns_like_bf16(cache_dir: Path, tmp_path: Path) -> None:
+    """fp8 as a GPU would run it: Float8Linear converted on meta, then FSDP2 (bf16 parameters, fp32
+    reduction), 2 ranks; only the device check is bypassed. (DDP's bf16 autocast over Float8Linear
+    is the unit test above; measured to match bf16 as closely.) 10 steps: on this CPU an fp8 step
+    takes ~2.4 s (70x bf16's)."""
+    strategy = "fsdp"
     steps = ["trainer.max_steps=10", "trainer.eval_interval=10", "checkpoint.interval=10", "trainer.plot=false"]
     common = [*SMALL, *steps, f"strategy={strategy}", "launcher.nproc=2", "trainer.device=cpu"]
     bf16 = fmtrain(["train", f"run_dir={tmp_path / 'bf16'}", *common, "precision=bf16"], cache_dir)

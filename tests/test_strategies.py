@@ -42,12 +42,11 @@ def assert_close_to(losses: dict[int, float], reference: dict[int, float], rel: 
         ("fsdp", 2, ["strategy.reshard_after_forward=false"]),
         ("tp", 2, []),
         ("fsdp_tp", 4, ["strategy.tp=2"]),
-        ("tp", 2, ["strategy.sequence_parallel=true", "trainer.activation_checkpointing=full"]),
-        ("fsdp_tp", 4, ["strategy.tp=2", "strategy.sequence_parallel=true"]),
         ("ddp", 2, ["trainer.activation_checkpointing=full"]),
         ("fsdp", 2, ["trainer.activation_checkpointing=every_n"]),
-        ("tp", 2, ["trainer.activation_checkpointing=full"]),
-        ("fsdp_tp", 4, ["strategy.tp=2", "trainer.activation_checkpointing=full"]),
+        # Sequence parallelism, with activation checkpointing (recomputed blocks re-split and re-gather).
+        ("tp", 2, ["strategy.sequence_parallel=true", "trainer.activation_checkpointing=full"]),
+        ("fsdp_tp", 4, ["strategy.tp=2", "strategy.sequence_parallel=true", "trainer.activation_checkpointing=full"]),
         ("deepspeed", 2, ["strategy.zero_stage=1"]),
         ("deepspeed", 2, ["strategy.zero_stage=2"]),
         ("deepspeed", 2, ["strategy.zero_stage=3"]),  # built partitioned (deepspeed.zero.Init)
@@ -126,9 +125,8 @@ def test_bf16_learns_and_stays_near_fp32(
     ("saved", "resumed"),
     [
         (["strategy=fsdp", "launcher.nproc=2"], ["strategy=ddp", "launcher.nproc=1"]),
-        (["strategy=ddp", "launcher.nproc=2"], ["strategy=fsdp", "launcher.nproc=2"]),
         (["strategy=tp", "launcher.nproc=2"], ["strategy=fsdp_tp", "launcher.nproc=4", "strategy.tp=2"]),
-        # Saved with the fused AdamW kernel, resumed where the optimizer must use foreach (mixed DTensors).
+        # Saved with the fused AdamW kernel, resumed where torch picks the kernel (DTensors beside tensors).
         (["strategy=ddp", "launcher.nproc=2"], ["strategy=tp", "launcher.nproc=2"]),
         (["strategy=fsdp", "launcher.nproc=2"], ["strategy=deepspeed", "strategy.zero_stage=3", "launcher.nproc=2"]),
         (["strategy=ddp", "launcher.nproc=2"], ["strategy=deepspeed", "strategy.zero_stage=1", "launcher.nproc=1"]),
@@ -178,9 +176,9 @@ def test_fp16_with_loss_scaling_learns_and_keeps_its_scale(strategy, nproc, extr
     assert scaler["scale"] == records[-1]["loss_scale"]
 
 
-def _residual_lengths(rank: int, port: int, result: Any) -> None:
-    """One of 2 ranks: the sequence length each block's input has on this rank, with and without
-    sequence parallelism (blocks.1's input is the residual stream between blocks)."""
+def _residual_length(rank: int, port: int, sequence_parallel: bool, result: Any) -> None:
+    """One of 2 ranks of a tp model: the sequence length of blocks.1's input on this rank (the
+    residual stream between blocks) and the logits' shape, as rank 0 saw them."""
     import os
 
     import torch
@@ -194,21 +192,17 @@ def _residual_lengths(rank: int, port: int, result: Any) -> None:
     os.environ.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     env = DistEnv.from_environ()
     device = env.init("cpu")
-    lengths = {}
-    for sequence_parallel in (False, True):
-        cfg = compose([*SMALL, "strategy=tp", f"strategy.sequence_parallel={sequence_parallel}", "launcher.nproc=2"])
-        strategy = make_strategy(cfg.strategy, "fp32", cfg.trainer, env, device)
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        built = strategy.build(model, cfg.seed)
-        seen: list[int] = []
-        hook = built.blocks[1].register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[0].shape[1]))
-        tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len))
-        logits = built(tokens)
-        hook.remove()
-        lengths[sequence_parallel] = (seen[0], tuple(logits.shape))
+    cfg = compose([*SMALL, "strategy=tp", f"strategy.sequence_parallel={sequence_parallel}", "launcher.nproc=2"])
+    strategy = make_strategy(cfg.strategy, "fp32", cfg.trainer, env, device)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    built = strategy.build(model, cfg.seed)
+    seen: list[int] = []
+    built.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    logits = built(torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len)))
     if rank == 0:
-        result.update(lengths)
+        result[sequence_parallel] = (seen[0], tuple(logits.shape))
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still talks to it
     env.close()
 
 
@@ -219,12 +213,13 @@ def test_sequence_parallel_splits_the_residual_stream_along_the_sequence() -> No
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     with mp.Manager() as manager:
         result = manager.dict()
-        mp.spawn(_residual_lengths, args=(port, result), nprocs=2, join=True)
+        for sequence_parallel in (False, True):  # one model per process group, as in a run
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            mp.spawn(_residual_length, args=(port, sequence_parallel, result), nprocs=2, join=True)
         lengths = dict(result)
     seq = 64  # SMALL's data.seq_len
     assert lengths == {False: (seq, (2, seq, 256)), True: (seq // 2, (2, seq, 256))}
