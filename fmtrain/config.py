@@ -577,3 +577,8 @@ def _check_deepspeed(cfg: TrainConfig) -> None:
 def micro_batch_size(t: TrainerConfig, world_size: int) -> int:
     """Sequences per rank per forward pass: as configured, or the global batch shared out."""
     return t.micro_batch_size or t.global_batch_size // world_size
+
+
+def accumulation_steps(t: TrainerConfig, dp_size: int) -> int:
+    """Micro-batches per rank per optimizer step."""
+    return t.global_batch_size // (micro_batch_size(t, dp_size) * dp_size)

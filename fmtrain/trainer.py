@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmtrain.checkpoint import Checkpointer
-from fmtrain.config import TrainConfig, micro_batch_size
+from fmtrain.config import TrainConfig, accumulation_steps, micro_batch_size
 from fmtrain.data import Corpus, GlobalBatches, eval_windows, prepare
 from fmtrain.distributed import DistEnv
 from fmtrain.metrics import (
@@ -193,7 +193,7 @@ def _build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
     wrapped = strategy.build(model, cfg.seed)
     built = getattr(wrapped, "module", wrapped)  # evaluation runs the model itself, outside DDP's hooks
     assert isinstance(built, Transformer), type(built)
-    accum = t.global_batch_size // (micro * strategy.dp_size)
+    accum = accumulation_steps(t, strategy.dp_size)
     wrapped, optimizer = strategy.attach_optimizer(
         wrapped, build_optimizer(wrapped, cfg.optim), micro=micro, accum=accum, grad_clip=cfg.optim.grad_clip
     )

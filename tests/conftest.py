@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,3 +126,22 @@ def ray_env(cache: Path, ray_tmp: Path) -> dict[str, str]:
         RAY_USAGE_STATS_ENABLED="0",
         RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30",
     )
+
+
+def _as_rank(rank: int, world: int, port: int, fn: Any, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    fn(rank, *args)
+
+
+def spawn_ranks(fn: Any, world: int, *args: Any) -> None:
+    """Run ``fn(rank, *args)`` in ``world`` fresh processes with the environment a launcher gives its
+    ranks (rendezvous on a free loopback port); raises if any of them fails."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_as_rank, args=(world, port, fn, args), nprocs=world, join=True)

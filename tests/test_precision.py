@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL, fmtrain, train_losses
+from conftest import SMALL, fmtrain, spawn_ranks, train_losses
 
 from fmtrain.config import ConfigError, ModelConfig, validate
 from fmtrain.model import Transformer
@@ -64,14 +63,12 @@ def test_fp8_is_refused_on_cpu_and_with_unsupported_strategies() -> None:
     validate(compose(["precision=fp8", "strategy=fsdp"], check=False), world_size=2)
 
 
-def _fp8_rank(rank: int, port: int, overrides: list[str]) -> None:
+def _fp8_rank(rank: int, overrides: list[str]) -> None:
     """One of 2 ranks of a real fmtrain run with precision=fp8, past the GPU check: torch runs the
     fp8 matmuls (torch._scaled_mm) on this CPU slowly, which is enough to check the composition."""
     import fmtrain.strategies
     from fmtrain.trainer import run
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     fmtrain.strategies.check_fp8_device = lambda device: None  # type: ignore[assignment]  # the one thing faked
     run(compose(overrides, check=False))
 
@@ -89,11 +86,7 @@ def test_fp8_training_under_fsdp_learns_like_bf16(cache_dir: Path, tmp_path: Pat
     assert bf16.returncode == 0, bf16.stdout + bf16.stderr
 
     os.environ["FMTRAIN_CACHE"] = str(cache_dir)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    overrides = [f"run_dir={tmp_path / 'fp8'}", *common, "precision=fp8"]
-    torch.multiprocessing.spawn(_fp8_rank, args=(port, overrides), nprocs=2, join=True)
+    spawn_ranks(_fp8_rank, 2, [f"run_dir={tmp_path / 'fp8'}", *common, "precision=fp8"])
 
     fp8, reference = train_losses(tmp_path / "fp8"), train_losses(tmp_path / "bf16")
     assert sorted(fp8) == list(range(1, 11))

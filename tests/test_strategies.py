@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SMALL, fmtrain, read_metrics, train_losses
+from conftest import SMALL, fmtrain, read_metrics, spawn_ranks, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -176,11 +176,9 @@ def test_fp16_with_loss_scaling_learns_and_keeps_its_scale(strategy, nproc, extr
     assert scaler["scale"] == records[-1]["loss_scale"]
 
 
-def _residual_length(rank: int, port: int, sequence_parallel: bool, result: Any) -> None:
+def _residual_length(rank: int, sequence_parallel: bool, result: Any) -> None:
     """One of 2 ranks of a tp model: the sequence length of blocks.1's input on this rank (the
     residual stream between blocks) and the logits' shape, as rank 0 saw them."""
-    import os
-
     import torch
 
     from fmtrain.distributed import DistEnv
@@ -188,8 +186,6 @@ def _residual_length(rank: int, port: int, sequence_parallel: bool, result: Any)
     from fmtrain.strategies import make_strategy
     from launch.compose import compose
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
-    os.environ.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     env = DistEnv.from_environ()
     device = env.init("cpu")
     cfg = compose([*SMALL, "strategy=tp", f"strategy.sequence_parallel={sequence_parallel}", "launcher.nproc=2"])
@@ -209,17 +205,12 @@ def _residual_length(rank: int, port: int, sequence_parallel: bool, result: Any)
 def test_sequence_parallel_splits_the_residual_stream_along_the_sequence() -> None:
     """The equivalence runs above show sequence parallelism computes the same; this shows it is on:
     between blocks each rank holds half the sequence, and the logits come out whole."""
-    import socket
-
     import torch.multiprocessing as mp
 
     with mp.Manager() as manager:
         result = manager.dict()
         for sequence_parallel in (False, True):  # one model per process group, as in a run
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            mp.spawn(_residual_length, args=(port, sequence_parallel, result), nprocs=2, join=True)
+            spawn_ranks(_residual_length, 2, sequence_parallel, result)
         lengths = dict(result)
     seq = 64  # SMALL's data.seq_len
     assert lengths == {False: (seq, (2, seq, 256)), True: (seq // 2, (2, seq, 256))}

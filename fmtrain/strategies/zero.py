@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fmtrain.config import micro_batch_size
+from fmtrain.config import accumulation_steps, micro_batch_size
 from fmtrain.model import Transformer
 from fmtrain.optim import decays
 from fmtrain.strategies import Strategy, prepare_blocks
@@ -159,8 +159,7 @@ class DeepSpeedStrategy(Strategy):
             # Each layer is partitioned as soon as it is made, and each parameter is gathered alone
             # to take its seeded value: no rank holds more than one whole parameter at a time.
             deepspeed = self._start_deepspeed()
-            micro = micro_batch_size(self.trainer, self.dp_size)
-            accum = self.trainer.global_batch_size // (micro * self.dp_size)
+            micro, accum = micro_batch_size(self.trainer, self.dp_size), accumulation_steps(self.trainer, self.dp_size)
             # zero.Init reads the precision and zero_optimization sections (dtype, parameter offload).
             config = self._config(micro, accum, grad_clip=0.0)
             with contextlib.redirect_stdout(io.StringIO()), deepspeed.zero.Init(config_dict_or_path=config):
