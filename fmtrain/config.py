@@ -491,7 +491,13 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
                 limit, what = 4 * usable_cpus(), f"4 x the {usable_cpus()} usable CPU cores"
             if lnch.nproc > limit:
                 raise ConfigError("launcher.nproc", lnch.nproc, f"must be <= {limit} ({what})")
-        if cfg.precision.name == "fp8" and not wants_gpu:
+        if lnch.name == "local":  # this machine's device runs it: ask it (Slurm and Ray nodes: each rank asks its own)
+            from fmtrain.hardware import probe
+
+            caps = probe("cuda" if wants_gpu else "cpu", engines=cfg.strategy.name == "deepspeed")
+            if reason := caps.refusal(cfg.strategy.name, cfg.precision.name):
+                raise ConfigError("precision.name", cfg.precision.name, reason)
+        elif cfg.precision.name == "fp8" and not wants_gpu:
             raise ConfigError(
                 "precision.name",
                 "fp8",

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fmtrain import hardware
 from fmtrain.config import TrainConfig, micro_batch_size
 from fmtrain.model import Transformer
 from fmtrain.parallel import SHARDED, ParallelDims
@@ -39,6 +40,8 @@ class Plan:
     activation_bytes: int
     micro_batch: int
     seq_len: int
+    device: str  # this machine's device, as fmtrain.hardware sees it
+    device_check: str  # "supported", or why this machine's device cannot run the strategy and precision
 
     @property
     def total_bytes(self) -> int:
@@ -57,6 +60,7 @@ class Plan:
                 f"{self.activation_bytes / gib:8.3f} GiB  (estimate: micro-batch {self.micro_batch} x {self.seq_len} tokens)",
             ),
             ("total", f"{self.total_bytes / gib:8.3f} GiB per rank"),
+            ("this device", f"{self.device} -> {self.strategy} {self.precision}: {self.device_check}"),
         ]
         return "\n".join(f"{name:<12} {value}" for name, value in rows)
 
@@ -123,6 +127,8 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
             model.num_params(), dims.dp, cfg.strategy.zero_stage, cfg.precision.name, cfg.strategy.offload_optimizer
         )
     micro = micro_batch_size(cfg.trainer, dims.dp)
+    caps = hardware.probe("cuda" if torch.cuda.is_available() else "cpu", engines=cfg.strategy.name == "deepspeed")
+    refusal = caps.refusal(cfg.strategy.name, cfg.precision.name)
     return Plan(
         model=cfg.model.name,
         strategy=cfg.strategy.name,
@@ -138,4 +144,6 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
         activation_bytes=activation_bytes(cfg, micro, dims.tp),
         micro_batch=micro,
         seq_len=cfg.data.seq_len,
+        device=caps.describe(),
+        device_check=f"refused: {refusal}" if refusal else "supported",
     )

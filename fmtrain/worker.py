@@ -13,7 +13,7 @@ import gc
 import os
 import sys
 
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 from fmtrain import config
 from fmtrain.distributed import die_with_parent
@@ -27,7 +27,12 @@ def main(argv: list[str]) -> int:
         return 2
     if os.environ.get("FMTRAIN_DIE_WITH_PARENT") == "1":
         die_with_parent()
-    run(config.load(argv[0]))
+    try:
+        run(config.load(argv[0]))
+    except config.ConfigError as error:  # a user error this rank found (its device): one line, no traceback
+        get_error_handler().record_exception(error)  # the launcher reports the failing rank's message
+        print(f"fmtrain: error: {error}", file=sys.stderr)
+        return 2
     # Everything is written and closed. The interpreter's last garbage collection over the heap
     # of torch, matplotlib and tensorboard takes ~0.5 s; frozen objects are skipped by it.
     gc.freeze()

@@ -63,7 +63,10 @@ def failure_report(error: Any) -> str:
     rank, failure = error.get_first_failure()
     detail = failure.message
     if isinstance(detail, dict):
-        detail = detail.get("extraInfo", {}).get("py_callstack") or detail.get("message", "")
+        message = detail.get("message", "")
+        if message.startswith("ConfigError: "):  # a user error found on the rank's own device: one line
+            return f"rank {rank}: {message.removeprefix('ConfigError: ')}"
+        detail = detail.get("extraInfo", {}).get("py_callstack") or message
     return f"rank {rank} failed (exit code {failure.exitcode}, pid {failure.pid}):\n{detail}".rstrip()
 
 

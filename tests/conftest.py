@@ -52,6 +52,26 @@ SLOW_TRIAL = [
 ASHA_GRID = ["tune=asha", "tune.search=grid", "tune.num_samples=1", "tune.max_concurrent=1"]
 
 
+# Tests whose outcome depends on this machine's hardware say which branch they took; the summary lists them.
+HARDWARE_BRANCHES: list[str] = []
+
+
+@pytest.fixture
+def hardware_branch(request: pytest.FixtureRequest) -> Any:
+    """``hardware_branch("refused: ...")``: record which behaviour this machine called for."""
+    return lambda branch: HARDWARE_BRANCHES.append(f"{request.node.nodeid}: {branch}")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if HARDWARE_BRANCHES:
+        from fmtrain.hardware import probe
+
+        terminalreporter.section("hardware-dependent tests: the branch each took")
+        terminalreporter.write_line(f"this machine: {probe('cpu').describe()}")
+        for line in HARDWARE_BRANCHES:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tokenized-data cache for the session (CI may point FMTRAIN_CACHE at a kept folder)."""

@@ -55,8 +55,10 @@ def test_fp8_converts_the_blocks_linear_layers_on_meta_and_keeps_the_seeded_init
 
 
 def test_fp8_is_refused_on_cpu_and_with_unsupported_strategies() -> None:
-    with pytest.raises(UsageError, match=r"precision.name='fp8' is invalid: fp8 training needs GPUs .* this run has no GPU"):
+    with pytest.raises(UsageError, match=r"precision.name='fp8' is invalid: fp8 training needs GPUs .* device is cpu: .*bf16"):
         compose(["precision=fp8", "trainer.device=cpu"])
+    with pytest.raises(UsageError, match=r"precision.name='fp8' is invalid: fp8 training needs GPUs .* this run has no GPU"):
+        compose(["precision=fp8", "launcher=slurm"])  # a Slurm job without GPUs
     cfg = compose(["precision=fp8", "strategy=tp"], check=False)
     with pytest.raises(ConfigError, match=r"fp8 \(torchao Float8Linear\) is supported with strategy=ddp or fsdp"):
         validate(cfg, world_size=2)  # as for `fmtrain plan`: no device check
@@ -66,10 +68,10 @@ def test_fp8_is_refused_on_cpu_and_with_unsupported_strategies() -> None:
 def _fp8_rank(rank: int, overrides: list[str]) -> None:
     """One of 2 ranks of a real fmtrain run with precision=fp8, past the GPU check: torch runs the
     fp8 matmuls (torch._scaled_mm) on this CPU slowly, which is enough to check the composition."""
-    import fmtrain.strategies
+    import fmtrain.hardware
     from fmtrain.trainer import run
 
-    fmtrain.strategies.check_fp8_device = lambda device: None  # type: ignore[assignment]  # the one thing faked
+    fmtrain.hardware.check = lambda device, strategy, precision: None  # type: ignore[assignment]  # the one thing faked
     run(compose(overrides, check=False))
 
 

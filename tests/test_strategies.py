@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from conftest import SMALL, fmtrain, read_metrics, spawn_ranks, train_losses
 
+from fmtrain.hardware import probe
+
 pytestmark = pytest.mark.slow
 
 STEPS = ["trainer.max_steps=20", "trainer.eval_interval=10", "checkpoint.interval=10", "checkpoint.keep_last=5"]
@@ -165,8 +167,22 @@ def test_compiled_blocks_train_like_eager(reference: Path, cache_dir: Path, tmp_
         ("deepspeed", 2, ["strategy.zero_stage=2"]),
     ],
 )
-def test_fp16_with_loss_scaling_learns_and_keeps_its_scale(strategy, nproc, extra, cache_dir: Path, tmp_path: Path) -> None:
-    losses = train(cache_dir, tmp_path, f"strategy={strategy}", f"launcher.nproc={nproc}", "precision=fp16", *extra)
+def test_fp16_with_loss_scaling_learns_and_keeps_its_scale(
+    strategy, nproc, extra, cache_dir: Path, tmp_path: Path, hardware_branch
+) -> None:
+    """Where this CPU runs fp16 under the strategy, it learns; where not (DeepSpeed's CPU accelerator
+    without AVX512-FP16/AMX-FP16, e.g. an AMD EPYC), the command is refused before launch, one line."""
+    overrides = [f"strategy={strategy}", f"launcher.nproc={nproc}", "precision=fp16", *extra]
+    refusal = probe("cpu", engines=strategy == "deepspeed").refusal(strategy, "fp16")
+    if refusal:
+        hardware_branch(f"refused before launch ({refusal})")
+        result = fmtrain(["train", f"run_dir={tmp_path / 'run'}", *SMALL, *STEPS, *overrides], cache_dir)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.splitlines() == [f"fmtrain: error: precision.name='fp16' is invalid: {refusal}"]
+        assert not (tmp_path / "run").exists()
+        return
+    hardware_branch("trained")
+    losses = train(cache_dir, tmp_path, *overrides)
     assert losses[20] < losses[1] - 0.5
     records = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert all(r["loss_scale"] > 0 for r in records)

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from fmtrain import hardware
 from fmtrain.config import StrategyConfig, TrainerConfig
 from fmtrain.distributed import DistEnv
 from fmtrain.model import Transformer
 from fmtrain.parallel import ParallelDims
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with fp8 tensor cores
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -54,20 +54,6 @@ def convert_to_fp8(model: Transformer) -> None:
     convert_to_float8_training(model, module_filter_fn=eligible)
 
 
-def check_fp8_device(device: torch.device) -> None:
-    """fp8 training only where fp8 tensor cores exist; elsewhere a clear error, not a slow emulation."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
-        where = (
-            device.type
-            if device.type != "cuda"
-            else f"{torch.cuda.get_device_name(device)} (sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})"
-        )
-        raise RuntimeError(
-            f"precision=fp8 needs a GPU with compute capability >= 8.9 (e.g. H100, L40S); this rank runs on {where}: "
-            "use precision=bf16"
-        )
-
-
 def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a whole (unsharded) value into a parameter, keeping only the shard a DTensor holds.
 
@@ -84,7 +70,7 @@ def prepare_blocks(model: Transformer, cfg: TrainerConfig) -> None:
     """Activation checkpointing and torch.compile per block: after TP, before FSDP (torchtitan's order).
 
     (fp8's conversion of linear layers comes before all of these: :meth:`Strategy.__init__` checks
-    the device, ``build`` converts on the meta device.)
+    the device (:func:`fmtrain.hardware.check`), ``build`` converts on the meta device.)
     """
     if cfg.activation_checkpointing != "none":
         every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_n
@@ -139,8 +125,7 @@ class Strategy:
     def __init__(self, cfg: StrategyConfig, precision: str, trainer: TrainerConfig, env: DistEnv, device: torch.device) -> None:
         self.cfg, self.precision, self.trainer, self.env, self.device = cfg, precision, trainer, env, device
         self.dims = ParallelDims.from_config(cfg, env.world_size)
-        if precision == "fp8":
-            check_fp8_device(device)
+        hardware.check(device, cfg.name, precision)  # this rank's own device: a node may differ from the submitter
 
     @property
     def dp_rank(self) -> int:

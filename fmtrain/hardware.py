@@ -1,0 +1,156 @@
+"""What the device of a run can compute, found out in one place instead of assumed.
+
+    from fmtrain.hardware import probe
+    caps = probe("cpu")                     # this machine's CPU (asked once per process)
+    caps.refusal("deepspeed", "fp16")       # None, or why not and what to use instead
+    caps.describe()                         # 'cpu: Intel(R) Xeon(R) Processor (AVX512; bf16 native, fp16 native)'
+
+Validation asks before launch (the local launcher runs on this machine), each strategy asks again
+on its rank's device (a Slurm or Ray node may differ from the machine that submitted), and
+``fmtrain plan`` / ``--dry-run`` show the answer.
+
+On a CPU torch computes bf16 and fp16 everywhere: natively through oneDNN where the CPU has the
+instructions (bf16: AVX512-BF16 or AMX-BF16; fp16: AVX512-FP16 or AMX-FP16), emulated and slower
+elsewhere. DeepSpeed's CPU accelerator refuses fp16 without oneDNN's fp16 kernels, as on an AMD EPYC,
+so its own answer is asked. On GPUs, bf16 needs sm_80 (Ampere) and fp8 sm_89 (Ada, Hopper).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with fp8 tensor cores
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere
+# The CPU flags (as /proc/cpuinfo names them) that decide how 16-bit matmuls run.
+NOTABLE_FLAGS = ("avx2", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    kind: str  # "cpu" or "cuda"
+    name: str  # the CPU's model name, or the GPU's
+    isa: str  # CPU: the vector ISA torch's kernels use (AVX512, AVX2, ...); GPU: sm_XY
+    flags: tuple[str, ...]  # CPU: which of NOTABLE_FLAGS it has
+    native_bf16: bool  # bf16 matmuls in hardware (CPU: AVX512-BF16 or AMX-BF16; GPU: tensor cores)
+    native_fp16: bool  # (CPU: AVX512-FP16 or AMX-FP16)
+    fp8: bool  # fp8 tensor cores (torchao Float8Linear)
+    deepspeed_fp16: bool | None  # DeepSpeed's accelerator's answer; None: not asked (not installed)
+    deepspeed_bf16: bool | None
+
+    def describe(self) -> str:
+        native = [
+            f"{dtype} {'native' if ok else 'emulated'}" for dtype, ok in (("bf16", self.native_bf16), ("fp16", self.native_fp16))
+        ]
+        extra = [f"DeepSpeed fp16 {'yes' if self.deepspeed_fp16 else 'no'}"] if self.deepspeed_fp16 is not None else []
+        return f"{self.kind}: {self.name} ({'; '.join([self.isa, *native, *(['fp8'] if self.fp8 else []), *extra])})"
+
+    def refusal(self, strategy: str, precision: str) -> str | None:
+        """Why ``strategy`` cannot train in ``precision`` on this device, naming what can; None if it can."""
+        where = f"this run's device is {self.describe()}"
+        if precision == "fp8" and not self.fp8:
+            return (
+                "fp8 training needs GPUs with fp8 tensor cores (compute capability >= 8.9, e.g. H100, L40S); "
+                f"{where}: use precision=bf16"
+            )
+        if precision == "bf16" and self.kind == "cuda" and not self.native_bf16:
+            return f"bf16 needs compute capability >= 8.0 (Ampere); {where}: use precision=fp16"
+        if strategy == "deepspeed" and precision == "fp16" and self.deepspeed_fp16 is False:
+            why = " (oneDNN has no fp16 kernels without AVX512-FP16 or AMX-FP16)" if self.kind == "cpu" else ""
+            return (
+                f"DeepSpeed's {self.kind} accelerator refuses fp16 here{why}; {where}: use precision=bf16, or "
+                "strategy=fsdp precision=fp16 (torch's loss scaling)"
+            )
+        if strategy == "deepspeed" and precision == "bf16" and self.deepspeed_bf16 is False:
+            return f"DeepSpeed's {self.kind} accelerator refuses bf16 here; {where}: use precision=fp16 or fp32"
+        return None
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """Which of NOTABLE_FLAGS this CPU has (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    present = set(line.partition(":")[2].split())
+    return tuple(flag for flag in NOTABLE_FLAGS if flag in present)
+
+
+def cpu_name() -> str:
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    names = [line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def _deepspeed_answers(kind: str) -> tuple[bool | None, bool | None]:
+    """(fp16, bf16) as DeepSpeed's accelerator for ``kind`` answers, or (None, None) without DeepSpeed."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return None, None
+    logging.disable(logging.WARNING)  # importing DeepSpeed logs which accelerator it picked
+    try:
+        if kind == "cpu":
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+            accelerator = CPU_Accelerator()
+        else:
+            from deepspeed.accelerator import get_accelerator
+
+            accelerator = get_accelerator()
+    finally:
+        logging.disable(logging.NOTSET)
+    return bool(accelerator.is_fp16_supported()), bool(accelerator.is_bf16_supported())
+
+
+@functools.cache
+def probe(kind: str, index: int = 0, *, engines: bool = True) -> Capabilities:
+    """The capabilities of this machine's ``kind`` device ("cpu" or "cuda", GPU ``index``).
+
+    ``engines``: also ask DeepSpeed (about a second to import it); without, its answers are None.
+    """
+    deepspeed = _deepspeed_answers(kind) if engines else (None, None)
+    if kind == "cuda":
+        capability = torch.cuda.get_device_capability(index)
+        return Capabilities(
+            kind="cuda",
+            name=torch.cuda.get_device_name(index),
+            isa=f"sm_{capability[0]}{capability[1]}",
+            flags=(),
+            native_bf16=capability >= BF16_MIN_CAPABILITY,
+            native_fp16=True,
+            fp8=capability >= FP8_MIN_CAPABILITY,
+            deepspeed_fp16=deepspeed[0],
+            deepspeed_bf16=deepspeed[1],
+        )
+    flags = cpu_flags()
+    return Capabilities(
+        kind="cpu",
+        name=cpu_name(),
+        isa=torch.backends.cpu.get_cpu_capability(),
+        flags=flags,
+        native_bf16=bool({"avx512_bf16", "amx_bf16"} & set(flags)),
+        native_fp16=bool({"avx512_fp16", "amx_fp16"} & set(flags)),
+        fp8=False,
+        deepspeed_fp16=deepspeed[0],
+        deepspeed_bf16=deepspeed[1],
+    )
+
+
+def check(device: torch.device, strategy: str, precision: str) -> None:
+    """Refuse, on a rank's own device, what it cannot train: ConfigError naming device and alternative."""
+    from fmtrain.config import ConfigError
+
+    caps = probe(device.type, device.index or 0, engines=strategy == "deepspeed")
+    if reason := caps.refusal(strategy, precision):
+        raise ConfigError("precision.name", precision, reason)
