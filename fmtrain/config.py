@@ -29,6 +29,10 @@ class ConfigError(ValueError):
         self.key, self.value, self.expected = key, value, expected
         super().__init__(f"{key}={value!r} is invalid: {expected}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, object, str]]:
+        # Rebuilt from its fields when it crosses a process (a Ray Tune trial's error reaches the driver).
+        return type(self), (self.key, self.value, self.expected)
+
 
 @dataclass
 class ModelConfig:
@@ -224,6 +228,9 @@ class TuneConfig:
     grace_period: int = 1  # asha: evaluations before a trial may be stopped
     reduction_factor: int = 3  # asha: keep the best 1/reduction_factor at each rung
     perturbation_interval: int = 2  # pbt: evaluations between exploit/explore decisions
+    # pbt: decide when every trial has reached the interval (reproducible from the seed); false: as each
+    # arrives (no trial waits for the slowest, but which trials are compared depends on timing)
+    synch: bool = True
     space: dict[str, Any] = field(default_factory=dict)  # nested keys allowed: {optim: {lr: "..."}}
     resume: bool = False  # continue an interrupted sweep in run_dir; finished trials are not rerun
     address: str | None = None  # the Ray cluster for the trials; None starts a local Ray

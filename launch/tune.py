@@ -1,7 +1,7 @@
 """``fmtrain tune``: Ray Tune over fmtrain's config; every trial is a real fmtrain run.
 
     fmtrain tune tune=asha tune.num_samples=8 trainer.max_steps=200 trainer.eval_interval=20
-    fmtrain tune tune=optuna 'tune.space={optim.lr: "loguniform(1e-4, 1e-2)", model.n_layers: "choice([2, 4])"}'
+    fmtrain tune tune=optuna '+tune.space.model.n_layers="choice([2, 4])"'    # beside conf/tune/optuna.yaml's space
     fmtrain tune tune=pbt ...        fmtrain tune tune=grid ...        fmtrain tune ... tune.resume=true
 
 The search space lives in the config (``tune.space``: key -> distribution). Each trial applies its
@@ -200,16 +200,21 @@ def _trial(params: dict[str, Any], base_yaml: str, sweep_dir: str, hand_over_che
         # PBT may hand any reported checkpoint to another trial later: keep them all (Ray keeps
         # only pointers to them, so nothing is stored twice).
         cfg.checkpoint.keep_last = max(cfg.checkpoint.keep_last, math.ceil(cfg.trainer.max_steps / cfg.checkpoint.interval) + 1)
+    trial_dir.mkdir(parents=True, exist_ok=True)
     inherited = tune.get_checkpoint()  # PBT: a better trial's checkpoint to continue from
     if inherited is not None:
         with inherited.as_directory() as folder:
             pointer = json.loads((Path(folder) / "pointer.json").read_text())
         step_dir = trial_dir / "checkpoints" / pointer["name"]
-        if Path(pointer["path"]).resolve() != step_dir.resolve():
+        source = Path(pointer["path"]).resolve()
+        if source != step_dir.resolve():
             shutil.rmtree(step_dir, ignore_errors=True)
-            shutil.copytree(pointer["path"], step_dir)
+            shutil.copytree(source, step_dir)
+            # PBT's exploit: this trial goes on from another trial's checkpoint with new values (results.csv says so).
+            note = {"from_trial": source.parent.parent.name, "checkpoint": pointer["name"], "params": params}
+            with open(trial_dir / "exploits.jsonl", "a") as f:
+                f.write(json.dumps(note) + "\n")
         cfg.trainer.resume = str(step_dir)
-    trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "config.yaml").write_text(to_yaml(cfg))
     (trial_dir / "params.json").write_text(json.dumps(params))
     if cfg.launcher.name == "slurm":
@@ -461,16 +466,28 @@ def _scheduler(tune_cfg: TuneConfig, space: dict[str, Distribution], max_steps: 
             time_attr="training_iteration",
             perturbation_interval=tune_cfg.perturbation_interval,
             hyperparam_mutations={k: d.values() or d.to_ray() for k, d in space.items()},
+            synch=tune_cfg.synch,
         )
     return FIFOScheduler()
 
 
-def _search(tune_cfg: TuneConfig) -> Any:
-    if tune_cfg.search != "optuna":
-        return None
-    from ray.tune.search.optuna import OptunaSearch
+def _search(tune_cfg: TuneConfig, seed: int) -> Any:
+    """The search, seeded: the same sweep proposes the same values (and PBT perturbs them alike)."""
+    import random
 
-    return OptunaSearch()
+    import numpy as np
+
+    # PBT's explore draws from Python's and NumPy's global generators, in this (the driver's) process.
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if tune_cfg.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=tune_cfg.max_concurrent)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=tune_cfg.max_concurrent, random_state=seed)
 
 
 def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> Path:
@@ -538,8 +555,7 @@ def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> P
                     mode=tune_cfg.mode,
                     num_samples=tune_cfg.num_samples,
                     scheduler=_scheduler(tune_cfg, space, evals),
-                    search_alg=_search(tune_cfg),
-                    max_concurrent_trials=tune_cfg.max_concurrent,
+                    search_alg=_search(tune_cfg, cfg.seed),  # bounds the trials at once (tune.max_concurrent)
                     # A stopped trial that follows a run elsewhere ends in its `finally` (which stops the
                     # run); its actor is not reused while that may still be going on.
                     reuse_actors=lc.name == "local" and lc.nproc == 1,
@@ -579,28 +595,7 @@ def write_results(
     sweep_dir: Path, grid: Any, keys: list[str], tune_cfg: TuneConfig, base_overrides: list[str], max_steps: int
 ) -> None:
     """results.csv (best first), best_overrides.yaml, best_command.txt and tune.png."""
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        # A trial that failed before reporting has no metrics: its id is in Ray's folder name.
-        named = re.match(r"_trial_([0-9a-f]+_\d+)", Path(str(result.path)).name)
-        trial_dir = sweep_dir / "trials" / str(metrics.get("trial_id") or (named.group(1) if named else ""))
-        params = result.config or {}
-        history = result.metrics_dataframe
-        losses = history["val_loss"].dropna().tolist() if history is not None and "val_loss" in history else []
-        steps = int(metrics.get("step", 0))
-        rows.append(
-            {
-                "trial": trial_dir.name,
-                **{key: params.get(key) for key in keys},
-                tune_cfg.metric: (min(losses) if tune_cfg.mode == "min" else max(losses)) if losses else None,
-                "final_" + tune_cfg.metric: losses[-1] if losses else None,
-                "steps": steps,
-                "evaluations": len(losses),
-                "status": "error" if result.error else "completed" if steps >= max_steps else "stopped early",
-                "run_dir": str(trial_dir) if trial_dir.name else "",
-            }
-        )
+    rows = [_result_row(result, sweep_dir, keys, tune_cfg, max_steps) for result in grid]
     sign = -1.0 if tune_cfg.mode == "max" else 1.0
     rows.sort(key=lambda r: (r[tune_cfg.metric] is None, sign * float(r[tune_cfg.metric] or 0.0)))
     with open(sweep_dir / "results.csv", "w", newline="") as f:
@@ -613,6 +608,47 @@ def write_results(
         command = ["fmtrain", "train", *base_overrides, *(f"{key}={value}" for key, value in best.items())]
         (sweep_dir / "best_command.txt").write_text(shlex.join(command) + "\n")
     _plot(sweep_dir, rows, keys, tune_cfg.metric)
+
+
+def _result_row(result: Any, sweep_dir: Path, keys: list[str], tune_cfg: TuneConfig, max_steps: int) -> dict[str, Any]:
+    """One trial's row: the evaluations it reported to the scheduler (``steps``: the last one), read
+    from its run's own ``metrics.jsonl`` (Ray's history of them may be missing), and a status that
+    says why, when a trial has no metric."""
+    from fmtrain.metrics import read_jsonl
+
+    metrics = result.metrics or {}
+    # A trial that failed before reporting has no metrics: its id is in Ray's folder name.
+    named = re.match(r"_trial_([0-9a-f]+_\d+)", Path(str(result.path)).name)
+    trial_dir = sweep_dir / "trials" / str(metrics.get("trial_id") or (named.group(1) if named else ""))
+    records = read_jsonl(trial_dir / "metrics.jsonl") if trial_dir.name else []
+    # A run followed elsewhere (N ranks, Slurm) may train and evaluate past the report that stopped it.
+    reported = int(metrics["step"]) if "step" in metrics else None
+    losses = [r[tune_cfg.metric] for r in records if tune_cfg.metric in r and r["step"] <= (reported or 0)]
+    steps = reported if reported is not None else max((r["step"] for r in records if "loss" in r), default=0)
+    if result.error:
+        lines = [line.strip() for line in str(result.error).splitlines() if line.strip()]
+        status = f"error: {lines[-1] if lines else type(result.error).__name__}"[:300]
+    elif not losses and (evaluated := [r["step"] for r in records if tune_cfg.metric in r]):
+        status = f"not reported: its run evaluated at steps {evaluated} but Ray Tune received none"
+    elif not losses:
+        status = f"no {tune_cfg.metric}: ended at step {steps}, before its first evaluation"
+    else:
+        status = "completed" if steps >= max_steps else "stopped early"
+    params = result.config or {}
+    row = {
+        "trial": trial_dir.name,
+        **{key: params.get(key) for key in keys},
+        tune_cfg.metric: (min(losses) if tune_cfg.mode == "min" else max(losses)) if losses else None,
+        "final_" + tune_cfg.metric: losses[-1] if losses else None,
+        "steps": steps,
+        "evaluations": len(losses),
+        "status": status,
+        "run_dir": str(trial_dir) if trial_dir.name else "",
+    }
+    if tune_cfg.scheduler == "pbt":  # each exploit: the trial went on from another trial's checkpoint
+        exploits = read_jsonl(trial_dir / "exploits.jsonl") if trial_dir.name else []
+        row["continued_from"] = " ".join(f"{e['from_trial']}/{e['checkpoint']}" for e in exploits)
+    return row
 
 
 def _plot(sweep_dir: Path, rows: list[dict[str, Any]], keys: list[str], metric: str) -> None:

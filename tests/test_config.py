@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import fmtrain
 
+from fmtrain.config import ConfigError
 from launch.compose import UsageError, compose, expand_sweep, group_options
 
 
@@ -186,3 +187,11 @@ def test_cli_cfg_job_prints_the_config_and_runs_nothing(cache_dir, tmp_path) -> 
     assert result.returncode == 0, result.stderr
     assert "max_steps: 3" in result.stdout and "name: tiny" in result.stdout
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_a_config_error_crosses_processes_whole() -> None:
+    """Ray hands a trial's exception to the sweep's driver by pickling it."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ConfigError("model.n_heads", 3, "must divide model.dim=64")))
+    assert (error.key, error.value, str(error)) == ("model.n_heads", 3, "model.n_heads=3 is invalid: must divide model.dim=64")

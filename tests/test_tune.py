@@ -59,7 +59,9 @@ def test_an_asha_sweep_stops_the_worst_trials_early_and_ranks_by_validation_loss
     netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
     sweep = tmp_path / "asha"
-    tune(netns, cache_dir, ray_tmp, sweep, "tune=asha", "tune.num_samples=8")
+    # One trial at a time from a seeded search: ASHA's decisions depend on the results, not on which
+    # trial happened to report first (two at once once used 260 trial-steps, over the bound).
+    tune(netns, cache_dir, ray_tmp, sweep, "tune=asha", "tune.num_samples=8", "tune.max_concurrent=1")
     rows = results(sweep)
     assert len(rows) == 8
     steps = sum(int(r["steps"]) for r in rows)
@@ -82,16 +84,36 @@ def test_an_asha_sweep_stops_the_worst_trials_early_and_ranks_by_validation_loss
 @pytest.mark.parametrize("search", ["optuna", "pbt"])
 def test_optuna_and_pbt_sweeps_complete(search: str, netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path) -> None:
     sweep = tmp_path / search
-    # All 4 trials at once (half a CPU each), so PBT compares a full population at each interval.
-    # PBT may exploit at every evaluation (8 of them): one chance per interval was sometimes too few.
+    # All 4 trials at once (half a CPU each). PBT is synchronous (tune.synch, the default): at every
+    # evaluation it waits for the whole population, then the worst quarter (one trial) exploits the best.
     together = ["tune.max_concurrent=4", "tune.cpus_per_trial=0.5", "tune.perturbation_interval=1"]
     tune(netns, cache_dir, ray_tmp, sweep, f"tune={search}", "tune.num_samples=4", "trainer.max_steps=80", *together)
     rows = results(sweep)
-    assert len(rows) == 4 and all(r["val_loss"] for r in rows)
+    assert len(rows) == 4 and all(float(r["val_loss"]) > 0 and int(r["evaluations"]) >= 1 for r in rows)
+    assert all(r["status"] in ("completed", "stopped early") for r in rows)  # Optuna's sweep stops trials by ASHA
     if search == "pbt":
+        assert [(r["status"], r["steps"], r["evaluations"]) for r in rows] == [("completed", "80", "8")] * 4
         # PBT's exploit: a trial continued from another trial's checkpoint, copied into its own run.
-        logs = [(Path(r["run_dir"]) / "logs" / "rank0.log").read_text() for r in rows]
-        assert any("resumed from" in log for log in logs)
+        exploited = [r for r in rows if r["continued_from"]]
+        assert exploited, "synchronous PBT exploits at every interval"
+        for row in exploited:
+            log = (Path(row["run_dir"]) / "logs" / "rank0.log").read_text()
+            for source in row["continued_from"].split():
+                trial, checkpoint = source.split("/")
+                assert trial in {r["trial"] for r in rows} and trial != row["trial"]
+                assert f"resumed from {row['run_dir']}/checkpoints/{checkpoint}" in log
+
+
+@pytest.mark.slow
+def test_a_trial_without_its_metric_says_why_in_the_results(netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """A trial whose values fail validation ends before any evaluation: its row says so, with the error."""
+    sweep = tmp_path / "failing"
+    space = '+tune.space.model.n_heads="grid([4, 3])"'  # beside a seeded optim.lr; 3 heads do not divide dim 64
+    tune(netns, cache_dir, ray_tmp, sweep, "tune=random", "tune.num_samples=1", space, "trainer.max_steps=20")
+    good, bad = results(sweep)
+    assert (good["model.n_heads"], good["status"], good["steps"]) == ("4", "completed", "20") and float(good["val_loss"]) > 0
+    assert (bad["model.n_heads"], bad["val_loss"], bad["evaluations"]) == ("3", "", "0")
+    assert bad["status"] == "error: fmtrain.config.ConfigError: model.n_heads=3 is invalid: must divide model.dim=64"
 
 
 @pytest.mark.slow
