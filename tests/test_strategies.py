@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,23 @@ def reference(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     run_dir = tmp_path_factory.mktemp("reference")
     train(cache_dir, run_dir, "launcher.nproc=1")
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``trained(*overrides)``: the run directory of SMALL for 20 steps with these overrides, trained
+    once for the module. Each test asserts its own thing of a run (equivalence, partitions held,
+    checkpoints that cross strategies) without training the same configuration again."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def get(*overrides: str) -> Path:
+        if overrides not in runs:
+            run_dir = tmp_path_factory.mktemp("run")
+            train(cache_dir, run_dir, *overrides)
+            runs[overrides] = run_dir
+        return runs[overrides]
+
+    return get
 
 
 def assert_close_to(losses: dict[int, float], reference: dict[int, float], rel: float) -> None:
@@ -58,36 +76,33 @@ def assert_close_to(losses: dict[int, float], reference: dict[int, float], rel: 
         ("deepspeed", 2, ["strategy.zero_stage=3", "trainer.activation_checkpointing=full"]),
     ],
 )
-def test_each_strategy_matches_one_process(strategy, nproc, extra, reference: Path, cache_dir: Path, tmp_path: Path) -> None:
-    losses = train(cache_dir, tmp_path, f"strategy={strategy}", f"launcher.nproc={nproc}", *extra)
+def test_each_strategy_matches_one_process(strategy, nproc, extra, reference: Path, trained) -> None:
+    losses = train_losses(trained(f"strategy={strategy}", f"launcher.nproc={nproc}", *extra))
     # Same samples and the same initial values (each rank copies its shard of the seeded full
     # tensor); only the order of fp32 reductions differs. Measured: <= 2e-7 relative over 20 steps
     # for every strategy here (DeepSpeed's ZeRO stages included), so 1e-5 leaves a 50x margin.
     assert_close_to(losses, train_losses(reference), rel=1e-5)
 
 
-def test_sharding_is_real(reference: Path, cache_dir: Path, tmp_path: Path) -> None:
+def test_sharding_is_real(reference: Path, trained) -> None:
     state = {}
     for strategy in ("ddp", "fsdp", "tp"):
-        train(cache_dir, tmp_path / strategy, f"strategy={strategy}", "launcher.nproc=2", "trainer.max_steps=2")
-        state[strategy] = read_metrics(tmp_path / strategy)[0]["state_bytes"]
+        state[strategy] = read_metrics(trained(f"strategy={strategy}", "launcher.nproc=2"))[0]["state_bytes"]
     assert state["fsdp"] <= 0.55 * state["ddp"]
     assert state["tp"] < 0.75 * state["ddp"]  # embeddings and norms stay replicated under TP
     assert state["ddp"] == next(r for r in read_metrics(reference) if "state_bytes" in r)["state_bytes"]
 
 
-def test_deepspeed_partitions_what_its_stage_says(reference: Path, cache_dir: Path, tmp_path: Path) -> None:
+def test_deepspeed_partitions_what_its_stage_says(reference: Path, trained) -> None:
     """ZeRO-1/2 partition the optimizer state, ZeRO-3 parameters and gradients as well."""
-    last = {}
-    for name, overrides in {
-        "ddp": ["strategy=ddp"],
-        "zero1": ["strategy=deepspeed", "strategy.zero_stage=1"],
-        "zero2": ["strategy=deepspeed", "strategy.zero_stage=2"],
-        "zero3": ["strategy=deepspeed", "strategy.zero_stage=3"],
-        "zero3_bf16": ["strategy=deepspeed", "strategy.zero_stage=3", "precision=bf16"],
-    }.items():
-        train(cache_dir, tmp_path / name, *overrides, "launcher.nproc=2", "trainer.max_steps=3")
-        last[name] = [r for r in read_metrics(tmp_path / name) if "state_bytes" in r][-1]
+    runs = {
+        "ddp": trained("strategy=ddp", "launcher.nproc=2"),
+        "zero1": trained("strategy=deepspeed", "launcher.nproc=2", "strategy.zero_stage=1"),
+        "zero2": trained("strategy=deepspeed", "launcher.nproc=2", "strategy.zero_stage=2"),
+        "zero3": trained("strategy=deepspeed", "launcher.nproc=2", "strategy.zero_stage=3"),
+        "zero3_bf16": trained("strategy=deepspeed", "launcher.nproc=2", "precision=bf16", "strategy.zero_stage=3"),
+    }
+    last = {name: [r for r in read_metrics(run_dir) if "state_bytes" in r][-1] for name, run_dir in runs.items()}
     ddp = last["ddp"]
     for stage in ("zero1", "zero2", "zero3"):
         assert last[stage]["optim_state_bytes"] <= 0.55 * ddp["optim_state_bytes"], stage
@@ -96,15 +111,14 @@ def test_deepspeed_partitions_what_its_stage_says(reference: Path, cache_dir: Pa
     # a second copy: 0.625x) with fp32 gradient partition and moments.
     for name in ("zero3", "zero3_bf16"):
         assert last[name]["state_bytes"] <= 0.55 * ddp["state_bytes"], name
-    generated = json.loads((tmp_path / "zero3" / "deepspeed_config.json").read_text())
+    generated = json.loads((runs["zero3"] / "deepspeed_config.json").read_text())
     assert generated["zero_optimization"]["stage"] == 3
     assert generated["train_micro_batch_size_per_gpu"] * generated["gradient_accumulation_steps"] * 2 == 8
 
 
-def test_deepspeed_zero3_checkpoint_resumes_under_fsdp_and_ddp(reference: Path, cache_dir: Path, tmp_path: Path) -> None:
+def test_deepspeed_zero3_checkpoint_resumes_under_fsdp_and_ddp(reference: Path, trained, cache_dir: Path, tmp_path: Path) -> None:
     """Saved by ZeRO-3 on 2 ranks, continued by FSDP2 on 1 rank and by DDP on 2: the same losses."""
-    train(cache_dir, tmp_path / "zero3", "strategy=deepspeed", "strategy.zero_stage=3", "launcher.nproc=2")
-    checkpoint = tmp_path / "zero3" / "checkpoints" / "step_000010"
+    checkpoint = trained("strategy=deepspeed", "launcher.nproc=2", "strategy.zero_stage=3") / "checkpoints" / "step_000010"
     expected = {step: loss for step, loss in train_losses(reference).items() if step > 10}
     for name, resumed in {"fsdp1": ["strategy=fsdp", "launcher.nproc=1"], "ddp2": ["strategy=ddp", "launcher.nproc=2"]}.items():
         losses = train(cache_dir, tmp_path / name, *resumed, f"trainer.resume={checkpoint}")
@@ -113,10 +127,8 @@ def test_deepspeed_zero3_checkpoint_resumes_under_fsdp_and_ddp(reference: Path, 
 
 
 @pytest.mark.parametrize(("strategy", "extra"), [("fsdp", []), ("tp", []), ("deepspeed", ["strategy.zero_stage=3"])])
-def test_bf16_learns_and_stays_near_fp32(
-    strategy: str, extra: list[str], reference: Path, cache_dir: Path, tmp_path: Path
-) -> None:
-    losses = train(cache_dir, tmp_path, f"strategy={strategy}", "launcher.nproc=2", "precision=bf16", *extra)
+def test_bf16_learns_and_stays_near_fp32(strategy: str, extra: list[str], reference: Path, trained) -> None:
+    losses = train_losses(trained(f"strategy={strategy}", "launcher.nproc=2", "precision=bf16", *extra))
     fp32 = train_losses(reference)
     assert losses[20] < losses[1] - 0.5
     # bf16 matmuls carry 8 mantissa bits; after 20 steps the loss stays within 3% of fp32's.
@@ -135,10 +147,9 @@ def test_bf16_learns_and_stays_near_fp32(
     ],
 )
 def test_a_checkpoint_resumes_under_another_strategy_and_world_size(
-    saved, resumed, reference: Path, cache_dir: Path, tmp_path: Path
+    saved, resumed, reference: Path, trained, cache_dir: Path, tmp_path: Path
 ) -> None:
-    train(cache_dir, tmp_path / "saved", *saved)
-    checkpoint = tmp_path / "saved" / "checkpoints" / "step_000010"
+    checkpoint = trained(*saved) / "checkpoints" / "step_000010"
     losses = train(cache_dir, tmp_path / "resumed", *resumed, f"trainer.resume={checkpoint}")
     assert sorted(losses) == list(range(11, 21)), "the resumed run starts after step 10"
     expected = {step: loss for step, loss in train_losses(reference).items() if step > 10}
