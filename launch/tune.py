@@ -194,13 +194,13 @@ def _trial(params: dict[str, Any], base_yaml: str, sweep_dir: str, hand_over_che
 
     from fmtrain.config import to_yaml
 
-    cfg = _trial_config(params, base_yaml, Path(sweep_dir) / "trials" / tune.get_context().get_trial_id())
-    trial_dir = Path(cfg.run_dir)
+    trial_dir = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()
+    trial_dir.mkdir(parents=True, exist_ok=True)  # first: a trial whose values fail validation has its row too
+    cfg = _trial_config(params, base_yaml, trial_dir)
     if hand_over_checkpoints:
         # PBT may hand any reported checkpoint to another trial later: keep them all (Ray keeps
         # only pointers to them, so nothing is stored twice).
         cfg.checkpoint.keep_last = max(cfg.checkpoint.keep_last, math.ceil(cfg.trainer.max_steps / cfg.checkpoint.interval) + 1)
-    trial_dir.mkdir(parents=True, exist_ok=True)
     inherited = tune.get_checkpoint()  # PBT: a better trial's checkpoint to continue from
     if inherited is not None:
         with inherited.as_directory() as folder:
@@ -617,10 +617,12 @@ def _result_row(result: Any, sweep_dir: Path, keys: list[str], tune_cfg: TuneCon
     from fmtrain.metrics import read_jsonl
 
     metrics = result.metrics or {}
-    # A trial that failed before reporting has no metrics: its id is in Ray's folder name.
-    named = re.match(r"_trial_([0-9a-f]+_\d+)", Path(str(result.path)).name)
-    trial_dir = sweep_dir / "trials" / str(metrics.get("trial_id") or (named.group(1) if named else ""))
-    records = read_jsonl(trial_dir / "metrics.jsonl") if trial_dir.name else []
+    # The trial's folder from Ray's folder of it (``_trial_<id>_<index>_<values>_<date>``): its metrics
+    # may have no id (it failed before reporting) or another trial's (after a PBT exploit, Ray
+    # carries over the source trial's last result).
+    ray_folder = Path(str(result.path)).name
+    trial_dir = next((d for d in sweep_dir.glob("trials/*") if ray_folder.startswith(f"_trial_{d.name}_")), None)
+    records = read_jsonl(trial_dir / "metrics.jsonl") if trial_dir else []
     # A run followed elsewhere (N ranks, Slurm) may train and evaluate past the report that stopped it.
     reported = int(metrics["step"]) if "step" in metrics else None
     losses = [r[tune_cfg.metric] for r in records if tune_cfg.metric in r and r["step"] <= (reported or 0)]
@@ -636,17 +638,17 @@ def _result_row(result: Any, sweep_dir: Path, keys: list[str], tune_cfg: TuneCon
         status = "completed" if steps >= max_steps else "stopped early"
     params = result.config or {}
     row = {
-        "trial": trial_dir.name,
+        "trial": trial_dir.name if trial_dir else ray_folder,
         **{key: params.get(key) for key in keys},
         tune_cfg.metric: (min(losses) if tune_cfg.mode == "min" else max(losses)) if losses else None,
         "final_" + tune_cfg.metric: losses[-1] if losses else None,
         "steps": steps,
         "evaluations": len(losses),
         "status": status,
-        "run_dir": str(trial_dir) if trial_dir.name else "",
+        "run_dir": str(trial_dir) if trial_dir else "",
     }
     if tune_cfg.scheduler == "pbt":  # each exploit: the trial went on from another trial's checkpoint
-        exploits = read_jsonl(trial_dir / "exploits.jsonl") if trial_dir.name else []
+        exploits = read_jsonl(trial_dir / "exploits.jsonl") if trial_dir else []
         row["continued_from"] = " ".join(f"{e['from_trial']}/{e['checkpoint']}" for e in exploits)
     return row
 

@@ -89,7 +89,8 @@ def test_optuna_and_pbt_sweeps_complete(search: str, netns, ray_tmp: Path, cache
     together = ["tune.max_concurrent=4", "tune.cpus_per_trial=0.5", "tune.perturbation_interval=1"]
     tune(netns, cache_dir, ray_tmp, sweep, f"tune={search}", "tune.num_samples=4", "trainer.max_steps=80", *together)
     rows = results(sweep)
-    assert len(rows) == 4 and all(float(r["val_loss"]) > 0 and int(r["evaluations"]) >= 1 for r in rows)
+    assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
+    assert all(float(r["val_loss"]) > 0 and int(r["evaluations"]) >= 1 for r in rows)
     assert all(r["status"] in ("completed", "stopped early") for r in rows)  # Optuna's sweep stops trials by ASHA
     if search == "pbt":
         assert [(r["status"], r["steps"], r["evaluations"]) for r in rows] == [("completed", "80", "8")] * 4
