@@ -139,8 +139,9 @@ def probe(kind: str, index: int = 0, *, engines: bool = True) -> Capabilities:
         name=cpu_name(),
         isa=torch.backends.cpu.get_cpu_capability(),
         flags=flags,
-        native_bf16=bool({"avx512_bf16", "amx_bf16"} & set(flags)),
-        native_fp16=bool({"avx512_fp16", "amx_fp16"} & set(flags)),
+        # The instructions, and oneDNN allowed to use them (ONEDNN_MAX_CPU_ISA may cap it below the CPU).
+        native_bf16=bool({"avx512_bf16", "amx_bf16"} & set(flags)) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        native_fp16=bool({"avx512_fp16", "amx_fp16"} & set(flags)) and bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
         fp8=False,
         deepspeed_fp16=deepspeed[0],
         deepspeed_bf16=deepspeed[1],

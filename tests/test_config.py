@@ -62,7 +62,7 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
         (["precision=fp32", "precision.name=fp64"], r"precision.name='fp64' is invalid: valid choices are fp32, bf16, fp16, fp8"),
         (
             ["precision=fp8", "trainer.device=cpu"],
-            r"precision.name='fp8' is invalid: fp8 training needs GPUs .* this run has no GPU",
+            r"precision.name='fp8' is invalid: fp8 training needs GPUs .* device is cpu: .*: use precision=bf16",
         ),
         (
             ["trainer.global_batch_size=10", "launcher.nproc=4"],

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, env_with
+from conftest import SMALL, env_with, fmtrain, train_losses
 
 from fmtrain import hardware
 from fmtrain.config import ConfigError, to_yaml, validate
@@ -77,8 +78,9 @@ def test_this_cpu_is_described_from_its_own_flags_and_deepspeed_agrees_with_them
     """Two independent readings: /proc/cpuinfo's flags, and DeepSpeed's accelerator (through oneDNN)."""
     caps = probe("cpu")
     flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].splitlines()[0].split())
-    assert caps.native_fp16 == bool({"avx512_fp16", "amx_fp16"} & flags)
-    assert caps.native_bf16 == bool({"avx512_bf16", "amx_bf16"} & flags)
+    if "ONEDNN_MAX_CPU_ISA" not in os.environ:
+        assert caps.native_fp16 == bool({"avx512_fp16", "amx_fp16"} & flags)
+        assert caps.native_bf16 == bool({"avx512_bf16", "amx_bf16"} & flags)
     assert caps.deepspeed_fp16 == caps.native_fp16, "DeepSpeed's CPU fp16 follows oneDNN's fp16 kernels"
     assert caps.deepspeed_bf16 is True
     assert probe("cpu", engines=False).deepspeed_fp16 is None
@@ -115,6 +117,25 @@ def test_plan_and_dry_run_show_the_device_and_its_verdict(amd_cpu: None, capsys)
     assert f"this device  {AMD_ZEN3.describe()} -> fsdp fp16: supported" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_a_cpu_whose_onednn_has_no_fp16_kernels_is_refused_deepspeed_fp16_for_real(cache_dir: Path, tmp_path: Path) -> None:
+    """No mock: oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA``) has no fp16 kernels, as on an AMD EPYC,
+    so DeepSpeed's CPU accelerator itself says no, and fmtrain refuses before launch; fsdp's fp16 runs."""
+    amd_like = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    command = ["train", f"run_dir={tmp_path / 'run'}", *SMALL, "strategy=deepspeed", "precision=fp16", "launcher.nproc=2"]
+    result = fmtrain(command, cache_dir, timeout=120, **amd_like)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("fmtrain: error: precision.name='fp16' is invalid: DeepSpeed's cpu accelerator refuses fp16 here")
+    assert "fp16 emulated; DeepSpeed fp16 no): use precision=bf16, or strategy=fsdp precision=fp16" in line
+    assert not (tmp_path / "run").exists()
+    fsdp = [*SMALL, "strategy=fsdp", "precision=fp16", "launcher.nproc=2", "trainer.max_steps=4", "trainer.eval_interval=4"]
+    result = fmtrain(["train", f"run_dir={tmp_path / 'fsdp'}", *fsdp], cache_dir, timeout=300, **amd_like)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(train_losses(tmp_path / "fsdp")) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_a_rank_refuses_what_its_own_device_cannot_train_in_one_line(cache_dir: Path, tmp_path: Path) -> None:
     """A Slurm or Ray node is not the machine that validated the run: the rank asks its own device.
     fp8 on this CPU, written straight into a config the local launcher runs (no validation before)."""
