@@ -23,7 +23,7 @@ test: setup lint
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra -m "not slow and not slurm and not ray and not root" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -316,10 +316,6 @@ def load(path: str | os.PathLike[str]) -> TrainConfig:
     return to_config(OmegaConf.load(Path(path)))
 
 
-def as_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 # ----------------------------------------------------------------------------- validation
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -146,7 +146,3 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
         else:
             axes.append([str(override.input_line)])
     return [list(combo) for combo in itertools.product(*axes)]
-
-
-def is_sweep(overrides: list[str]) -> bool:
-    return len(expand_sweep(overrides)) > 1

@@ -19,7 +19,6 @@ from typing import Any, Protocol
 from fmtrain.config import TrainConfig, to_yaml
 
 JOB_FILE = "job.json"
-STATES = ("running", "completed", "stopped", "failed")
 
 
 @dataclass

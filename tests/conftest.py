@@ -52,6 +52,23 @@ SLOW_TRIAL = [
 ASHA_GRID = ["tune=asha", "tune.search=grid", "tune.num_samples=1", "tune.max_concurrent=1"]
 
 
+# Markers follow from the fixtures a test uses, so they cannot drift: `make test-fast` deselects them
+# (a user without root, Slurm or Ray runs the rest).
+MARKERS_OF_FIXTURES = {
+    "cluster": ("slurm", "root"),
+    "slurm_in_netns": ("slurm", "root"),
+    "netns": ("root",),
+    "ray_tmp": ("ray",),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            for marker in MARKERS_OF_FIXTURES.get(fixture, ()):
+                item.add_marker(marker)
+
+
 # Tests whose outcome depends on this machine's hardware say which branch they took; the summary lists them.
 HARDWARE_BRANCHES: list[str] = []
 
