@@ -2,6 +2,17 @@
 
 ``fmtrain.run(cfg)`` is the training library call that every launcher makes in every process.
 Heavy modules load on first use: ``import fmtrain`` imports neither torch nor any launcher backend.
+
+Layers, lowest first; a module imports only its own layer or lower ones (``tests/test_layering.py``
+holds the exact table and checks it, imports inside functions included):
+
+1. ``config``: the schema, nothing else of fmtrain.
+2. ``distributed``, ``hardware``, ``model``; then ``parallel``, ``optim``, ``metrics``, ``data``.
+3. ``validation`` (what combinations can run) and ``strategies.base`` (the strategy contract); the
+   strategies, one file each; ``strategies`` (the registry) and ``plan``.
+4. ``checkpoint``; ``trainer`` and ``export``; ``worker`` (a launched rank).
+5. ``launch``: ``spec``/``compose``/``env``, the launchers (``local``, ``slurm``, ``ray``), their
+   registry ``launchers`` and ``tune``, and ``cli`` on top.
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with fp8 tensor cores
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere
@@ -119,6 +121,8 @@ def probe(kind: str, index: int = 0, *, engines: bool = True) -> Capabilities:
 
     ``engines``: also ask DeepSpeed (about a second to import it); without, its answers are None.
     """
+    import torch  # here, not at the top: validation asks without paying for torch unless it must
+
     deepspeed = _deepspeed_answers(kind) if engines else (None, None)
     if kind == "cuda":
         capability = torch.cuda.get_device_capability(index)

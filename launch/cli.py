@@ -98,7 +98,8 @@ def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> 
     jobs = expand_sweep(overrides)
     if len(jobs) > 1 and not multirun:
         raise UsageError(f"{' '.join(overrides)} describes a sweep of {len(jobs)} runs; add -m to run them all")
-    from fmtrain.config import ConfigError, validate
+    from fmtrain.config import ConfigError
+    from fmtrain.validation import validate
 
     gpus = None
     for job in jobs:
@@ -130,7 +131,8 @@ def _train_task(node: object) -> None:
     from omegaconf import OmegaConf
 
     from fmtrain.config import to_config
-    from launch.spec import RunSpec, make_launcher
+    from launch.launchers import make_launcher
+    from launch.spec import RunSpec
 
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     container = OmegaConf.to_container(node, resolve=True)
@@ -412,8 +414,9 @@ def _job_running(run_dir: Path) -> bool:
 
 def plan(args: list[str]) -> int:
     """Per-rank memory of a plan, from the meta device: ``fmtrain plan [--json] [world_size=N] ...``."""
-    from fmtrain.config import ConfigError, validate
+    from fmtrain.config import ConfigError
     from fmtrain.plan import make_plan
+    from fmtrain.validation import validate
 
     if "-h" in args or "--help" in args:
         print(_usage())
@@ -469,7 +472,8 @@ def export(args: list[str]) -> int:
 
 def tune(args: list[str]) -> int:
     """``fmtrain tune tune=asha [overrides]``: a Ray Tune sweep; every trial is an fmtrain run."""
-    from fmtrain.config import ConfigError, validate
+    from fmtrain.config import ConfigError
+    from fmtrain.validation import validate
 
     if "-h" in args or "--help" in args:
         print(_usage())

@@ -17,7 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fmtrain.config import ConfigError, TrainConfig, register_schema, to_config, validate
+from fmtrain.config import ConfigError, TrainConfig, register_schema, to_config
+from fmtrain.validation import validate
 
 
 class UsageError(Exception):

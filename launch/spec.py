@@ -150,12 +150,3 @@ class ForegroundJob:
 
 class Launcher(Protocol):
     def launch(self, spec: RunSpec) -> JobHandle: ...
-
-
-def make_launcher(name: str) -> Launcher:
-    from launch.local import LocalLauncher
-    from launch.ray import RayLauncher
-    from launch.slurm import SlurmLauncher
-
-    launchers: dict[str, type[Launcher]] = {"local": LocalLauncher, "slurm": SlurmLauncher, "ray": RayLauncher}
-    return launchers[name]()

@@ -173,7 +173,8 @@ def apply_overrides(base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
     """``base`` with dotted keys set to ``values``, type-checked by the schema and validated."""
     from omegaconf import OmegaConf
 
-    from fmtrain.config import to_config, validate
+    from fmtrain.config import to_config
+    from fmtrain.validation import validate
 
     node = OmegaConf.structured(base)
     for key, value in values.items():

@@ -12,8 +12,9 @@ import pytest
 from conftest import SMALL, env_with, fmtrain, train_losses
 
 from fmtrain import hardware
-from fmtrain.config import ConfigError, to_yaml, validate
+from fmtrain.config import ConfigError, to_yaml
 from fmtrain.hardware import Capabilities, probe
+from fmtrain.validation import validate
 from launch.cli import main
 from launch.compose import compose
 

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from conftest import SMALL, fmtrain, spawn_ranks, train_losses
 
-from fmtrain.config import ConfigError, ModelConfig, validate
+from fmtrain.config import ConfigError, ModelConfig
 from fmtrain.model import Transformer
 from fmtrain.strategies import convert_to_fp8
+from fmtrain.validation import validate
 from launch.compose import UsageError, compose
 
 

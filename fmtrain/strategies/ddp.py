@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fmtrain.strategies import Strategy
+from fmtrain.strategies.base import Strategy
 
 
 class DDPStrategy(Strategy):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fmtrain.model import Transformer
-from fmtrain.strategies import Strategy, assign_full, compute_dtype, convert_to_fp8, prepare_blocks, sharded_grad_scaler
+from fmtrain.strategies.base import Strategy, assign_full, compute_dtype, convert_to_fp8, prepare_blocks, sharded_grad_scaler
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fmtrain.model import Transformer
-from fmtrain.strategies import Strategy, assign_full, prepare_blocks, sharded_grad_scaler
+from fmtrain.strategies.base import Strategy, assign_full, prepare_blocks, sharded_grad_scaler
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh, *, sequence_parallel: bool = False) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 from fmtrain.config import accumulation_steps, micro_batch_size
 from fmtrain.model import Transformer
 from fmtrain.optim import decays
-from fmtrain.strategies import Strategy, prepare_blocks
+from fmtrain.strategies.base import Strategy, prepare_blocks
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh

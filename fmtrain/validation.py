@@ -1,0 +1,261 @@
+"""Cross-field checks of a run's config: everything that can be refused before anything starts.
+
+    from fmtrain.validation import validate
+    validate(cfg)                       # raises ConfigError naming the field, the value and what is valid
+    validate(cfg, world_size=4096)      # a plan for that many ranks (fmtrain plan): no local bounds
+
+The schema (``fmtrain.config``) knows types; this module knows what combinations can run: positive
+sizes, divisibility of heads and batches by the parallel degrees (:mod:`fmtrain.parallel`), what this
+machine's device can train (:mod:`fmtrain.hardware`), the launcher's own fields.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from fmtrain import hardware
+from fmtrain.config import (
+    ConfigError,
+    LauncherConfig,
+    TrainConfig,
+    procs_per_task,
+    resolve_data_paths,
+    tasks_per_node,
+    usable_cpus,
+    world_size_of,
+)
+from fmtrain.parallel import ParallelDims
+
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZER_IMPLEMENTATIONS = ("fused", "foreach", "for_loop")
+ACTIVATION_CHECKPOINTING = ("none", "full", "every_n")
+NONFINITE = ("error", "skip")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+STRATEGIES = ("ddp", "fsdp", "deepspeed", "tp", "fsdp_tp")
+ZERO_STAGES = (1, 2, 3)
+FP8_STRATEGIES = ("ddp", "fsdp")
+LAUNCHERS = ("local", "slurm", "ray")
+RAY_SUBMIT = ("foreground", "jobs")
+TOKENIZERS = {"bytes": 256}
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(key, value, "must be " + ("non-negative" if zero_ok else "positive"))
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, f"valid choices are {', '.join(choices)}")
+
+
+def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size: int | None = None) -> None:
+    """Refuse a config that cannot run, before anything is started.
+
+    Args:
+        cfg: the config to check.
+        gpus_available: GPUs visible to the launcher; ``None`` means "not known here" (the nproc
+            bound is then checked against CPU cores when the device is the CPU).
+        world_size: check the plan for this many ranks instead of the launcher's (``fmtrain plan``);
+            the bound of processes on this machine is then not checked.
+
+    Raises:
+        ConfigError: naming the field, the value and the valid choices.
+    """
+    m, d, o, t, c, lnch = cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.checkpoint, cfg.launcher
+    for key in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.dim % m.n_heads:
+        raise ConfigError("model.n_heads", m.n_heads, f"must divide model.dim={m.dim}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError("model.n_heads", m.n_heads, "head dim (dim/n_heads) must be even for rotary embeddings")
+    n_kv = m.n_kv_heads or m.n_heads
+    if n_kv <= 0 or m.n_heads % n_kv:
+        raise ConfigError("model.n_kv_heads", m.n_kv_heads, f"must be positive and divide model.n_heads={m.n_heads}")
+    _positive("model.ffn_dim_multiplier", m.ffn_dim_multiplier)
+    _positive("model.norm_eps", m.norm_eps)
+
+    _choice("data.tokenizer", d.tokenizer, tuple(TOKENIZERS))
+    if m.vocab_size < TOKENIZERS[d.tokenizer]:
+        raise ConfigError(
+            "model.vocab_size",
+            m.vocab_size,
+            f"must be >= {TOKENIZERS[d.tokenizer]}, the vocabulary of data.tokenizer={d.tokenizer}",
+        )
+    _positive("data.seq_len", d.seq_len)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)")
+    _positive("data.max_bytes", d.max_bytes)
+    _positive("data.shard_tokens", d.shard_tokens)
+    if d.name != "stdlib" and not d.paths:
+        raise ConfigError("data.paths", d.paths, "give one or more files, directories or globs, e.g. data.paths=[notes/*.txt]")
+    if d.paths and not resolve_data_paths(d.paths):
+        raise ConfigError("data.paths", d.paths, "no file matches; give existing files, directories or globs")
+
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    _positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
+    _positive("optim.grad_clip", o.grad_clip, zero_ok=True)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", o.min_lr_ratio, "must be between 0 and 1")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError("optim.betas", list(o.betas), "each beta must be in [0, 1)")
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    _choice("optim.implementation", o.implementation, OPTIMIZER_IMPLEMENTATIONS)
+
+    for key in ("max_steps", "global_batch_size", "eval_interval", "eval_batches", "log_interval"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    if t.micro_batch_size is not None:
+        _positive("trainer.micro_batch_size", t.micro_batch_size)
+    _choice("trainer.device", t.device, DEVICES)
+    _choice("trainer.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    _positive("trainer.checkpoint_every_n", t.checkpoint_every_n)
+    _choice("trainer.on_nonfinite", t.on_nonfinite, NONFINITE)
+    if t.peak_flops is not None:
+        _positive("trainer.peak_flops", t.peak_flops)
+    if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
+        raise ConfigError("trainer.resume", t.resume, "must be auto, never, or an existing checkpoint directory")
+
+    _positive("checkpoint.interval", c.interval)
+    _positive("checkpoint.keep_last", c.keep_last)
+
+    _choice("strategy.name", cfg.strategy.name, STRATEGIES)
+    if cfg.strategy.name == "deepspeed":
+        _check_deepspeed(cfg)
+    _choice("launcher.name", lnch.name, LAUNCHERS)
+    if lnch.name == "slurm":
+        _check_slurm(lnch)
+    if lnch.name == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("launcher.name", "ray", "the ray package is not installed: pip install 'fmtrain[ray]'")
+        _positive("launcher.num_workers", lnch.num_workers)
+        _positive("launcher.cpus_per_worker", lnch.cpus_per_worker)
+        _positive("launcher.gpus_per_worker", lnch.gpus_per_worker, zero_ok=True)
+        _positive("launcher.max_failures", lnch.max_failures, zero_ok=True)
+        _positive("launcher.object_store_mb", lnch.object_store_mb)
+        _choice("launcher.submit", lnch.submit, RAY_SUBMIT)
+        if lnch.submit == "jobs" and not lnch.address:
+            raise ConfigError(
+                "launcher.address",
+                lnch.address,
+                "launcher.submit=jobs needs the dashboard of the cluster, e.g. http://127.0.0.1:8265",
+            )
+    world = world_size or world_size_of(lnch)
+    dims = ParallelDims.from_config(cfg.strategy, world)
+    dims.check_model(m)
+    if cfg.strategy.sequence_parallel:
+        if cfg.strategy.name not in ("tp", "fsdp_tp"):
+            raise ConfigError(
+                "strategy.sequence_parallel",
+                True,
+                f"splits tensor-parallel activations: strategy=tp or fsdp_tp, not {cfg.strategy.name}",
+            )
+        if cfg.data.seq_len % dims.tp:
+            raise ConfigError(
+                "strategy.sequence_parallel",
+                True,
+                f"needs data.seq_len={cfg.data.seq_len} divisible by the tensor-parallel degree {dims.tp}",
+            )
+    _choice("precision.name", cfg.precision.name, PRECISIONS)
+    _positive("launcher.nproc", lnch.nproc)
+    _positive("launcher.max_restarts", lnch.max_restarts, zero_ok=True)
+    _positive("launcher.shutdown_timeout", lnch.shutdown_timeout)
+    _positive("launcher.monitor_interval", lnch.monitor_interval)
+    if world_size is None:
+        if lnch.name == "slurm":  # the job's nodes decide; the cluster check (sinfo) is the launcher's
+            wants_gpu = t.device == "cuda" or (t.device == "auto" and lnch.gpus_per_node > 0)
+        elif lnch.name == "ray":  # the cluster's resources are checked when Ray is up
+            wants_gpu = t.device == "cuda" or (t.device == "auto" and lnch.gpus_per_worker > 0)
+        else:
+            wants_gpu = t.device == "cuda" or (t.device == "auto" and bool(gpus_available))
+            if wants_gpu:
+                limit, what = gpus_available or 0, "GPUs visible"
+            else:
+                limit, what = 4 * usable_cpus(), f"4 x the {usable_cpus()} usable CPU cores"
+            if lnch.nproc > limit:
+                raise ConfigError("launcher.nproc", lnch.nproc, f"must be <= {limit} ({what})")
+        if lnch.name == "local":  # this machine's device runs it: ask it (Slurm and Ray nodes: each rank asks its own)
+            caps = hardware.probe("cuda" if wants_gpu else "cpu", engines=cfg.strategy.name == "deepspeed")
+            if reason := caps.refusal(cfg.strategy.name, cfg.precision.name):
+                raise ConfigError("precision.name", cfg.precision.name, reason)
+        elif cfg.precision.name == "fp8" and not wants_gpu:
+            raise ConfigError(
+                "precision.name",
+                "fp8",
+                "fp8 training needs GPUs with fp8 tensor cores (compute capability >= 8.9, e.g. H100) and this run has "
+                "no GPU: use bf16 or fp16",
+            )
+    if cfg.precision.name == "fp8":
+        if cfg.strategy.name not in FP8_STRATEGIES:
+            raise ConfigError(
+                "precision.name", "fp8", f"fp8 (torchao Float8Linear) is supported with strategy={' or '.join(FP8_STRATEGIES)}"
+            )
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError("precision.name", "fp8", "fp8 needs the torchao package: pip install 'fmtrain[fp8]'")
+
+    # Tensor-parallel peers share their data: the batch is split over the data-parallel ranks.
+    micro = t.micro_batch_size or 1
+    if t.global_batch_size % (micro * dims.dp):
+        raise ConfigError(
+            "trainer.global_batch_size",
+            t.global_batch_size,
+            f"must be divisible by trainer.micro_batch_size x data-parallel ranks = {micro} x {dims.dp} = {micro * dims.dp}",
+        )
+
+
+def _check_slurm(lnch: LauncherConfig) -> None:
+    for key in ("nodes", "time_min", "signal_delay_s", "array_parallelism"):
+        _positive(f"launcher.{key}", getattr(lnch, key))
+    _positive("launcher.gpus_per_node", lnch.gpus_per_node, zero_ok=True)
+    _positive("launcher.max_requeues", lnch.max_requeues, zero_ok=True)
+    for key in ("tasks_per_node", "procs_per_task", "cpus_per_task", "mem_gb"):
+        if getattr(lnch, key) is not None:
+            _positive(f"launcher.{key}", getattr(lnch, key))
+    if lnch.gpus_per_node and tasks_per_node(lnch) not in (1, lnch.gpus_per_node):
+        raise ConfigError(
+            "launcher.tasks_per_node",
+            lnch.tasks_per_node,
+            f"must be launcher.gpus_per_node={lnch.gpus_per_node} (one task per GPU) or 1 (one task per node)",
+        )
+    if procs_per_task(lnch) > 1 and tasks_per_node(lnch) != 1:
+        raise ConfigError(
+            "launcher.procs_per_task",
+            procs_per_task(lnch),
+            f"several ranks per task needs one task per node: launcher.tasks_per_node=1, not {tasks_per_node(lnch)}",
+        )
+    if lnch.signal_delay_s >= lnch.time_min * 60:
+        raise ConfigError(
+            "launcher.signal_delay_s",
+            lnch.signal_delay_s,
+            f"must be shorter than the time limit launcher.time_min={lnch.time_min} minutes",
+        )
+
+
+def _check_deepspeed(cfg: TrainConfig) -> None:
+    s = cfg.strategy
+    if s.zero_stage not in ZERO_STAGES:
+        raise ConfigError("strategy.zero_stage", s.zero_stage, "valid choices are 1, 2, 3")
+    if s.offload_params and s.zero_stage != 3:
+        raise ConfigError("strategy.offload_params", True, f"parameter offload needs strategy.zero_stage=3, not {s.zero_stage}")
+    if cfg.trainer.on_nonfinite == "skip" and cfg.precision.name != "fp16":
+        raise ConfigError(
+            "trainer.on_nonfinite",
+            "skip",
+            "strategy=deepspeed steps inside its engine and skips only fp16 overflows; use error (the default), "
+            "precision=fp16, or another strategy",
+        )
+    reserved = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler"}
+    if clash := sorted(reserved & set(s.deepspeed)):
+        raise ConfigError(
+            "strategy.deepspeed",
+            clash,
+            "these keys come from trainer.global_batch_size/micro_batch_size and optim.*; set those instead",
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            "strategy.name", "deepspeed", "the deepspeed package is not installed: pip install 'fmtrain[deepspeed]'"
+        )

@@ -1,0 +1,96 @@
+"""Dependencies go one way: each module imports only modules of its own layer or below, with no cycle.
+
+The layers, lowest first (the package docstring of ``fmtrain`` says the same in words). Imports inside
+functions count too: they hide cycles, they do not remove them.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = [
+    ["fmtrain.config"],  # the schema: imports nothing of fmtrain
+    ["fmtrain.distributed", "fmtrain.hardware", "fmtrain.model"],
+    ["fmtrain.parallel", "fmtrain.optim", "fmtrain.metrics", "fmtrain.data"],
+    ["fmtrain.validation", "fmtrain.strategies.base"],
+    ["fmtrain.strategies.ddp", "fmtrain.strategies.fsdp", "fmtrain.strategies.tp", "fmtrain.strategies.zero"],
+    ["fmtrain.strategies.fsdp_tp"],
+    ["fmtrain.strategies", "fmtrain.plan"],  # the strategy registry; what a plan costs
+    ["fmtrain.checkpoint"],
+    ["fmtrain.trainer", "fmtrain.export"],
+    ["fmtrain.worker", "fmtrain"],  # a launched rank's entry point; the package's lazy run()
+    ["launch", "launch.env", "launch.spec", "launch.compose"],
+    ["launch.local", "launch.slurm", "launch.ray"],
+    ["launch.launchers", "launch.tune"],
+    ["launch.cli"],
+]
+LAYER = {module: index for index, layer in enumerate(LAYERS) for module in layer}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in ("fmtrain", "launch"):
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            found[name] = path
+    return found
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The project's modules that ``path`` imports anywhere (``from pkg import mod`` counts as ``pkg.mod``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name in known}
+        elif isinstance(node, ast.ImportFrom) and node.module in known:
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names} & known
+            found |= submodules or {node.module}
+    return found
+
+
+def test_every_module_has_a_layer_and_imports_only_its_own_layer_or_below() -> None:
+    found = modules()
+    assert set(found) == set(LAYER), "a module without a layer, or a layer naming no module"
+    upward = [
+        f"{module} (layer {LAYER[module]}) imports {target} (layer {LAYER[target]})"
+        for module, path in found.items()
+        for target in imports_of(path, set(found)) - {module}
+        if LAYER[target] > LAYER[module]
+    ]
+    assert upward == []
+
+
+def test_there_is_no_import_cycle() -> None:
+    found = modules()
+    graph = {module: imports_of(path, set(found)) - {module} for module, path in found.items()}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        assert module not in path, "import cycle: " + " -> ".join([*path[path.index(module) :], module])
+        if module not in done:
+            for target in sorted(graph[module]):
+                visit(target, [*path, module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_the_config_schema_loads_no_other_module_of_fmtrain() -> None:
+    code = "import sys, fmtrain.config; print(sorted(m for m in sys.modules if m.startswith(('fmtrain', 'launch', 'torch'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "['fmtrain', 'fmtrain.config']"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", sorted(LAYER))
+def test_each_module_imports_on_its_own(module: str) -> None:
+    """A fresh interpreter per module: an import that works only after another module was loaded fails here."""
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
