@@ -51,6 +51,7 @@ from fmtrain.metrics import (
 from fmtrain.model import Transformer
 from fmtrain.optim import build_optimizer, lr_at
 from fmtrain.strategies import Strategy, compute_dtype, make_strategy
+from fmtrain.validation import validate
 
 log = logging.getLogger("fmtrain")
 
@@ -137,8 +138,13 @@ def run(cfg: TrainConfig, on_eval: EvalHook | None = None) -> RunResult:
 
     ``on_eval(step, val_loss, checkpoint)`` is called on rank 0 after each evaluation, with the
     checkpoint saved at that step if there is one (``fmtrain tune`` reports to Ray Tune through it).
+
+    Raises:
+        ConfigError: for a config that cannot run, as ``fmtrain train`` would refuse it (before
+            anything is written), so a library caller never meets a KeyError from deep inside.
     """
     env = DistEnv.from_environ()
+    validate(cfg, world_size=env.world_size)  # the world this rank is in (a launcher's is checked before it starts)
     stop = StopFlag()
     run_dir = Path(cfg.run_dir)
     setup_logging(run_dir, env.rank)

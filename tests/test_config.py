@@ -195,3 +195,13 @@ def test_a_config_error_crosses_processes_whole() -> None:
 
     error = pickle.loads(pickle.dumps(ConfigError("model.n_heads", 3, "must divide model.dim=64")))
     assert (error.key, error.value, str(error)) == ("model.n_heads", 3, "model.n_heads=3 is invalid: must divide model.dim=64")
+
+
+def test_the_library_call_validates_as_the_command_does(tmp_path) -> None:
+    """``fmtrain.run(cfg)`` from a user's program: the same ConfigError, before anything is written."""
+    from fmtrain import run
+
+    cfg = compose([f"run_dir={tmp_path / 'run'}", "model.n_heads=3"], check=False)
+    with pytest.raises(ConfigError, match=r"^model.n_heads=3 is invalid: must divide model.dim=256$"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
