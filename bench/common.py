@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fmtrain.config import TrainConfig
-from fmtrain.metrics import cpu_name
+from fmtrain.hardware import cpu_name
 from fmtrain.model import Transformer
 from launch.compose import compose
 

@@ -84,14 +84,16 @@ def cpu_flags() -> tuple[str, ...]:
 
 
 def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what the platform module knows."""
     import platform
 
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     except OSError:
-        return platform.processor() or platform.machine()
-    names = [line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _deepspeed_answers(kind: str) -> tuple[bool | None, bool | None]:

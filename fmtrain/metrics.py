@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from fmtrain.config import cache_root
+from fmtrain.hardware import cpu_name
 
 log = logging.getLogger("fmtrain")
 
@@ -52,16 +52,6 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float 
             torch.cuda.synchronize(device)
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
     return best
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cached_peak_flops(dtype: torch.dtype, device: torch.device, sharing: int) -> tuple[str, float | None]:
