@@ -12,7 +12,8 @@ holds the exact table and checks it, imports inside functions included):
    strategies, one file each; ``strategies`` (the registry) and ``plan``.
 4. ``checkpoint``; ``trainer`` and ``export``; ``worker`` (a launched rank).
 5. ``launch``: ``spec``/``compose``/``env``, the launchers (``local``, ``slurm``, ``ray``), their
-   registry ``launchers`` and ``tune``, and ``cli`` on top.
+   registry ``launchers`` and ``tune``; one module per verb in ``launch.commands``; ``cli`` on top,
+   which only dispatches.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ LAYERS = [
     ["fmtrain.worker", "fmtrain"],  # a launched rank's entry point; the package's lazy run()
     ["launch", "launch.env", "launch.spec", "launch.compose"],
     ["launch.local", "launch.slurm", "launch.ray"],
-    ["launch.launchers", "launch.tune"],
-    ["launch.cli"],
+    ["launch.launchers", "launch.tune", "launch.commands"],  # launch.commands: what the verbs share
+    [f"launch.commands.{verb}" for verb in ("train", "tune", "status", "logs", "cancel", "plan", "export")],
+    ["launch.cli"],  # parses and dispatches to a command's module
 ]
 LAYER = {module: index for index, layer in enumerate(LAYERS) for module in layer}
 

@@ -1,0 +1,160 @@
+"""``fmtrain train [OVERRIDES...] [-m] [--cfg job] [--dry-run]``: compose, check every run, launch them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from launch.commands import FMTRAIN_FLAGS, split_flags, usage
+from launch.compose import UsageError, compose, conf_dir, expand_sweep
+
+log = logging.getLogger("fmtrain.launch")
+
+
+def _gpus_available() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> int:
+    """Compose and validate every job the command line asks for (and for Slurm, check the request
+    against the cluster); return how many jobs there are."""
+    checked: set[str] = set()
+    jobs = expand_sweep(overrides)
+    if len(jobs) > 1 and not multirun:
+        raise UsageError(f"{' '.join(overrides)} describes a sweep of {len(jobs)} runs; add -m to run them all")
+    from fmtrain.config import ConfigError
+    from fmtrain.validation import validate
+
+    gpus = None
+    for job in jobs:
+        cfg = compose(job, check=False)
+        if gpus is None and cfg.trainer.device != "cpu":
+            gpus = _gpus_available()
+        try:
+            validate(cfg, gpus_available=gpus)
+        except ConfigError as error:
+            raise UsageError(str(error) + (f"  (in run {' '.join(job)})" if len(jobs) > 1 else "")) from error
+        if cfg.launcher.name == "slurm" and not dry_run and repr(cfg.launcher) not in checked:
+            from launch.slurm import SlurmError, check_against_cluster
+
+            try:
+                check_against_cluster(cfg.launcher)  # before Hydra writes run directories
+            except SlurmError as error:
+                raise UsageError(str(error)) from error
+            checked.add(repr(cfg.launcher))
+    return len(jobs)
+
+
+_exit_codes: list[int] = []
+
+
+_queued: list = []  # RunSpecs for launchers that submit after Hydra has composed every run (Slurm)
+
+
+def _train_task(node: object) -> None:
+    """Hydra's task function: one run (one job of a sweep) from composition to the end."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from fmtrain.config import to_config
+    from launch.launchers import make_launcher
+    from launch.spec import RunSpec
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    container = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(container, dict)
+    container["run_dir"] = str(run_dir)
+    cfg = to_config(container)
+    spec = RunSpec(cfg, run_dir, argv=["fmtrain", "train", *sys.argv[1:]])
+    spec.write()
+    log.info("run directory: %s", run_dir)
+    if cfg.launcher.name == "slurm":
+        _queued.append(spec)  # submitted together, as one job array for a sweep
+        return
+    job = make_launcher(cfg.launcher.name).launch(spec)
+    if cfg.launcher.name == "ray" and cfg.launcher.submit == "jobs":
+        from launch.spec import JobRecord
+
+        print(f"{JobRecord.read(run_dir).job_id}\t{run_dir}")  # the Ray Jobs submission id
+        return
+    result = job.result()
+    if result["message"]:
+        (log.error if result["state"] == "failed" else log.warning)("%s", result["message"])
+    log.info("%s: %s", result["state"], run_dir)
+    _exit_codes.append(int(result["exit_code"] or 0))
+
+
+def main(args: list[str]) -> int:
+    from fmtrain.config import register_schema
+
+    if "-h" in args or "--help" in args:
+        print(usage())
+        return 0
+    flags, overrides = split_flags(args)
+    multirun = "-m" in flags or "--multirun" in flags
+    check_train(overrides, multirun, dry_run="--dry-run" in flags)
+    if "--dry-run" in flags:
+        return _dry_run(overrides)
+    flags = [f for f in flags if f not in FMTRAIN_FLAGS]
+
+    import hydra
+
+    register_schema()
+    sys.argv = ["fmtrain train", *flags, *overrides]
+    app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base=None)(_train_task)
+    app()
+    if _queued:
+        _submit_queued(multirun)
+    failed = [code for code in _exit_codes if code]
+    return failed[0] if failed else 0
+
+
+def _submit_queued(multirun: bool) -> None:
+    from fmtrain.config import world_size_of
+    from fmtrain.plan import make_plan
+    from launch.slurm import SlurmError, SlurmLauncher
+
+    root = _queued[0].run_dir.parent if multirun else _queued[0].run_dir
+    cfg = _queued[0].config
+    log.info("plan per rank:\n%s", make_plan(cfg, world_size_of(cfg.launcher)).table())
+    try:
+        jobs = SlurmLauncher().launch_all(list(_queued), root=root)
+    except SlurmError as error:
+        raise UsageError(str(error)) from error
+    for job in jobs:
+        print(f"{job.record.job_id}\t{job.run_dir}")
+
+
+def _dry_run(overrides: list[str]) -> int:
+    """Print what would run: the resolved config of each job, and the sbatch script for Slurm."""
+    from fmtrain.config import to_yaml
+
+    jobs = expand_sweep(overrides)
+    configs = [compose(job) for job in jobs]
+    for job, cfg in zip(jobs, configs, strict=True):
+        print(f"# config ({' '.join(job)})\n{to_yaml(cfg)}")
+    from fmtrain.config import world_size_of
+    from fmtrain.plan import make_plan
+
+    print(f"# plan per rank\n{make_plan(configs[0], world_size_of(configs[0].launcher)).table()}\n")
+    if configs[0].launcher.name == "slurm":
+        from launch.slurm import SlurmError, check_against_cluster, render_sbatch
+
+        lc = configs[0].launcher
+        root = Path(configs[0].run_dir).resolve()
+        root = root.parent if len(jobs) > 1 else root
+        print("# sbatch script (submitit fills in %j)")
+        print(
+            render_sbatch(
+                lc, root / "slurm", root / "code" if lc.code_snapshot else None, array=len(jobs) if len(jobs) > 1 else None
+            )
+        )
+        try:
+            check_against_cluster(lc)
+        except SlurmError as error:
+            print(f"# not submittable here: {error}")
+    print("# dry run: nothing started, nothing submitted")
+    return 0
