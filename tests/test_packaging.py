@@ -33,6 +33,8 @@ def test_configs_compose_from_an_installed_wheel(tmp_path: Path) -> None:
     wheel = next((tmp_path / "dist").glob("fmtrain-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {"fmtrain/conf/train.yaml", "fmtrain/conf/model/tiny.yaml", "launch/cli.py"} <= set(names)
+    sources = {str(p.relative_to(ROOT)) for package in ("fmtrain", "launch") for p in (ROOT / package).rglob("*.py")}
+    assert sources - set(names) == set(), "modules the wheel leaves out (pyproject's packages list)"
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
     probe = (
