@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,6 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_configs_compose_from_an_installed_wheel(tmp_path: Path) -> None:
+    # From a copy of the sources: setuptools' build/ folder in a checkout keeps modules of earlier builds.
+    source = tmp_path / "source"
+    for name in ("fmtrain", "launch", "conf"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run(
         [
             sys.executable,
@@ -25,7 +32,7 @@ def test_configs_compose_from_an_installed_wheel(tmp_path: Path) -> None:
             "--no-build-isolation",
             "-w",
             str(tmp_path / "dist"),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
