@@ -3,7 +3,7 @@
     from fmtrain.hardware import probe
     caps = probe("cpu")                     # this machine's CPU (asked once per process)
     caps.refusal("deepspeed", "fp16")       # None, or why not and what to use instead
-    caps.describe()                         # 'cpu: Intel(R) Xeon(R) Processor (AVX512; bf16 native, fp16 native)'
+    caps.describe()                         # 'cpu: Intel(R) Xeon(R) Processor (AVX512; bf16 native; fp16 native)'
 
 Validation asks before launch (the local launcher runs on this machine), each strategy asks again
 on its rank's device (a Slurm or Ray node may differ from the machine that submitted), and
