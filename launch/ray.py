@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fmtrain.config import LauncherConfig
-from launch.spec import ForegroundJob, JobRecord, RunSpec, command_line, now
+from launch.spec import ForegroundJob, JobRecord, RunSpec, command_line, now, rank_logs
 
 log = logging.getLogger("fmtrain.launch")
 
@@ -138,6 +138,18 @@ class RayJob:
     def state(self) -> str:
         return JOB_STATES[self.scheduler_state()]
 
+    def running(self) -> bool:
+        return self.state() in ("pending", "running")
+
+    def details(self) -> dict[str, Any]:
+        """The Jobs API's state; fmtrain's state from it while job.json says the driver still runs
+        (a driver that was stopped or killed could not record its end)."""
+        scheduler = self.scheduler_state()
+        found: dict[str, Any] = {"scheduler_state": scheduler}
+        if JobRecord.read(self.run_dir).state in ("pending", "running"):
+            found["state"] = JOB_STATES[scheduler]
+        return found
+
     def result(self) -> dict[str, Any]:
         info = self.info()
         state = JOB_STATES[str(info.status.value)]
@@ -160,8 +172,8 @@ class RayJob:
     def driver_log(self) -> str:
         return str(jobs_client(self.address).get_job_logs(self.submission_id))
 
-    def logs(self) -> list[Path]:
-        return sorted((self.run_dir / "logs").glob("rank*"))
+    def logs(self, rank: int = 0) -> list[Path]:
+        return rank_logs(self.run_dir, rank)
 
 
 def find_submission(address: str, submission_id: str) -> Any:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fmtrain.config import LauncherConfig, procs_per_task, tasks_per_node, world_size_of
-from launch.spec import JobRecord, RunSpec, command_line, now
+from launch.spec import JobRecord, RunSpec, command_line, now, rank_logs
 
 log = logging.getLogger("fmtrain.launch")
 
@@ -308,13 +308,31 @@ class SlurmJob:
         record = self.record
         return {"state": "submitted", "exit_code": 0, "message": f"Slurm job {record.job_id}: fmtrain status {self.run_dir}"}
 
+    def running(self) -> bool:
+        return scheduler_state(self.record.job_id) not in TERMINAL
+
     def cancel(self) -> None:
         subprocess.run(["scancel", self.record.job_id], check=True, timeout=60)
 
-    def logs(self) -> list[Path]:
+    def logs(self, rank: int = 0) -> list[Path]:
         record = self.record
         folder = Path(record.extra.get("slurm_folder", self.run_dir / "slurm"))
-        return sorted(folder.glob(f"**/{record.job_id}_*_log.*")) + sorted((self.run_dir / "logs").glob("rank*.log"))
+        return sorted(folder.glob(f"**/{record.job_id}_{rank}_log.*")) + rank_logs(self.run_dir, rank)
+
+    def details(self) -> dict[str, Any]:
+        """Slurm's state (sacct), requeues survived, and seconds from submission to the first step."""
+        from fmtrain.metrics import read_jsonl
+
+        record = self.record
+        requeues = read_jsonl(self.run_dir / REQUEUES)
+        found: dict[str, Any] = {
+            "scheduler_state": scheduler_state(record.job_id),
+            "requeues": sum(r["requeued"] for r in requeues),
+        }
+        first = next((r for r in read_jsonl(self.run_dir / "metrics.jsonl") if "loss" in r), None)
+        if first is not None and first["step"] == 1 and "invoked_at" in record.extra:
+            found["submit_to_first_step_s"] = round(first["time"] - record.extra["invoked_at"], 2)
+        return found
 
 
 def scheduler_state(job_id: str) -> str | None:

@@ -101,17 +101,28 @@ def command_line(argv: list[str]) -> str:
 
 
 class JobHandle(Protocol):
-    """A started job: its id and directory, its state, its result, and a way to stop it."""
+    """A started job, found again from its run directory (``launch.launchers.handle_for``): its state,
+    its result, its logs, what its scheduler says of it, and a way to stop it."""
 
     run_dir: Path
 
     def state(self) -> str: ...
 
+    def running(self) -> bool:
+        """Whether the job may still write to its run directory (queued or running)."""
+        ...
+
     def result(self) -> dict[str, Any]: ...
 
     def cancel(self) -> None: ...
 
-    def logs(self) -> list[Path]: ...
+    def logs(self, rank: int = 0) -> list[Path]:
+        """Rank ``rank``'s log files that exist, the scheduler's output first."""
+        ...
+
+    def details(self) -> dict[str, Any]:
+        """For ``fmtrain status``: what the scheduler says, over what ``job.json`` says."""
+        ...
 
 
 @dataclass
@@ -132,6 +143,9 @@ class ForegroundJob:
     def state(self) -> str:
         return self.record().state
 
+    def running(self) -> bool:
+        return self.state() == "running"
+
     def result(self) -> dict[str, Any]:
         record = self.record()
         return {"state": record.state, "exit_code": record.exit_code, "message": record.message}
@@ -144,8 +158,17 @@ class ForegroundJob:
         if launcher_alive(record):
             os.kill(record.pid, signal.SIGTERM)
 
-    def logs(self) -> list[Path]:
-        return sorted((self.run_dir / "logs").glob("rank*"))
+    def logs(self, rank: int = 0) -> list[Path]:
+        return rank_logs(self.run_dir, rank)
+
+    def details(self) -> dict[str, Any]:
+        record = self.record()  # a killed launcher's "running" is corrected
+        return {"state": record.state, "message": record.message}
+
+
+def rank_logs(run_dir: Path, rank: int) -> list[Path]:
+    log = run_dir / "logs" / f"rank{rank}.log"
+    return [log] if log.is_file() else []
 
 
 class Launcher(Protocol):

@@ -395,12 +395,11 @@ def _running_record(trial_dir: Path) -> Any:
     return record if launcher_alive(record) else None
 
 
-def _stop_run(trial_dir: Path, launcher: str) -> None:
+def _stop_run(trial_dir: Path) -> None:
     """scancel a Slurm job; SIGTERM a local launcher (its ranks save)."""
-    from launch.slurm import SlurmJob
-    from launch.spec import ForegroundJob
+    from launch.launchers import handle_for
 
-    (SlurmJob(trial_dir) if launcher == "slurm" else ForegroundJob(trial_dir)).cancel()
+    handle_for(trial_dir).cancel()
 
 
 def stop_trial_run(trial_dir: Path, stopped_at_step: int) -> bool:
@@ -409,7 +408,7 @@ def stop_trial_run(trial_dir: Path, stopped_at_step: int) -> bool:
     record = _running_record(trial_dir)
     if record is None:
         return False
-    _stop_run(trial_dir, record.launcher)
+    _stop_run(trial_dir)
     note = {"launcher": record.launcher, "job_id": record.job_id, "pid": record.pid, "stopped_at_step": stopped_at_step}
     (trial_dir / "cancelled.json").write_text(json.dumps(note) + "\n")
     log.info("stopped the %s run of trial %s (step %d)", record.launcher, trial_dir.name, stopped_at_step)
@@ -446,7 +445,7 @@ def _end_earlier_job(trial_dir: Path) -> None:
     if record is None:
         return
     log.info("stopping the %s run %s left by an earlier run of this sweep", record.launcher, record.job_id)
-    _stop_run(trial_dir, record.launcher)
+    _stop_run(trial_dir)
     deadline = time.monotonic() + 300
     while _running_record(trial_dir) is not None and time.monotonic() < deadline:
         time.sleep(1.0)

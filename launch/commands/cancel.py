@@ -8,9 +8,9 @@ from launch.commands import run_dir_of
 
 
 def main(args: list[str]) -> int:
+    from launch.launchers import handle_for
     from launch.ray import RayJob
-    from launch.slurm import SlurmJob
-    from launch.spec import ForegroundJob, JobRecord
+    from launch.spec import JobRecord
 
     run_dir = run_dir_of(args, "fmtrain cancel RUN_DIR|JOB_ID")
     if not (run_dir / "job.json").is_file():  # a Ray job whose run directory this machine cannot see
@@ -18,8 +18,6 @@ def main(args: list[str]) -> int:
         print(f"cancelled ray job {args[0]}")
         return 0
     record = JobRecord.read(run_dir)
-    ray_job = RayJob.of(run_dir) if record.launcher == "ray" else None
-    job = SlurmJob(run_dir) if record.launcher == "slurm" else ray_job or ForegroundJob(run_dir)
-    job.cancel()
+    handle_for(run_dir).cancel()
     print(f"cancelled {record.launcher} job {record.job_id}: {run_dir}")
     return 0

@@ -25,7 +25,6 @@ def main(args: list[str]) -> int:
         return int(exit_.code or 0)
     run_dir = run_dir_of([options.run_dir], "fmtrain logs RUN_DIR|JOB_ID [-f] [--rank R]")
     from launch.ray import TERMINAL_JOB_STATES, RayJob
-    from launch.spec import JobRecord
 
     visible = (run_dir / "job.json").is_file()
     ray_job = RayJob.of(run_dir) if visible else RayJob(run_dir, options.run_dir, os.environ["RAY_ADDRESS"])
@@ -40,20 +39,13 @@ def main(args: list[str]) -> int:
             if done or not options.follow:
                 return 0
             time.sleep(1.0)
-    rank = options.rank or 0
+    from launch.launchers import handle_for
 
-    def files() -> list[Path]:
-        record = JobRecord.read(run_dir)
-        found = [run_dir / "logs" / f"rank{rank}.log"]
-        if record.launcher == "slurm" and record.job_id:
-            folder = Path(record.extra.get("slurm_folder", run_dir / "slurm"))
-            found = sorted(folder.glob(f"**/{record.job_id}_{rank}_log.*")) + found
-        return [f for f in found if f.is_file()]
-
+    handle, rank = handle_for(run_dir), options.rank or 0
     offsets: dict[Path, int] = {}
 
     def dump() -> None:
-        for file in files():
+        for file in handle.logs(rank):
             with open(file, errors="replace") as f:
                 f.seek(offsets.get(file, 0))
                 text = f.read()
@@ -63,25 +55,9 @@ def main(args: list[str]) -> int:
                 sys.stdout.flush()
 
     dump()
-    while options.follow and _job_running(run_dir):
+    while options.follow and handle.running():
         time.sleep(1.0)
         dump()
     if options.follow:
         dump()
     return 0
-
-
-def _job_running(run_dir: Path) -> bool:
-    from launch.spec import ForegroundJob, JobRecord
-
-    record = JobRecord.read(run_dir)
-    if record.launcher == "slurm":
-        from launch.slurm import TERMINAL, scheduler_state
-
-        return scheduler_state(record.job_id) not in TERMINAL
-    from launch.ray import RayJob
-
-    ray_job = RayJob.of(run_dir) if record.launcher == "ray" else None
-    if ray_job is not None:
-        return ray_job.state() in ("pending", "running")
-    return ForegroundJob(run_dir).state() == "running"

@@ -10,14 +10,13 @@ from launch.commands import run_dir_of
 
 def main(args: list[str]) -> int:
     from fmtrain.metrics import read_jsonl
-    from launch.spec import ForegroundJob, JobRecord
+    from launch.launchers import handle_for
+    from launch.spec import JobRecord
 
     run_dir = run_dir_of(args, "fmtrain status RUN_DIR|JOB_ID")
     if not (run_dir / "job.json").is_file():  # a Ray job whose run directory this machine cannot see
         return _print_remote_ray_job(args[0])
     record = JobRecord.read(run_dir)
-    if record.launcher == "local":
-        record = ForegroundJob(run_dir).record()  # a killed launcher's "running" is corrected
     records = read_jsonl(run_dir / "metrics.jsonl")
     train_records = [r for r in records if "loss" in r]
     val_records = [r for r in records if "val_loss" in r]
@@ -34,24 +33,7 @@ def main(args: list[str]) -> int:
         "ended": record.ended,
         "message": record.message,
     }
-    if record.launcher == "slurm":
-        from launch.slurm import REQUEUES, scheduler_state
-
-        summary["scheduler_state"] = scheduler_state(record.job_id)
-        requeues = read_jsonl(run_dir / REQUEUES) if (run_dir / REQUEUES).is_file() else []
-        summary["requeues"] = len([r for r in requeues if r["requeued"]])
-        if train_records and "invoked_at" in record.extra:
-            first = train_records[0]
-            if first["step"] == 1:
-                summary["submit_to_first_step_s"] = round(first["time"] - record.extra["invoked_at"], 2)
-    from launch.ray import RayJob
-
-    ray_job = RayJob.of(run_dir) if record.launcher == "ray" else None
-    if ray_job is not None:
-        summary["scheduler_state"] = ray_job.scheduler_state()
-        if record.state in ("pending", "running"):  # a driver that was stopped or killed could not say so itself
-            summary["state"] = ray_job.state()
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(summary | handle_for(run_dir).details(), indent=1))
     return 0
 
 
