@@ -384,15 +384,12 @@ class _SlurmTrialJob:
 def _running_record(trial_dir: Path) -> Any:
     """The trial's job record if its run is still going (a Slurm job not ended, a live local
     launcher), else None."""
-    from launch.slurm import TERMINAL, scheduler_state
-    from launch.spec import JobRecord, launcher_alive
+    from launch.launchers import handle_for
+    from launch.spec import JobRecord
 
     if not (trial_dir / "job.json").is_file():
         return None
-    record = JobRecord.read(trial_dir)
-    if record.launcher == "slurm":
-        return None if scheduler_state(record.job_id) in TERMINAL else record
-    return record if launcher_alive(record) else None
+    return JobRecord.read(trial_dir) if handle_for(trial_dir).running() else None
 
 
 def _stop_run(trial_dir: Path) -> None:
