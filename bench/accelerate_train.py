@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from fmtrain.data import GlobalBatches, prepare
-from fmtrain.model import Transformer
+from fmtrain.models.llama import Transformer
 from launch.compose import compose
 
 
@@ -41,9 +41,9 @@ def main(out: str, steps: int) -> None:
     for step in range(steps):
         if step == warmup:
             start, forward_backward = time.perf_counter(), 0.0
-        inputs, targets = batches.micro_batch(step * cfg.trainer.global_batch_size, 0, accelerator.process_index, micro, 2)
+        batch = batches.micro_batch(step * cfg.trainer.global_batch_size, 0, accelerator.process_index, micro, 2)
         began = time.perf_counter()
-        loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())
+        loss = F.cross_entropy(model(batch["input_ids"]).flatten(0, 1).float(), batch["labels"].flatten())
         accelerator.backward(loss)
         forward_backward += time.perf_counter() - began
         accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

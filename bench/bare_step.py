@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fmtrain.config import ModelConfig
-from fmtrain.model import Transformer
+from fmtrain.models.llama import Transformer
 
 
 def main() -> None:

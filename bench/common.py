@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fmtrain.config import TrainConfig
 from fmtrain.hardware import cpu_name
-from fmtrain.model import Transformer
+from fmtrain.models.llama import Transformer
 from launch.compose import compose
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fmtrain
-from fmtrain.model import Transformer
+from fmtrain.models.llama import Transformer
 
 MODELS = {"tiny (default)": [], "small": ["model=small", "data.seq_len=512", "trainer.global_batch_size=8"]}
 GROUPS = {

@@ -36,7 +36,7 @@ def worker(out: str, dim: int, layers: int, zero_init: bool) -> None:
     import torch
 
     from fmtrain.distributed import DistEnv
-    from fmtrain.model import Transformer
+    from fmtrain.models.llama import Transformer
     from fmtrain.strategies import make_strategy
     from launch.compose import compose
 

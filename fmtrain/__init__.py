@@ -7,10 +7,13 @@ Layers, lowest first; a module imports only its own layer or lower ones (``tests
 holds the exact table and checks it, imports inside functions included):
 
 1. ``config``: the schema, nothing else of fmtrain.
-2. ``distributed``, ``hardware``, ``model``; then ``parallel``, ``optim``, ``metrics``, ``data``.
+2. ``distributed``, ``hardware``, ``parallel``, ``signals``, ``models.spec`` (the model contract); the models
+   (``models.llama``) and converters (``models.converters``: fp8); ``models`` (the registry); then
+   ``optim``, ``metrics``, ``data``, ``losses`` (batches are dicts; a loss maps logits and a batch to a mean).
 3. ``validation`` (what combinations can run) and ``strategies.base`` (the strategy contract); the
    strategies, one file each; ``strategies`` (the registry) and ``plan``.
-4. ``checkpoint``; ``trainer`` and ``export``; ``worker`` (a launched rank).
+4. ``checkpoint`` and ``step`` (one optimizer step, evaluation); ``trainer`` (the loop) and
+   ``export``; ``worker`` (a launched rank).
 5. ``launch``: ``spec``/``compose``/``env``, the launchers (``local``, ``slurm``, ``ray``), their
    registry ``launchers`` and ``tune``; one module per verb in ``launch.commands``; ``cli`` on top,
    which only dispatches.

@@ -20,7 +20,7 @@ import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ConfigError(ValueError):
@@ -37,9 +37,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """A Llama-style decoder. ``name`` is informational; the numbers define the model."""
+    """A decoder's sizes. ``arch`` picks the architecture (``fmtrain.models``' registry: ``llama``, or a
+    model of your own); ``name`` is informational; the numbers define the model."""
 
     name: str = "tiny"
+    arch: str = "llama"
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -119,7 +121,16 @@ class CheckpointConfig:
 
 @dataclass
 class StrategyConfig:
-    """How ranks share the work. Fields that a strategy does not use are ignored by it."""
+    """How ranks share the work. Each option's own keys are in ``OPTIONS``: a key of another option
+    is refused (:func:`foreign_keys`), so ``strategy=fsdp strategy.offload_optimizer=true`` is an error."""
+
+    OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "ddp": ("find_unused_parameters", "bucket_cap_mb"),
+        "fsdp": ("reshard_after_forward", "cpu_offload"),
+        "deepspeed": ("zero_stage", "offload_optimizer", "offload_params", "zero_init", "deepspeed"),
+        "tp": ("tp", "sequence_parallel"),
+        "fsdp_tp": ("tp", "sequence_parallel", "reshard_after_forward", "cpu_offload"),
+    }
 
     name: str = "ddp"
     tp: int | None = None  # tensor-parallel degree (tp, fsdp_tp); None: the world size for tp
@@ -146,7 +157,18 @@ class PrecisionConfig:
 
 @dataclass
 class LauncherConfig:
-    """Where the ranks start. Fields that a launcher does not use are ignored by it."""
+    """Where the ranks start. Each option's own keys are in ``OPTIONS``: a key of another option is
+    refused (:func:`foreign_keys`), so ``launcher=local launcher.partition=gpu`` is an error."""
+
+    OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "local": ("nproc", "max_restarts", "shutdown_timeout", "monitor_interval"),
+        "slurm": (
+            "nodes", "tasks_per_node", "procs_per_task", "gpus_per_node", "cpus_per_task", "mem_gb", "time_min",
+            "partition", "account", "qos", "constraint", "exclude", "job_name", "sbatch", "setup", "signal_delay_s",
+            "max_requeues", "array_parallelism", "env_allow", "code_snapshot",
+        ),
+        "ray": ("address", "num_workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "object_store_mb", "submit"),
+    }  # fmt: skip
 
     name: str = "local"
     # local: processes on this machine under torch's elastic agent
@@ -242,6 +264,9 @@ class TrainConfig:
     experiment: str = "default"
     run_dir: str = "outputs/default/run"
     seed: int = 1337
+    # Modules every process of the run imports first: where your own models register themselves
+    # (fmtrain.models.register), e.g. imports=[my_models]; they must be importable on every node.
+    imports: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -296,6 +321,35 @@ def to_config(node: Any) -> TrainConfig:
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, TrainConfig)
     return cfg
+
+
+def foreign_keys(cfg: TrainConfig, keys: list[str]) -> None:
+    """Refuse a key of ``strategy`` or ``launcher`` that belongs to another option than the chosen one.
+
+    ``keys`` are what the user set (``strategy.offload_optimizer``); an option's schema is its class's
+    ``OPTIONS`` entry plus ``name``.
+
+    Raises:
+        ConfigError: naming the key, its value, the option it belongs to and the chosen option's keys.
+    """
+    for key in keys:
+        section, _, name = key.partition(".")
+        if section not in ("strategy", "launcher") or not name or "." in name:
+            continue
+        node = getattr(cfg, section)
+        options = type(node).OPTIONS
+        own = options.get(node.name)
+        if own is None or name == "name" or name in own:
+            continue
+        owners = [option for option, keys in options.items() if name in keys]
+        if not owners:
+            continue  # not a field at all: to_config names it as unknown
+        valid = ", ".join(["name", *own])
+        raise ConfigError(
+            key,
+            getattr(node, name),
+            f"a key of {section}={'|'.join(owners)}, not of {section}={node.name}; the keys of {section}={node.name}: {valid}",
+        )
 
 
 def typing_hints(cls: Any) -> dict[str, Any]:

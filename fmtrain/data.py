@@ -2,7 +2,8 @@
 
     shards = prepare(cfg.data, vocab_size=256)        # cached under data.cache_dir, keyed by content
     batches = GlobalBatches(shards.train, seq_len=256, seed=1337)
-    inputs, targets = batches.micro_batch(consumed=112, micro_step=0, rank=1, micro_batch=4, world_size=2)
+    batch = batches.micro_batch(consumed=112, micro_step=0, rank=1, micro_batch=4, world_size=2)
+    batch["input_ids"], batch["labels"]                     # (4, seq_len) each: labels are inputs shifted by one
 
 The default corpus is the Python standard library's own source, present wherever Python is, so
 nothing is downloaded. Tokens are bytes (vocab 256; a 0 byte separates documents).
@@ -204,12 +205,12 @@ class GlobalBatches:
 
     def micro_batch(
         self, consumed: int, micro_step: int, rank: int, micro_batch: int, world_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (micro_batch, seq_len) that ``rank`` trains on at this micro-step,
-        ``consumed`` samples into the run."""
+    ) -> dict[str, torch.Tensor]:
+        """The batch (``input_ids`` and ``labels``, (micro_batch, seq_len) each) that ``rank`` trains on
+        at this micro-step, ``consumed`` samples into the run."""
         first = consumed + (micro_step * world_size + rank) * micro_batch
         rows = self.shards.windows([self._window_of(first + i) for i in range(micro_batch)], self.seq_len)
-        return rows[:, :-1], rows[:, 1:]
+        return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
 
 
 def eval_windows(shards: TokenShards, seq_len: int, count: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""What a run reports: ``metrics.jsonl``, TensorBoard events, a progress display, a loss plot.
+"""What a run reports: ``metrics.jsonl``, TensorBoard events, a progress display, a loss plot, the
+logs of each rank, and the peak FLOP/s that MFU is measured against.
 
 Rank 0 gets a :class:`MetricsWriter`; every other rank a :class:`NullMetrics` with the same
 methods, so the trainer never branches on the rank to log.
@@ -12,6 +13,7 @@ import math
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from fmtrain.config import cache_root
+from fmtrain.distributed import DistEnv
 from fmtrain.hardware import cpu_name
 
 log = logging.getLogger("fmtrain")
@@ -188,3 +191,61 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
+    handlers[0].setFormatter(logging.Formatter(f"%(asctime)s rank{rank} pid %(process)d %(levelname)s %(message)s"))
+    if rank == 0:
+        if sys.stdout.isatty():
+            from rich.logging import RichHandler
+
+            handlers.append(RichHandler(show_path=False))
+        else:
+            console = logging.StreamHandler(sys.stdout)
+            console.setFormatter(logging.Formatter("[fmtrain] %(message)s"))
+            handlers.append(console)
+    log.handlers[:] = handlers
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def world_peak_flops(env: DistEnv, device: torch.device, dtype: torch.dtype) -> float:
+    """Peak FLOP/s of the whole world: every rank probes at once and the results are summed.
+
+    The probe's result is cached per machine (CPU, threads, ranks sharing it, dtype), so only the
+    first run on a machine pays for it.
+    """
+    key, cached = cached_peak_flops(dtype, device, env.local_world_size)
+    need = torch.tensor(float(cached is None), device=device)
+    if env.distributed:
+        torch.distributed.all_reduce(need)
+    if need.item():
+        cached = measure_peak_flops(dtype, device)
+        if env.local_rank == 0:
+            store_peak_flops(key, cached)
+    mine = torch.tensor(cached, dtype=torch.float64, device=device)
+    if env.distributed:
+        torch.distributed.all_reduce(mine)
+    return float(mine)
+
+
+def warm_imports(plot: bool) -> None:
+    """Import what the end of the run needs on a thread, while the first steps compute.
+
+    Torch ops release the GIL, so these ~1 s of imports (checkpointing, plotting) overlap with
+    training instead of delaying the first save and the end of a short run.
+    """
+
+    def work() -> None:
+        import torch.distributed.checkpoint
+        import torch.distributed.checkpoint.state_dict  # noqa: F401
+
+        if plot:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot
+
+    threading.Thread(target=work, name="fmtrain-warm-imports", daemon=True).start()

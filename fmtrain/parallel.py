@@ -4,7 +4,6 @@ One object owns them: it derives the degrees from the strategy and the world siz
 that cannot run (before launch, without torch.distributed), and builds the mesh inside the job.
 
     dims = ParallelDims.from_config(cfg.strategy, world_size=8)   # strategy=fsdp_tp strategy.tp=2
-    dims.check_model(cfg.model)                                   # tp must divide heads and hidden sizes
     (dims.dp, dims.tp) == (4, 2)
     mesh = dims.build_mesh("cpu")                                 # inside the job: dims ("dp", "tp")
 
@@ -17,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fmtrain.config import ConfigError, ModelConfig, StrategyConfig
+from fmtrain.config import ConfigError, StrategyConfig
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -63,18 +62,6 @@ class ParallelDims:
                 f"strategy=fsdp_tp needs at least 2 data-parallel shards: tp <= {world_size // 2} for world size {world_size}",
             )
         return dims
-
-    def check_model(self, model: ModelConfig) -> None:
-        """Tensor parallelism splits heads and hidden units: the degree must divide each count."""
-        from fmtrain.model import ffn_hidden_dim
-
-        for what, count in (
-            ("model.n_heads", model.n_heads),
-            ("model.n_kv_heads", model.n_kv_heads or model.n_heads),
-            ("the SwiGLU hidden size", ffn_hidden_dim(model)),
-        ):
-            if count % self.tp:
-                raise ConfigError("strategy.tp", self.tp, f"must divide {what} = {count}")
 
     def dp_rank(self, rank: int) -> int:
         return rank // self.tp

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fmtrain import hardware
+from fmtrain import hardware, models
 from fmtrain.config import TrainConfig, micro_batch_size
-from fmtrain.model import Transformer
-from fmtrain.parallel import SHARDED, ParallelDims
+from fmtrain.parallel import SHARDED, TENSOR_PARALLEL, ParallelDims
 
 FP32 = 4
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32 each
@@ -114,17 +113,20 @@ def zero_bytes(numel: int, dp: int, stage: int, precision: str, offload_optimize
 
 def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     dims = ParallelDims.from_config(cfg.strategy, world_size)
-    dims.check_model(cfg.model)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
+    recipe = models.recipe(cfg)
+    if cfg.strategy.name in TENSOR_PARALLEL:
+        recipe.spec.check_tensor_parallel(cfg.model, cfg.strategy.name, dims.tp, cfg.strategy.sequence_parallel)
+    model = recipe.meta()
+    num_params = sum(p.numel() for p in model.parameters())
     tp_dims = {"colwise": 0, "rowwise": 1} if dims.tp > 1 else {}
-    plan = {f"{path}.weight": tp_dims.get(style) for path, style in model.tp_plan().items()}
+    tp_plan = (recipe.spec.tp_plan(model) or {}) if tp_dims else {}
+    plan = {f"{path}.weight": tp_dims.get(style) for path, style in tp_plan.items()}
     sharded = cfg.strategy.name in SHARDED
     local = sum(_local_numel(p.shape, plan.get(name), dims, sharded) for name, p in model.named_parameters())
     param_bytes, grad_bytes, optimizer_bytes = local * FP32, local * FP32, local * FP32 * ADAM_STATES
     if cfg.strategy.name == "deepspeed":
         local, param_bytes, grad_bytes, optimizer_bytes = zero_bytes(
-            model.num_params(), dims.dp, cfg.strategy.zero_stage, cfg.precision.name, cfg.strategy.offload_optimizer
+            num_params, dims.dp, cfg.strategy.zero_stage, cfg.precision.name, cfg.strategy.offload_optimizer
         )
     micro = micro_batch_size(cfg.trainer, dims.dp)
     caps = hardware.probe("cuda" if torch.cuda.is_available() else "cpu", engines=cfg.strategy.name == "deepspeed")
@@ -136,7 +138,7 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
         world_size=world_size,
         dp=dims.dp,
         tp=dims.tp,
-        total_params=model.num_params(),
+        total_params=num_params,
         params_per_rank=local,
         param_bytes=param_bytes,
         grad_bytes=grad_bytes,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from fmtrain import hardware
+from fmtrain import hardware, models
 from fmtrain.config import (
     ConfigError,
     LauncherConfig,
@@ -25,7 +25,7 @@ from fmtrain.config import (
     usable_cpus,
     world_size_of,
 )
-from fmtrain.parallel import ParallelDims
+from fmtrain.parallel import TENSOR_PARALLEL, ParallelDims
 
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -69,13 +69,11 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
         _positive(f"model.{key}", getattr(m, key))
     if m.dim % m.n_heads:
         raise ConfigError("model.n_heads", m.n_heads, f"must divide model.dim={m.dim}")
-    if (m.dim // m.n_heads) % 2:
-        raise ConfigError("model.n_heads", m.n_heads, "head dim (dim/n_heads) must be even for rotary embeddings")
-    n_kv = m.n_kv_heads or m.n_heads
-    if n_kv <= 0 or m.n_heads % n_kv:
-        raise ConfigError("model.n_kv_heads", m.n_kv_heads, f"must be positive and divide model.n_heads={m.n_heads}")
     _positive("model.ffn_dim_multiplier", m.ffn_dim_multiplier)
     _positive("model.norm_eps", m.norm_eps)
+    models.import_modules(cfg.imports)  # a user's own model registers itself on import
+    spec = models.get(m.arch)
+    spec.check(m)  # what this architecture cannot build (Llama: odd rotary head dims, kv heads)
 
     _choice("data.tokenizer", d.tokenizer, tuple(TOKENIZERS))
     if m.vocab_size < TOKENIZERS[d.tokenizer]:
@@ -146,7 +144,8 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
             )
     world = world_size or world_size_of(lnch)
     dims = ParallelDims.from_config(cfg.strategy, world)
-    dims.check_model(m)
+    if cfg.strategy.name in TENSOR_PARALLEL:
+        spec.check_tensor_parallel(m, cfg.strategy.name, dims.tp, cfg.strategy.sequence_parallel)
     if cfg.strategy.sequence_parallel:
         if cfg.strategy.name not in ("tp", "fsdp_tp"):
             raise ConfigError(

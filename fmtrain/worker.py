@@ -5,6 +5,9 @@
 A launcher starts this once per rank with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
 set. ``@record`` writes an uncaught exception to the error file the elastic agent gave this process,
 so the launcher can show the failing rank's traceback.
+
+For tests of launchers, ``FMTRAIN_FAULT=RANK:STEP`` makes that rank raise at that step (the hook is
+here, at the boundary, not in the training loop).
 """
 
 from __future__ import annotations
@@ -12,12 +15,28 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from collections.abc import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 from fmtrain import config
 from fmtrain.distributed import die_with_parent
 from fmtrain.trainer import run
+
+
+def injected_fault() -> Callable[[int], None] | None:
+    """``FMTRAIN_FAULT=RANK:STEP``: a step hook that raises in that rank at that step."""
+    spec = os.environ.get("FMTRAIN_FAULT", "")
+    if not spec:
+        return None
+    fault_rank, fault_step = (int(v) for v in spec.split(":"))
+    rank = int(os.environ.get("RANK", "0"))
+
+    def fault(step: int) -> None:
+        if rank == fault_rank and step == fault_step:
+            raise RuntimeError(f"injected fault (FMTRAIN_FAULT) in rank {rank} at step {step}")
+
+    return fault if rank == fault_rank else None
 
 
 @record
@@ -28,7 +47,7 @@ def main(argv: list[str]) -> int:
     if os.environ.get("FMTRAIN_DIE_WITH_PARENT") == "1":
         die_with_parent()
     try:
-        run(config.load(argv[0]))
+        run(config.load(argv[0]), on_step=injected_fault())
     except config.ConfigError as error:  # a user error this rank found (its device): one line, no traceback
         get_error_handler().record_exception(error)  # the launcher reports the failing rank's message
         print(f"fmtrain: error: {error}", file=sys.stderr)

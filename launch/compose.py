@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fmtrain.config import ConfigError, TrainConfig, register_schema, to_config
+from fmtrain.config import ConfigError, TrainConfig, foreign_keys, register_schema, to_config
 from fmtrain.validation import validate
 
 
@@ -106,8 +106,11 @@ def _explain(error: BaseException, overrides: list[str]) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def compose(overrides: list[str], *, check: bool = True, gpus_available: int | None = None) -> TrainConfig:
-    """The typed config that ``fmtrain train OVERRIDES`` would run, validated when ``check``."""
+def compose(
+    overrides: list[str], *, check: bool = True, gpus_available: int | None = None, option_keys: bool = True
+) -> TrainConfig:
+    """The typed config that ``fmtrain train OVERRIDES`` would run, validated when ``check``; a key of
+    another strategy or launcher than the chosen one refused when ``option_keys``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -122,12 +125,25 @@ def compose(overrides: list[str], *, check: bool = True, gpus_available: int | N
         raise UsageError(_explain(error, overrides)) from error
     finally:
         GlobalHydra.instance().clear()
-    if check:
-        try:
+    try:
+        if check:
             validate(cfg, gpus_available=gpus_available)
-        except ConfigError as error:
-            raise UsageError(str(error)) from error
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
+    if option_keys:
+        check_option_keys(cfg, overrides)
     return cfg
+
+
+def check_option_keys(cfg: TrainConfig, overrides: list[str]) -> None:
+    """Refuse an override of a key that the chosen strategy or launcher does not have.
+
+    Run after validation where both run: its messages say more where they apply (``strategy.tp`` with ddp).
+    """
+    try:
+        foreign_keys(cfg, [o.lstrip("+~").split("=", 1)[0] for o in overrides])
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:

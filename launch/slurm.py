@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fmtrain.compat.submitit import SUBMIT_MODULE, convert_mem, make_sbatch_string
 from fmtrain.config import LauncherConfig, procs_per_task, tasks_per_node, world_size_of
 from launch.spec import JobRecord, RunSpec, command_line, now, rank_logs
 
@@ -206,8 +207,6 @@ def snapshot_code(dest: Path) -> Path:
 
 def sbatch_parameters(lc: LauncherConfig) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters for a launcher config (sbatch flags by their names)."""
-    from submitit.slurm.slurm import _convert_mem  # submitit's own GB/MB rendering of mem
-
     params: dict[str, Any] = {
         "job_name": lc.job_name,
         "nodes": lc.nodes,
@@ -227,7 +226,7 @@ def sbatch_parameters(lc: LauncherConfig) -> dict[str, Any]:
         "exclude": lc.exclude,
         "cpus_per_task": lc.cpus_per_task,
         "gpus_per_node": lc.gpus_per_node or None,
-        "mem": _convert_mem(lc.mem_gb) if lc.mem_gb else None,
+        "mem": convert_mem(lc.mem_gb) if lc.mem_gb else None,
     }
     params |= {k: v for k, v in optional.items() if v is not None}
     return params
@@ -248,11 +247,9 @@ def job_python(code_dir: Path | None) -> str:
 
 def render_sbatch(lc: LauncherConfig, folder: Path, code_dir: Path | None, array: int | None = None) -> str:
     """The sbatch script submitit submits for this config (``--dry-run`` prints it)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     params = sbatch_parameters(lc)
-    command = " ".join([job_python(code_dir), "-u -m submitit.core._submit", shlex.quote(str(folder / "%j"))])
-    return _make_sbatch_string(command=command, folder=folder / "%j", setup=setup_lines(lc, code_dir), map_count=array, **params)
+    command = " ".join([job_python(code_dir), "-u -m", SUBMIT_MODULE, shlex.quote(str(folder / "%j"))])
+    return make_sbatch_string(command, folder / "%j", setup_lines(lc, code_dir), array, **params)
 
 
 def check_against_cluster(lc: LauncherConfig) -> None:

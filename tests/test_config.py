@@ -26,7 +26,7 @@ def test_every_option_of_every_group_composes(group: str, option: str, tmp_path)
 def test_big_models_validate_and_have_their_size() -> None:
     import torch
 
-    from fmtrain.model import Transformer
+    from fmtrain.models.llama import Transformer
 
     for name, expected in (("1b", 1.24e9), ("8b", 8.03e9)):
         cfg = compose([f"model={name}", "trainer.device=cpu"])
@@ -121,6 +121,32 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
             ["strategy=deepspeed", "+strategy.deepspeed.train_batch_size=64"],
             r"strategy.deepspeed=\['train_batch_size'\] is invalid: these keys come from trainer.global_batch_size",
         ),
+        # A key of another option than the chosen one: refused with that option's keys.
+        (
+            ["strategy=fsdp", "strategy.offload_optimizer=true"],
+            r"strategy.offload_optimizer=True is invalid: a key of strategy=deepspeed, not of strategy=fsdp; "
+            r"the keys of strategy=fsdp: name, reshard_after_forward, cpu_offload$",
+        ),
+        (
+            ["strategy=ddp", "strategy.cpu_offload=true"],
+            r"a key of strategy=fsdp\|fsdp_tp, not of strategy=ddp; "
+            r"the keys of strategy=ddp: name, find_unused_parameters, bucket_cap_mb$",
+        ),
+        (["strategy=deepspeed", "strategy.bucket_cap_mb=50"], r"strategy.bucket_cap_mb=50 is invalid: a key of strategy=ddp"),
+        (["strategy=tp", "strategy.zero_stage=3"], r"the keys of strategy=tp: name, tp, sequence_parallel$"),
+        (
+            ["launcher=local", "launcher.partition=gpu"],
+            r"launcher.partition='gpu' is invalid: a key of launcher=slurm, not of launcher=local; "
+            r"the keys of launcher=local: name, nproc, max_restarts, shutdown_timeout, monitor_interval$",
+        ),
+        (["launcher.num_workers=4"], r"launcher.num_workers=4 is invalid: a key of launcher=ray, not of launcher=local"),
+        (["launcher=slurm", "launcher.nproc=2"], r"launcher.nproc=2 is invalid: a key of launcher=local, not of launcher=slurm"),
+        (["launcher=ray", "launcher.time_min=5"], r"the keys of launcher=ray: name, address, num_workers"),
+        (
+            ["model.arch=gpt3"],
+            r"model.arch='gpt3' is invalid: one of [\w, -]*llama \(a model of your own: imports=\[your_module\]",
+        ),
+        (["imports=[no_such_module_here]"], r"imports='no_such_module_here' is invalid: cannot be imported: ModuleNotFoundError"),
     ],
 )
 def test_bad_overrides_are_refused_with_field_value_and_choices(overrides: list[str], message: str) -> None:
@@ -166,6 +192,12 @@ def test_cli_refuses_bad_values_with_exit_code_2_and_no_traceback(cache_dir, tmp
         (["launcher=slurmish"], "launcher=slurmish: no such option; valid choices are local"),
         (["optim.lr=1e-3,1e-4"], "describes a sweep of 2 runs; add -m"),
         (["-m", "optim.lr=1e-3,-1"], "optim.lr=-1.0 is invalid: must be positive"),
+        (
+            ["strategy=fsdp", "strategy.offload_optimizer=true"],
+            "the keys of strategy=fsdp: name, reshard_after_forward, cpu_offload",
+        ),
+        (["launcher=local", "launcher.partition=gpu"], "the keys of launcher=local: name, nproc, max_restarts"),
+        (["--dry-run", "launcher=local", "launcher.partition=gpu"], "a key of launcher=slurm, not of launcher=local"),
     ):
         result = fmtrain(["train", f"run_dir={tmp_path}/run", *args], cache_dir, timeout=60)
         assert result.returncode == 2, result.stderr

@@ -44,9 +44,11 @@ def test_token_dtype_follows_the_vocabulary() -> None:
 def test_global_batches_are_the_same_for_every_world_size(corpus) -> None:
     _, data = corpus
     batches = GlobalBatches(data.train, seq_len=16, seed=1)
-    one = batches.micro_batch(consumed=24, micro_step=0, rank=0, micro_batch=8, world_size=1)[0]
-    halves = [batches.micro_batch(consumed=24, micro_step=0, rank=r, micro_batch=4, world_size=2)[0] for r in (0, 1)]
-    accumulated = [batches.micro_batch(consumed=24, micro_step=m, rank=0, micro_batch=2, world_size=2)[0] for m in range(2)]
+    one = batches.micro_batch(consumed=24, micro_step=0, rank=0, micro_batch=8, world_size=1)["input_ids"]
+    halves = [batches.micro_batch(consumed=24, micro_step=0, rank=r, micro_batch=4, world_size=2)["input_ids"] for r in (0, 1)]
+    accumulated = [
+        batches.micro_batch(consumed=24, micro_step=m, rank=0, micro_batch=2, world_size=2)["input_ids"] for m in range(2)
+    ]
     assert np.array_equal(one.numpy(), np.concatenate([h.numpy() for h in halves]))
     assert np.array_equal(one[[0, 1, 4, 5]].numpy(), np.concatenate([a.numpy() for a in accumulated]))
 
@@ -56,7 +58,8 @@ def test_a_resumed_sampler_neither_repeats_nor_skips(corpus) -> None:
     n = GlobalBatches(data.train, seq_len=16, seed=1).num_windows
     seen = []
     for consumed in range(0, 2 * n, 8):  # two epochs, a fresh sampler each step as after a resume
-        inputs, targets = GlobalBatches(data.train, seq_len=16, seed=1).micro_batch(consumed, 0, 0, 8, 1)
+        batch = GlobalBatches(data.train, seq_len=16, seed=1).micro_batch(consumed, 0, 0, 8, 1)
+        inputs, targets = batch["input_ids"], batch["labels"]
         assert np.array_equal(inputs[:, 1:].numpy(), targets[:, :-1].numpy())
         seen += [tuple(row.tolist()) for row in inputs]
     first, second = seen[:n], seen[n : 2 * n]

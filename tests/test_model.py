@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fmtrain.config import ModelConfig
-from fmtrain.model import Transformer, ffn_hidden_dim
+from fmtrain.models.llama import Transformer, ffn_hidden_dim
+from fmtrain.strategies import checkpoint_block
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
 
@@ -76,7 +77,6 @@ def test_checkpointed_blocks_recompute_in_backward_and_give_the_same_gradients()
     grads = {}
     for checkpointed in (frozenset(), frozenset({0})):
         model = build()
-        model.checkpointed = checkpointed
         calls = [0, 0]
 
         def counted(forward, index, calls=calls):
@@ -88,6 +88,8 @@ def test_checkpointed_blocks_recompute_in_backward_and_give_the_same_gradients()
 
         for index, block in enumerate(model.blocks):
             block.forward = counted(block.forward, index)
+        for index in checkpointed:
+            checkpoint_block(model.blocks[index])
         tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
         model(tokens).sum().backward()
         assert calls == ([1, 1] if not checkpointed else [2, 1])  # block 0 ran again in backward
@@ -99,8 +101,8 @@ def test_checkpointed_blocks_recompute_in_backward_and_give_the_same_gradients()
 @pytest.mark.parametrize(("mode", "expected"), [("none", set()), ("full", {0, 1, 2, 3, 4}), ("every_n", {0, 2, 4})])
 def test_activation_checkpointing_modes_choose_their_blocks(mode: str, expected: set[int]) -> None:
     from fmtrain.config import TrainerConfig
-    from fmtrain.strategies import prepare_blocks
+    from fmtrain.strategies import checkpointed_blocks, prepare_blocks
 
     model = build(dataclasses.replace(CFG, n_layers=5))
-    prepare_blocks(model, TrainerConfig(activation_checkpointing=mode, checkpoint_every_n=2))
-    assert model.checkpointed == expected
+    prepare_blocks(model.blocks, TrainerConfig(activation_checkpointing=mode, checkpoint_every_n=2))
+    assert checkpointed_blocks(model.blocks) == expected

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import SMALL, fmtrain, spawn_ranks, train_losses
 
 from fmtrain.config import ConfigError, ModelConfig
-from fmtrain.model import Transformer
-from fmtrain.strategies import convert_to_fp8
+from fmtrain.models.converters import Float8
+from fmtrain.models.llama import LlamaSpec, Transformer
 from fmtrain.validation import validate
 from launch.compose import UsageError, compose
 
@@ -24,7 +24,7 @@ def test_fp8_converts_the_blocks_linear_layers_on_meta_and_keeps_the_seeded_init
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, max_seq_len=64)
     with torch.device("meta"):
         model = Transformer(cfg)
-    convert_to_fp8(model)
+    Float8().convert(model, LlamaSpec())
     model.to_empty(device="cpu")
     model.init_weights(0)
     converted = {name for name, module in model.named_modules() if isinstance(module, Float8Linear)}

@@ -209,7 +209,7 @@ def _residual_length(rank: int, sequence_parallel: bool, result: Any) -> None:
     import torch
 
     from fmtrain.distributed import DistEnv
-    from fmtrain.model import Transformer
+    from fmtrain.models import recipe
     from fmtrain.strategies import make_strategy
     from launch.compose import compose
 
@@ -217,9 +217,7 @@ def _residual_length(rank: int, sequence_parallel: bool, result: Any) -> None:
     device = env.init("cpu")
     cfg = compose([*SMALL, "strategy=tp", f"strategy.sequence_parallel={sequence_parallel}", "launcher.nproc=2"])
     strategy = make_strategy(cfg.strategy, "fp32", cfg.trainer, env, device)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    built = strategy.build(model, cfg.seed)
+    built = strategy.build(recipe(cfg), cfg.seed)
     seen: list[int] = []
     built.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
     logits = built(torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len)))

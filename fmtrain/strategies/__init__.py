@@ -1,7 +1,7 @@
 """Strategies: how a model is built, wrapped and stepped across ranks, one file per strategy.
 
     strategy = make_strategy(cfg.strategy, cfg.precision.name, env, device)
-    trained = strategy.build(model_on_meta, seed)     # parallelize, materialize, initialize
+    trained = strategy.build(recipe, seed)            # build on meta, parallelize, materialize, initialize
     with strategy.autocast():
         loss = loss_fn(trained(inputs))
 
@@ -19,20 +19,24 @@ from fmtrain.config import StrategyConfig, TrainerConfig
 from fmtrain.distributed import DistEnv
 from fmtrain.strategies.base import (
     DTYPES,
+    StepStats,
     Strategy,
     assign_full,
+    checkpoint_block,
+    checkpointed_blocks,
     compute_dtype,
-    convert_to_fp8,
     prepare_blocks,
     sharded_grad_scaler,
 )
 
 __all__ = [
     "DTYPES",
+    "StepStats",
     "Strategy",
     "assign_full",
+    "checkpoint_block",
+    "checkpointed_blocks",
     "compute_dtype",
-    "convert_to_fp8",
     "make_strategy",
     "prepare_blocks",
     "sharded_grad_scaler",

@@ -2,23 +2,29 @@
 
 Each strategy is a file beside this one with a subclass of :class:`Strategy`; ``fmtrain.strategies``
 names them (:func:`fmtrain.strategies.make_strategy`). Here: the contract, precision helpers (the
-compute dtype, fp8's conversion, fp16 loss scaling for sharded gradients), and how a seeded full
-tensor is copied into a parameter's shard.
+compute dtype, fp16 loss scaling for sharded gradients), activation checkpointing and compile of a
+model's blocks, and how a seeded full tensor is copied into a parameter's shard.
+
+A strategy knows models only through their :class:`~fmtrain.models.spec.ModelSpec` (held by the
+:class:`~fmtrain.models.spec.Recipe` it builds): it never imports a model class.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from fmtrain import hardware
+from fmtrain.compat.torch import local_tensor_grad_scaler
 from fmtrain.config import StrategyConfig, TrainerConfig
 from fmtrain.distributed import DistEnv
-from fmtrain.model import Transformer
+from fmtrain.models.spec import Recipe
 from fmtrain.parallel import ParallelDims
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -27,26 +33,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def compute_dtype(precision: str) -> torch.dtype:
     """The dtype ops run in: fp8 runs its linear layers in float8 and everything else in bf16."""
     return DTYPES["bf16" if precision == "fp8" else precision]
-
-
-def convert_to_fp8(model: Transformer) -> None:
-    """Swap the blocks' linear layers for torchao's Float8Linear (dynamic tensorwise scaling).
-
-    The output head stays in bf16 (its logits feed the loss; torchtitan does the same), and so does
-    any layer whose sizes are not multiples of 16 (fp8 matmuls need them). Apply before tensor
-    parallelism and FSDP, on the meta device.
-    """
-    from torchao.float8 import convert_to_float8_training
-
-    def eligible(module: nn.Module, fqn: str) -> bool:
-        return (
-            isinstance(module, nn.Linear)
-            and fqn.startswith("blocks.")
-            and not module.in_features % 16
-            and not module.out_features % 16
-        )
-
-    convert_to_float8_training(model, module_filter_fn=eligible)
 
 
 def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -61,18 +47,44 @@ def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value)
 
 
-def prepare_blocks(model: Transformer, cfg: TrainerConfig) -> None:
+def prepare_blocks(blocks: Sequence[nn.Module], cfg: TrainerConfig) -> None:
     """Activation checkpointing and torch.compile per block: after TP, before FSDP (torchtitan's order).
 
-    (fp8's conversion of linear layers comes before all of these: :meth:`Strategy.__init__` checks
-    the device (:func:`fmtrain.hardware.check`), ``build`` converts on the meta device.)
+    (Converters such as fp8's come before all of these: :meth:`Recipe.build` applies them on the
+    meta device.)
     """
     if cfg.activation_checkpointing != "none":
         every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_n
-        model.checkpointed = frozenset(range(0, len(model.blocks), every))
+        for index in range(0, len(blocks), every):
+            checkpoint_block(blocks[index])
     if cfg.compile:
-        for block in model.blocks:
+        for block in blocks:
             block.compile()
+
+
+def checkpoint_block(block: nn.Module) -> None:
+    """Recompute ``block``'s activations in backward instead of keeping them (while grad is enabled).
+
+    The block's own ``forward`` is wrapped, not the module: parameter names stay as they are (a
+    wrapper module would add a prefix to every name in checkpoints), and hooks a strategy puts on
+    the block (FSDP's all-gather) run outside the recomputed region, as with torchtitan's wrapper.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    forward = block.forward
+
+    def recomputed(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = recomputed  # type: ignore[method-assign]
+    block.checkpointed = True  # type: ignore[assignment]
+
+
+def checkpointed_blocks(blocks: Sequence[nn.Module]) -> set[int]:
+    """Indices of the blocks whose activations are recomputed in backward."""
+    return {index for index, block in enumerate(blocks) if getattr(block, "checkpointed", False)}
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -83,44 +95,37 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def sharded_grad_scaler(strategy: Strategy) -> torch.amp.GradScaler | None:
     """fp16 loss scaling for gradients that differ between ranks (shards): the overflow flag is
-    all-reduced, so every rank skips the same steps. Gradients may be DTensors and plain tensors
-    side by side (tensor parallel's split projections beside its replicated embeddings and norms):
-    each is unscaled through its local tensor, which torch's one-list unscale kernel accepts."""
-    from types import SimpleNamespace
+    all-reduced, so every rank skips the same steps (:func:`fmtrain.compat.torch.local_tensor_grad_scaler`)."""
+    return local_tensor_grad_scaler(strategy.device.type) if strategy.precision == "fp16" else None
 
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    from torch.distributed.tensor import DTensor
 
-    class LocalTensorGradScaler(ShardedGradScaler):
-        def _unscale_grads_(self, optimizer: Any, inv_scale: Any, found_inf: Any, allow_fp16: bool = True) -> Any:
-            grads = [
-                SimpleNamespace(grad=p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
-                for group in optimizer.param_groups
-                for p in group["params"]
-            ]
-            local = SimpleNamespace(param_groups=[{"params": grads}])
-            return super()._unscale_grads_(local, inv_scale, found_inf, allow_fp16)  # type: ignore[arg-type]
+@dataclass
+class StepStats:
+    """What one optimizer step did, as every strategy reports it."""
 
-        def unscale_(self, optimizer: Any) -> None:
-            super().unscale_(optimizer)
-            # ShardedGradScaler's flags have shape [1]; a fused optimizer subtracts them from its
-            # 0-d step counters in place, which needs them 0-d, as GradScaler's own are.
-            state = self._per_optimizer_states[id(optimizer)]
-            state["found_inf_per_device"] = {d: f.reshape(()) for d, f in state["found_inf_per_device"].items()}
-
-    return LocalTensorGradScaler(strategy.device.type) if strategy.precision == "fp16" else None
+    grad_norm: float  # the global norm before clipping (nan where it could not be computed)
+    applied: bool  # the parameters were updated
+    overflow: bool  # fp16 loss scaling found inf/nan gradients and skipped (expected now and then)
+    state_bytes: int  # parameters + gradients + optimizer state this rank holds, measured while gradients exist
+    optim_state_bytes: int  # the optimizer state alone
 
 
 class Strategy:
-    """The contract, with the parts every strategy shares (plain, replicated training)."""
+    """The contract, with the parts every strategy shares (plain, replicated training).
+
+    Per step the trainer calls, on every rank: ``backward(loss)`` for each micro-batch (inside
+    ``no_sync`` but for the last), then ``optimizer_step`` once, which unscales, clips and steps, or
+    skips, and zeroes the gradients. fp16 loss scaling is the strategy's (its own scaler, or its
+    engine's) and so is the scaler's state in checkpoints (:meth:`scaler_state`).
+    """
 
     needs_process_group = False  # True where a device mesh is built even for one process
-    owns_step = False  # True where an engine clips, scales and steps itself (DeepSpeed): see step()
 
     def __init__(self, cfg: StrategyConfig, precision: str, trainer: TrainerConfig, env: DistEnv, device: torch.device) -> None:
         self.cfg, self.precision, self.trainer, self.env, self.device = cfg, precision, trainer, env, device
         self.dims = ParallelDims.from_config(cfg, env.world_size)
         hardware.check(device, cfg.name, precision)  # this rank's own device: a node may differ from the submitter
+        self.scaler: torch.amp.GradScaler | None = None  # set with the optimizer (attach_optimizer)
 
     @property
     def dp_rank(self) -> int:
@@ -131,17 +136,16 @@ class Strategy:
     def dp_size(self) -> int:
         return self.dims.dp
 
-    def build(self, model: Transformer, seed: int) -> nn.Module:
-        """Materialize ``model`` (on the meta device) on this rank, initialize it, wrap it.
+    def build(self, recipe: Recipe, seed: int) -> nn.Module:
+        """Build the recipe's model on the meta device, parallelize it, materialize it on this rank,
+        initialize it from ``seed``, wrap it.
 
-        Returns the model to train: ``model`` itself, a wrapper that holds it as ``.module`` (DDP),
-        or a Transformer of the same config built in place of it (ZeRO-3's partitioned construction).
+        Returns the model to train: the model itself, or a wrapper that holds it as ``.module`` (DDP).
         """
-        if self.precision == "fp8":
-            convert_to_fp8(model)
-        prepare_blocks(model, self.trainer)
+        model = recipe.meta()
+        prepare_blocks(recipe.blocks(model), self.trainer)
         model.to_empty(device=self.device)
-        model.init_weights(seed)
+        recipe.spec.init_weights(model, seed)
         return self.wrap(model)
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -151,6 +155,7 @@ class Strategy:
         self, wrapped: nn.Module, optimizer: torch.optim.Optimizer, *, micro: int, accum: int, grad_clip: float
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Hand the optimizer to the strategy, where an engine wraps model and optimizer together."""
+        self.scaler = self.grad_scaler()
         return wrapped, optimizer
 
     def files(self) -> dict[str, str]:
@@ -158,19 +163,50 @@ class Strategy:
         return {}
 
     def backward(self, wrapped: nn.Module, loss: torch.Tensor, *, boundary: bool) -> None:
-        """Backward of one micro-batch; ``boundary``: the last of the accumulation (gradients sync)."""
-        loss.backward()
+        """Backward of one micro-batch's loss (already divided by the accumulation steps), scaled for
+        fp16; ``boundary``: the last micro-batch of the accumulation (gradients sync)."""
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
-        """Clip, step and zero gradients in one call, for strategies that own the step: (norm, skipped)."""
-        raise NotImplementedError(f"{type(self).__name__} leaves the step to the trainer (owns_step is False)")
+    def optimizer_step(
+        self, wrapped: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, *, loss_finite: bool
+    ) -> StepStats:
+        """Unscale (fp16), clip to ``grad_clip`` (0: only measure), then step; zero the gradients.
 
-    def engine_scaler_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-        """The fp16 loss scaler's state where the strategy's engine keeps its own (with ``"scale"``)."""
-        return None
+        No update where ``loss_finite`` is False (some rank's loss was inf/nan) or the gradient norm
+        is not finite: an fp16 overflow is the scaler's to skip (``overflow``, the scale lowered);
+        anything else is the trainer's to report (``applied`` False).
+        """
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        grad_norm = float(self.clip_grad_norm(wrapped, grad_clip))
+        overflow = applied = False
+        if self.scaler and loss_finite and not math.isfinite(grad_norm):
+            self.scaler.step(optimizer)  # finds the inf/nan and skips
+            overflow = True
+        elif loss_finite and math.isfinite(grad_norm):
+            self.scaler.step(optimizer) if self.scaler else optimizer.step()
+            applied = True
+        if self.scaler:
+            self.scaler.update()
+        stats = StepStats(
+            grad_norm, applied, overflow, self.state_bytes(wrapped, optimizer), self.optimizer_state_bytes(optimizer)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so that the step's wall time is the step's work
+        return stats
 
-    def load_engine_scaler_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        pass
+    def scaler_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The fp16 loss scaler's state for the checkpoint (``{}`` without one), under its own key."""
+        return {"grad_scaler": self.scaler.state_dict()} if self.scaler else {}
+
+    def load_scaler_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if self.scaler and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+
+    def loss_scale(self, optimizer: torch.optim.Optimizer) -> float | None:
+        """The current fp16 loss scale (None without loss scaling)."""
+        return self.scaler.get_scale() if self.scaler else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for the forward pass, where the strategy does not cast parameters itself."""

@@ -9,20 +9,22 @@ parameters in compute, fp32 gradient reduction and fp32 master state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from fmtrain.model import Transformer
-from fmtrain.strategies.base import Strategy, assign_full, compute_dtype, convert_to_fp8, prepare_blocks, sharded_grad_scaler
+from fmtrain.models.spec import Recipe
+from fmtrain.strategies.base import Strategy, assign_full, compute_dtype, prepare_blocks, sharded_grad_scaler
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 
-def fully_shard_model(model: Transformer, mesh, *, reshard_after_forward: bool, precision: str, cpu_offload: bool) -> None:
+def fully_shard_model(
+    model: nn.Module, blocks: Sequence[nn.Module], mesh, *, reshard_after_forward: bool, precision: str, cpu_offload: bool
+) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mixed = (
@@ -35,7 +37,7 @@ def fully_shard_model(model: Transformer, mesh, *, reshard_after_forward: bool, 
         "mp_policy": mixed,
         "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
     }
-    for block in model.blocks:
+    for block in blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
     # The root's parameters (embeddings, final norm, head) are used last in forward and first in
     # backward: keeping them gathered saves one all-gather per step.
@@ -45,24 +47,25 @@ def fully_shard_model(model: Transformer, mesh, *, reshard_after_forward: bool, 
 class FSDPStrategy(Strategy):
     needs_process_group = True
 
-    def build(self, model: Transformer, seed: int) -> nn.Module:
+    def build(self, recipe: Recipe, seed: int) -> nn.Module:
         mesh = self.dims.build_mesh(self.device.type)
-        if self.precision == "fp8":
-            convert_to_fp8(model)
-        self.apply_tensor_parallel(model, mesh)
-        prepare_blocks(model, self.trainer)
+        model = recipe.meta()
+        self.apply_tensor_parallel(recipe, model, mesh)
+        blocks = recipe.blocks(model)
+        prepare_blocks(blocks, self.trainer)
         fully_shard_model(
             model,
+            blocks,
             mesh["dp"],
             reshard_after_forward=self.cfg.reshard_after_forward,
             precision=self.precision,
             cpu_offload=self.cfg.cpu_offload,
         )
         model.to_empty(device="cpu" if self.cfg.cpu_offload else self.device)
-        model.init_weights(seed, assign=assign_full)
+        recipe.spec.init_weights(model, seed, assign_full)
         return model
 
-    def apply_tensor_parallel(self, model: Transformer, mesh: DeviceMesh) -> None:
+    def apply_tensor_parallel(self, recipe: Recipe, model: nn.Module, mesh: DeviceMesh) -> None:
         """Split layers over the mesh's "tp" dimension before sharding (fsdp_tp); plain FSDP does not."""
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:

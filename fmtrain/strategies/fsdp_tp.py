@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fmtrain.model import Transformer
+from torch import nn
+
+from fmtrain.models.spec import Recipe
 from fmtrain.strategies.fsdp import FSDPStrategy
 from fmtrain.strategies.tp import apply_tensor_parallel
 
@@ -17,5 +19,5 @@ if TYPE_CHECKING:
 
 
 class FSDPTPStrategy(FSDPStrategy):
-    def apply_tensor_parallel(self, model: Transformer, mesh: DeviceMesh) -> None:
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=self.cfg.sequence_parallel)
+    def apply_tensor_parallel(self, recipe: Recipe, model: nn.Module, mesh: DeviceMesh) -> None:
+        apply_tensor_parallel(recipe, model, mesh["tp"], sequence_parallel=self.cfg.sequence_parallel)

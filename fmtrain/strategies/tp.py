@@ -1,10 +1,10 @@
 """Tensor parallel: each block's projections split over the ranks, Megatron-style.
 
-The plan comes from the model (``Transformer.tp_plan``): column-parallel Q/K/V and SwiGLU inputs,
+The plan comes from the model's spec (``ModelSpec.tp_plan``; Llama's): column-parallel Q/K/V and SwiGLU inputs,
 row-parallel output projections, so each block needs one all-reduce forward and one backward.
 Every rank sees the same data; embeddings, norms and the head stay replicated. With
 ``strategy.sequence_parallel=true`` the norms and the residual stream are split along the sequence
-between the projections (``Transformer.sequence_parallel_plan``): each all-reduce becomes a
+between the projections (``ModelSpec.sequence_parallel_plan``): each all-reduce becomes a
 reduce-scatter and an all-gather, and activations outside attention and the feed-forward take 1/tp.
 """
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fmtrain.model import Transformer
+from fmtrain.models.spec import Recipe
 from fmtrain.strategies.base import Strategy, assign_full, prepare_blocks, sharded_grad_scaler
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh, *, sequence_parallel: bool = False) -> None:
+def apply_tensor_parallel(recipe: Recipe, model: nn.Module, tp_mesh, *, sequence_parallel: bool = False) -> None:
     import inspect
 
     from torch.distributed.tensor import Replicate, Shard
@@ -47,9 +47,11 @@ def apply_tensor_parallel(model: Transformer, tp_mesh, *, sequence_parallel: boo
             input_layouts=(Shard(1), *others), desired_input_layouts=(Replicate(), *others), use_local_output=True
         )
 
-    plan = dict(model.tp_plan())
+    plan = recipe.spec.tp_plan(model)
+    if plan is None:  # validation refuses this before launch
+        raise ValueError(f"model.arch={recipe.spec.name} has no tensor-parallel plan")
     if sequence_parallel:
-        plan |= model.sequence_parallel_plan()
+        plan = plan | (recipe.spec.sequence_parallel_plan(model) or {})
     parallelize_module(model, tp_mesh, {path: style(path, name) for path, name in plan.items()})
 
 
@@ -59,10 +61,11 @@ class TPStrategy(Strategy):
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         return sharded_grad_scaler(self)
 
-    def build(self, model: Transformer, seed: int) -> nn.Module:
+    def build(self, recipe: Recipe, seed: int) -> nn.Module:
         mesh = self.dims.build_mesh(self.device.type)["tp"]
-        apply_tensor_parallel(model, mesh, sequence_parallel=self.cfg.sequence_parallel)
-        prepare_blocks(model, self.trainer)
+        model = recipe.meta()
+        apply_tensor_parallel(recipe, model, mesh, sequence_parallel=self.cfg.sequence_parallel)
+        prepare_blocks(recipe.blocks(model), self.trainer)
         model.to_empty(device=self.device)
-        model.init_weights(seed, assign=assign_full)
+        recipe.spec.init_weights(model, seed, assign_full)
         return model

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -27,16 +28,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fmtrain.compat.deepspeed import (
+    link_optimizer_state,
+    load_loss_scaler_state,
+    loss_scaler_state,
+    master_partitions,
+    share_fp32_master,
+)
 from fmtrain.config import accumulation_steps, micro_batch_size
-from fmtrain.model import Transformer
+from fmtrain.models.spec import Recipe
 from fmtrain.optim import decays
-from fmtrain.strategies.base import Strategy, prepare_blocks
+from fmtrain.strategies.base import StepStats, Strategy, prepare_blocks
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-SCALER_FIELDS = ("cur_iter", "last_overflow_iter", "cur_hysteresis")  # DeepSpeed's DynamicLossScaler
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -89,36 +96,6 @@ def deepspeed_config(
     return deep_merge(config, extra)
 
 
-def _master_partitions(optimizer: Any) -> list[torch.Tensor]:
-    """This rank's flat fp32 master partitions, one per parameter group (ZeRO-3: per sub-group).
-
-    ZeRO-3 lists them in the base optimizer's groups only while it steps, so ask the ZeRO optimizer.
-    """
-    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
-        if hasattr(optimizer, name):
-            return list(getattr(optimizer, name))
-    raise TypeError(f"{type(optimizer).__name__} is not a DeepSpeed ZeRO optimizer")
-
-
-def _share_fp32_master(optimizer: Any) -> None:
-    """ZeRO-3 in fp32: make each fp32 "master" partition the parameter partition itself.
-
-    DeepSpeed 0.19 means to (stage3.py, ``_create_fp32_partitions``: no second copy when the
-    partition already has the master's dtype and device) but compares a ``torch.device`` with the
-    accelerator's device *string*, which is never equal, and keeps a clone: 0.5x the model's bytes
-    more per rank. The optimizer then updates the partition in place, and DeepSpeed's copy from
-    master to partition after the step copies a tensor onto itself.
-    """
-    low = getattr(optimizer, "fp16_partitioned_groups_flat", None)
-    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
-    if low is None or masters is None or getattr(optimizer, "offload_optimizer", False):
-        return
-    for partition, master in zip(low, masters, strict=True):
-        same = partition.dtype == master.dtype and partition.device == master.device and partition.shape == master.shape
-        if same and partition.numel() and master.untyped_storage().data_ptr() != partition.untyped_storage().data_ptr():
-            master.data = partition.data
-
-
 def _gathered_one_at_a_time(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """``named_parameters()`` of a ZeRO-3 model, each parameter whole while the caller holds it and
     partitioned again (from rank 0's values, which every rank drew alike) when the next is asked for."""
@@ -129,20 +106,8 @@ def _gathered_one_at_a_time(model: nn.Module) -> Iterator[tuple[str, nn.Paramete
             yield name, param
 
 
-def _link_optimizer_state(optimizer: Any) -> None:
-    """Point every parameter's fragment mapping at the optimizer state (ZeRO-1/2).
-
-    DeepSpeed links them after the first group's step only, so the second group (fmtrain's
-    no-decay vectors) would have none; relinking once the state exists fixes that.
-    """
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
-
-
 class DeepSpeedStrategy(Strategy):
     needs_process_group = True
-    owns_step = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -154,7 +119,7 @@ class DeepSpeedStrategy(Strategy):
     def stage(self) -> int:
         return self.cfg.zero_stage
 
-    def build(self, model: Transformer, seed: int) -> nn.Module:
+    def build(self, recipe: Recipe, seed: int) -> nn.Module:
         if self.stage == 3 and self.cfg.zero_init:
             # Each layer is partitioned as soon as it is made, and each parameter is gathered alone
             # to take its seeded value: no rank holds more than one whole parameter at a time.
@@ -163,14 +128,15 @@ class DeepSpeedStrategy(Strategy):
             # zero.Init reads the precision and zero_optimization sections (dtype, parameter offload).
             config = self._config(micro, accum, grad_clip=0.0)
             with contextlib.redirect_stdout(io.StringIO()), deepspeed.zero.Init(config_dict_or_path=config):
-                model = Transformer(model.cfg)
-            prepare_blocks(model, self.trainer)
-            model.init_weights(seed, parameters=_gathered_one_at_a_time(model))
+                model = recipe.build()
+            prepare_blocks(recipe.blocks(model), self.trainer)
+            recipe.spec.init_weights(model, seed, parameters=_gathered_one_at_a_time(model))
             return model
         # Materialized whole on every rank, then partitioned by the engine (attach_optimizer).
-        prepare_blocks(model, self.trainer)
+        model = recipe.meta()
+        prepare_blocks(recipe.blocks(model), self.trainer)
         model.to_empty(device=self.device)
-        model.init_weights(seed)
+        recipe.spec.init_weights(model, seed)
         return model
 
     def attach_optimizer(
@@ -180,7 +146,7 @@ class DeepSpeedStrategy(Strategy):
         self.config = self._config(micro, accum, grad_clip)
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its op builds to stdout
             engine, ds_optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=self.config)
-        _share_fp32_master(ds_optimizer)
+        share_fp32_master(ds_optimizer)
         return engine, ds_optimizer
 
     def _start_deepspeed(self) -> Any:
@@ -234,28 +200,36 @@ class DeepSpeedStrategy(Strategy):
         wrapped.set_gradient_accumulation_boundary(boundary)  # type: ignore[operator]
         wrapped.backward(loss, scale_wrt_gas=False)  # type: ignore[operator]  # the trainer divides by accum
 
-    def step(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
-        """Clip, step (or skip on fp16 overflow) and zero the gradients: (global grad norm, skipped)."""
+    def optimizer_step(
+        self, wrapped: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, *, loss_finite: bool
+    ) -> StepStats:
+        """The engine clips (to the ``gradient_clipping`` of its config) and steps, or skips on an
+        fp16 overflow and lowers its scale. A non-finite loss leaves the engine alone: the trainer
+        ends the run (validation refuses ``trainer.on_nonfinite=skip`` here)."""
         engine: Any = wrapped
+        if not loss_finite:
+            return StepStats(float("nan"), False, False, self._state_bytes, self.optimizer_state_bytes(optimizer))
         skipped_before = engine.skipped_steps
         engine.step()
         self._state_bytes = self._held_bytes(engine, optimizer)
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return norm, engine.skipped_steps > skipped_before
+        overflow = engine.skipped_steps > skipped_before
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        applied = not overflow and math.isfinite(norm)
+        return StepStats(norm, applied, overflow, self._state_bytes, self.optimizer_state_bytes(optimizer))
 
-    def engine_scaler_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-        scaler = getattr(optimizer, "loss_scaler", None)
-        if self.precision != "fp16" or scaler is None:
-            return None
-        return {"scale": float(scaler.cur_scale)} | {k: getattr(scaler, k) for k in SCALER_FIELDS if hasattr(scaler, k)}
+    def scaler_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        state = loss_scaler_state(optimizer) if self.precision == "fp16" else None
+        return {"engine_loss_scaler": state} if state is not None else {}  # DeepSpeed's own
 
-    def load_engine_scaler_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        scaler: Any = optimizer.loss_scaler  # type: ignore[attr-defined]
-        scaler.cur_scale = state["scale"]
-        for key in SCALER_FIELDS:
-            if key in state:
-                setattr(scaler, key, state[key])
+    def load_scaler_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if (saved := state.get("engine_loss_scaler")) and self.scaler_state(optimizer):
+            load_loss_scaler_state(optimizer, saved)
+
+    def loss_scale(self, optimizer: torch.optim.Optimizer) -> float | None:
+        return state["engine_loss_scaler"]["scale"] if (state := self.scaler_state(optimizer)) else None
 
     def clip_grad_norm(self, wrapped: nn.Module, max_norm: float) -> torch.Tensor:
         raise NotImplementedError("the DeepSpeed engine clips inside step()")
@@ -263,7 +237,7 @@ class DeepSpeedStrategy(Strategy):
     # ------------------------------------------------------------------ memory
 
     def state_bytes(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        return self._state_bytes  # measured in step(), while the gradient partitions are held
+        return self._state_bytes  # measured in optimizer_step(), while the gradient partitions are held
 
     def optimizer_state_bytes(self, optimizer: torch.optim.Optimizer) -> int:
         base: Any = optimizer.optimizer  # type: ignore[attr-defined]
@@ -284,7 +258,7 @@ class DeepSpeedStrategy(Strategy):
         for param in engine.module.parameters():
             add(param.ds_tensor if hasattr(param, "ds_tensor") else param.data)
             add(param.grad)
-        for flat in _master_partitions(optimizer):
+        for flat in master_partitions(optimizer):
             add(flat)
             add(flat.grad)
         for state in optimizer.optimizer.state.values():
@@ -322,7 +296,7 @@ class DeepSpeedStrategy(Strategy):
         base: Any = optimizer.optimizer  # type: ignore[attr-defined]
         has_state = bool(base.state)
         if has_state:
-            _link_optimizer_state(optimizer)
+            link_optimizer_state(optimizer)
         step = self._step_count(base)
         model: dict[str, Any] = {}
         moments: dict[str, Any] = {}
@@ -354,12 +328,12 @@ class DeepSpeedStrategy(Strategy):
         base: Any = optimizer.optimizer  # type: ignore[attr-defined]
         moments = state["optim"]["state"]
         step = next(iter(moments.values()))["step"]
-        for flat in _master_partitions(optimizer):  # AdamW creates its state lazily: create it to write into
+        for flat in master_partitions(optimizer):  # AdamW creates its state lazily: create it to write into
             flat_state = base.state[flat]
             for key in ADAM_KEYS:
                 flat_state.setdefault(key, torch.zeros_like(flat))
             flat_state["step"] = step.detach().clone().float().to(flat.device)  # fused AdamW: on the state's device
-        _link_optimizer_state(optimizer)
+        link_optimizer_state(optimizer)
         for name, param in self._named_params(wrapped):
             full = state["model"][name].full_tensor()
             safe_set_full_fp32_param(param, full)

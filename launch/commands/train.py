@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from launch.commands import FMTRAIN_FLAGS, split_flags, usage
-from launch.compose import UsageError, compose, conf_dir, expand_sweep
+from launch.compose import UsageError, check_option_keys, compose, conf_dir, expand_sweep
 
 log = logging.getLogger("fmtrain.launch")
 
@@ -30,13 +30,14 @@ def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> 
 
     gpus = None
     for job in jobs:
-        cfg = compose(job, check=False)
+        cfg = compose(job, check=False, option_keys=False)
         if gpus is None and cfg.trainer.device != "cpu":
             gpus = _gpus_available()
         try:
             validate(cfg, gpus_available=gpus)
         except ConfigError as error:
             raise UsageError(str(error) + (f"  (in run {' '.join(job)})" if len(jobs) > 1 else "")) from error
+        check_option_keys(cfg, job)
         if cfg.launcher.name == "slurm" and not dry_run and repr(cfg.launcher) not in checked:
             from launch.slurm import SlurmError, check_against_cluster
 

@@ -1,7 +1,8 @@
 """A Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU, grouped-query causal attention.
 
-A plain ``nn.Module`` that never imports ``torch.distributed``: strategies wrap it, and it exposes
-what they need (``blocks`` to shard or checkpoint, ``flops_per_token`` for MFU).
+A plain ``nn.Module`` that never imports ``torch.distributed``; :class:`LlamaSpec` (``model.arch=llama``,
+the default) tells strategies what they need: the blocks to shard or checkpoint, the seeded init,
+the tensor- and sequence-parallel plans, FLOPs per token.
 
     with torch.device("meta"):
         model = Transformer(ModelConfig())
@@ -13,14 +14,14 @@ what they need (``blocks`` to shard or checkpoint, ``flops_per_token`` for MFU).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from fmtrain.config import ModelConfig
+from fmtrain.config import ConfigError, ModelConfig
+from fmtrain.models.spec import Assign, ModelSpec, copy_value, draw_weights, truncated_normal
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
@@ -117,19 +118,14 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Blocks whose activations are recomputed in backward instead of kept (a strategy sets it).
-        self.checkpointed: frozenset[int] = frozenset()
         # Not persistent: derived from the config, so checkpoints hold only learned state.
         self.rope: torch.Tensor
         self.register_buffer("rope", torch.empty(2, cfg.max_seq_len, cfg.dim // cfg.n_heads // 2), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
-        for index, block in enumerate(self.blocks):
-            if index in self.checkpointed and torch.is_grad_enabled():
-                h = checkpoint(block, h, self.rope, use_reentrant=False)
-            else:
-                h = block(h, self.rope)
+        for block in self.blocks:
+            h = block(h, self.rope)
         return self.output(self.norm(h))
 
     @torch.no_grad()
@@ -145,12 +141,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(
-        self,
-        seed: int,
-        assign: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-        parameters: Iterable[tuple[str, nn.Parameter]] | None = None,
+        self, seed: int, assign: Assign = copy_value, parameters: Iterable[tuple[str, nn.Parameter]] | None = None
     ) -> None:
-        """Initialize every parameter from ``seed`` alone, in a fixed order, on the model's device.
+        """Initialize every parameter from ``seed`` alone, in a fixed order (:func:`draw_weights`).
 
         Values are drawn on the CPU for the whole (unsharded) parameter, so a model sharded by a
         strategy starts exactly where a single process does: ``assign(param, full_value)`` copies
@@ -162,20 +155,15 @@ class Transformer(nn.Module):
         residual stream's variance does not grow with depth.
         """
         self.init_buffers()
-        if assign is None:
-
-            def assign(param: torch.Tensor, value: torch.Tensor) -> None:
-                param.copy_(value)
-
-        generator = torch.Generator(device="cpu").manual_seed(seed)
         std = self.cfg.init_std
-        for name, param in self.named_parameters() if parameters is None else parameters:
+
+        def value(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
             if name.endswith("norm.weight"):
-                assign(param, torch.ones(param.shape))
-                continue
-            scale = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
-            values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
-            assign(param, values.clamp_(-3 * scale, 3 * scale))
+                return torch.ones(shape)
+            scaled = name.endswith(("wo.weight", "w2.weight"))
+            return truncated_normal(shape, std / math.sqrt(2 * self.cfg.n_layers) if scaled else std, generator)
+
+        draw_weights(self.named_parameters() if parameters is None else parameters, seed, assign, value)
 
     def tp_plan(self) -> dict[str, str]:
         """How tensor parallelism splits each block: module path pattern -> "colwise" | "rowwise".
@@ -216,3 +204,68 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings:
             matmul_params += self.cfg.vocab_size * self.cfg.dim
         return 6.0 * matmul_params + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len
+
+
+class LlamaSpec(ModelSpec):
+    """``model.arch=llama``: :class:`Transformer`, with Megatron-style tensor and sequence parallelism."""
+
+    name = "llama"
+
+    def build(self, cfg: ModelConfig) -> nn.Module:
+        return Transformer(cfg)
+
+    def check(self, cfg: ModelConfig) -> None:
+        if (cfg.dim // cfg.n_heads) % 2:
+            raise ConfigError("model.n_heads", cfg.n_heads, "head dim (dim/n_heads) must be even for rotary embeddings")
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        if n_kv <= 0 or cfg.n_heads % n_kv:
+            raise ConfigError("model.n_kv_heads", cfg.n_kv_heads, f"must be positive and divide model.n_heads={cfg.n_heads}")
+
+    def init_weights(
+        self,
+        model: nn.Module,
+        seed: int,
+        assign: Assign = copy_value,
+        parameters: Iterable[tuple[str, nn.Parameter]] | None = None,
+    ) -> None:
+        assert isinstance(model, Transformer)
+        model.init_weights(seed, assign, parameters)
+
+    def init_buffers(self, model: nn.Module) -> None:
+        assert isinstance(model, Transformer)
+        model.init_buffers()
+
+    def tp_plan(self, model: nn.Module) -> dict[str, str]:
+        assert isinstance(model, Transformer)
+        return model.tp_plan()
+
+    def sequence_parallel_plan(self, model: nn.Module) -> dict[str, str]:
+        assert isinstance(model, Transformer)
+        return model.sequence_parallel_plan()
+
+    def tp_divides(self, cfg: ModelConfig) -> list[tuple[str, int]]:
+        return [
+            ("model.n_heads", cfg.n_heads),
+            ("model.n_kv_heads", cfg.n_kv_heads or cfg.n_heads),
+            ("the SwiGLU hidden size", ffn_hidden_dim(cfg)),
+        ]
+
+    def flops_per_token(self, model: nn.Module, cfg: ModelConfig, seq_len: int) -> float:
+        assert isinstance(model, Transformer)
+        return model.flops_per_token(seq_len)
+
+    def export_config(self, cfg: ModelConfig) -> dict[str, object]:
+        return {
+            "architectures": ["FmtrainTransformer"],
+            "model_type": "llama",
+            "hidden_size": cfg.dim,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+            "intermediate_size": ffn_hidden_dim(cfg),
+            "vocab_size": cfg.vocab_size,
+            "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta,
+            "max_position_embeddings": cfg.max_seq_len,
+            "tie_word_embeddings": cfg.tie_embeddings,
+        }

@@ -1,0 +1,176 @@
+"""One optimizer step over the global batch, and evaluation: the parts of a run the loop calls.
+
+    parts = build(cfg, env, device)                   # data, model (through its spec), strategy, optimizer
+    outcome = train_step(parts, step, consumed, stop) # forward/backward per micro-batch, one optimizer step
+    val_loss = evaluate(parts)                        # mean loss per token over fixed validation windows
+
+Batches are dicts (:mod:`fmtrain.losses`); the loss is ``parts.loss_fn``; how gradients are
+unscaled, clipped and applied is the strategy's (:meth:`Strategy.optimizer_step`), the same call
+for every strategy, DeepSpeed's engine included. What happens to a step that could not update
+(``trainer.on_nonfinite``) is decided here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fmtrain.config import TrainConfig, accumulation_steps, micro_batch_size
+from fmtrain.data import Corpus, GlobalBatches, eval_windows, prepare
+from fmtrain.distributed import DistEnv
+from fmtrain.losses import LossFn, cross_entropy, cross_entropy_sum
+from fmtrain.models import recipe as model_recipe
+from fmtrain.optim import build_optimizer
+from fmtrain.strategies import Strategy, make_strategy
+
+log = logging.getLogger("fmtrain")
+
+
+class StopSignal(Protocol):
+    signum: int  # the stop signal received on this rank, 0 for none
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def prepare_data(cfg: TrainConfig, env: DistEnv) -> Corpus:
+    """Local rank 0 tokenizes (once per node, cached); the others wait, then open the cache."""
+    if env.local_rank == 0:
+        corpus = prepare(cfg.data, cfg.model.vocab_size)
+    env.barrier()
+    if env.local_rank != 0:
+        corpus = prepare(cfg.data, cfg.model.vocab_size)
+    return corpus
+
+
+@dataclass
+class Parts:
+    """What a run is built from, once, before the loop."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    device: torch.device
+    corpus: Corpus
+    batches: GlobalBatches
+    val_ids: list[int]
+    model: nn.Module  # the plain module: evaluation
+    num_params: int  # counted before a strategy partitions the parameters
+    flops_per_token: float
+    wrapped: nn.Module  # what the strategy trains
+    strategy: Strategy
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    micro: int  # sequences per rank per forward
+    accum: int  # forwards per optimizer step
+
+
+@dataclass
+class StepOutcome:
+    loss: float  # mean over the global batch
+    grad_norm: float
+    skipped: bool
+    stop_requested: bool
+    state_bytes: int  # parameters + gradients + optimizer state held by this rank
+    optim_state_bytes: int  # the optimizer state alone
+
+
+def build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
+    t = cfg.trainer
+    strategy = make_strategy(cfg.strategy, cfg.precision.name, t, env, device)
+    if strategy.needs_process_group and not dist.is_initialized():
+        raise RuntimeError(f"strategy={cfg.strategy.name} needs torch.distributed: start it with a launcher (fmtrain train)")
+    micro = micro_batch_size(t, strategy.dp_size)
+    corpus = prepare_data(cfg, env)
+    recipe = model_recipe(cfg)
+    num_params, flops_per_token = recipe.num_params(), recipe.flops_per_token(cfg.data.seq_len)
+    wrapped = strategy.build(recipe, cfg.seed)
+    built = getattr(wrapped, "module", wrapped)  # evaluation runs the model itself, outside DDP's hooks
+    accum = accumulation_steps(t, strategy.dp_size)
+    wrapped, optimizer = strategy.attach_optimizer(
+        wrapped, build_optimizer(wrapped, cfg.optim), micro=micro, accum=accum, grad_clip=cfg.optim.grad_clip
+    )
+    return Parts(
+        cfg=cfg,
+        env=env,
+        device=device,
+        corpus=corpus,
+        batches=GlobalBatches(corpus.train, cfg.data.seq_len, cfg.seed),
+        val_ids=eval_windows(corpus.val, cfg.data.seq_len, t.eval_batches * t.global_batch_size),
+        model=built,
+        num_params=num_params,
+        flops_per_token=flops_per_token,
+        wrapped=wrapped,
+        strategy=strategy,
+        optimizer=optimizer,
+        loss_fn=cross_entropy,
+        micro=micro,
+        accum=accum,
+    )
+
+
+def train_step(p: Parts, step: int, consumed: int, stop: StopSignal) -> StepOutcome:
+    """Forward and backward over the global batch, then the strategy's one optimizer step."""
+    env, device = p.env, p.device
+    local_loss = torch.zeros((), dtype=torch.float64, device=device)
+    for micro_step in range(p.accum):
+        batch = p.batches.micro_batch(consumed, micro_step, p.strategy.dp_rank, p.micro, p.strategy.dp_size)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        sync = p.strategy.no_sync(p.wrapped) if micro_step < p.accum - 1 else contextlib.nullcontext()
+        with sync:
+            with p.strategy.autocast():
+                logits = p.wrapped(batch["input_ids"])
+            micro_loss = p.loss_fn(logits, batch)
+            p.strategy.backward(p.wrapped, micro_loss / p.accum, boundary=micro_step == p.accum - 1)
+        local_loss += micro_loss.detach()
+    local_loss /= p.accum
+    # One collective per step carries the loss, the non-finite count and the stop flag.
+    # (Tensor-parallel peers hold equal losses, so the mean over all ranks is the batch mean.)
+    stop_flag = torch.tensor(float(stop.signum > 0), dtype=torch.float64, device=device)
+    stats = torch.stack([local_loss, (~torch.isfinite(local_loss)).double(), stop_flag])
+    if env.distributed:
+        dist.all_reduce(stats)
+    loss, bad_ranks, stop_requested = float(stats[0]) / env.world_size, int(stats[1]), bool(stats[2])
+    done = p.strategy.optimizer_step(p.wrapped, p.optimizer, p.cfg.optim.grad_clip, loss_finite=not bad_ranks)
+    if done.overflow:
+        scale = p.strategy.loss_scale(p.optimizer)
+        log.info(
+            "fp16 overflow at step %d: update skipped, loss scale now %g", step, scale if scale is not None else float("nan")
+        )
+    elif not done.applied:
+        if not math.isfinite(float(local_loss)):
+            message = f"non-finite loss ({float(local_loss)}) at step {step} on rank {env.rank}"
+        elif bad_ranks:
+            message = f"non-finite loss at step {step} on {bad_ranks} rank(s) other than rank {env.rank}"
+        else:
+            message = f"non-finite gradient norm ({done.grad_norm}) at step {step} (loss {loss:.4f})"
+        if p.cfg.trainer.on_nonfinite == "error":
+            raise NonFiniteLossError(message)
+        log.warning("%s: skipping the update (trainer.on_nonfinite=skip)", message)
+    skipped = not done.applied
+    return StepOutcome(loss, done.grad_norm, skipped, stop_requested, done.state_bytes, done.optim_state_bytes)
+
+
+def evaluate(p: Parts) -> float:
+    """Mean loss per token over the fixed validation windows, shared out across ranks."""
+    p.model.eval()
+    mine = p.val_ids[p.strategy.dp_rank :: p.strategy.dp_size]
+    total = torch.zeros(2, dtype=torch.float64, device=p.device)
+    with torch.no_grad(), p.strategy.autocast():
+        for start in range(0, len(mine), p.micro):
+            rows = p.corpus.val.windows(mine[start : start + p.micro], p.cfg.data.seq_len).to(p.device)
+            batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+            loss_sum, tokens = cross_entropy_sum(p.model(batch["input_ids"]), batch)
+            total[0] += loss_sum
+            total[1] += tokens
+    if p.env.distributed:
+        dist.all_reduce(total)  # tensor-parallel peers add equal parts to both sums: the ratio holds
+    p.model.train()
+    return float(total[0] / total[1])
