@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with fp8 tensor cores
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere
@@ -154,10 +154,12 @@ def probe(kind: str, index: int = 0, *, engines: bool = True) -> Capabilities:
     )
 
 
-def check(device: torch.device, strategy: str, precision: str) -> None:
-    """Refuse, on a rank's own device, what it cannot train: ConfigError naming device and alternative."""
+def check(kind: str, strategy: str, precision: str, index: int = 0) -> None:
+    """Refuse what device ``kind`` (``"cpu"``, ``"cuda"``) number ``index`` cannot train: a
+    ConfigError naming the device and the alternative. Validation asks it of this machine before a
+    local launch; each rank asks it of its own device, since a node may differ from the submitter."""
     from fmtrain.config import ConfigError
 
-    caps = probe(device.type, device.index or 0, engines=strategy == "deepspeed")
+    caps = probe(kind, index, engines=strategy == "deepspeed")
     if reason := caps.refusal(strategy, precision):
         raise ConfigError("precision.name", precision, reason)

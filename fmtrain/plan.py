@@ -129,8 +129,12 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
             num_params, dims.dp, cfg.strategy.zero_stage, cfg.precision.name, cfg.strategy.offload_optimizer
         )
     micro = micro_batch_size(cfg.trainer, dims.dp)
-    caps = hardware.probe("cuda" if torch.cuda.is_available() else "cpu", engines=cfg.strategy.name == "deepspeed")
-    refusal = caps.refusal(cfg.strategy.name, cfg.precision.name)
+    if cfg.launcher.name == "local":
+        caps = hardware.probe("cuda" if torch.cuda.is_available() else "cpu", engines=cfg.strategy.name == "deepspeed")
+        refusal = caps.refusal(cfg.strategy.name, cfg.precision.name)
+        device, device_check = caps.describe(), f"refused: {refusal}" if refusal else "supported"
+    else:  # the job's nodes are not this machine (nor is DeepSpeed imported here to ask): each rank asks its own
+        device, device_check = f"the {cfg.launcher.name} job's nodes", "checked by each rank on its own device"
     return Plan(
         model=cfg.model.name,
         strategy=cfg.strategy.name,
@@ -146,6 +150,6 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
         activation_bytes=activation_bytes(cfg, micro, dims.tp),
         micro_batch=micro,
         seq_len=cfg.data.seq_len,
-        device=caps.describe(),
-        device_check=f"refused: {refusal}" if refusal else "supported",
+        device=device,
+        device_check=device_check,
     )

@@ -178,9 +178,7 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
             if lnch.nproc > limit:
                 raise ConfigError("launcher.nproc", lnch.nproc, f"must be <= {limit} ({what})")
         if lnch.name == "local":  # this machine's device runs it: ask it (Slurm and Ray nodes: each rank asks its own)
-            caps = hardware.probe("cuda" if wants_gpu else "cpu", engines=cfg.strategy.name == "deepspeed")
-            if reason := caps.refusal(cfg.strategy.name, cfg.precision.name):
-                raise ConfigError("precision.name", cfg.precision.name, reason)
+            hardware.check("cuda" if wants_gpu else "cpu", cfg.strategy.name, cfg.precision.name)
         elif cfg.precision.name == "fp8" and not wants_gpu:
             raise ConfigError(
                 "precision.name",

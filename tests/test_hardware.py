@@ -116,6 +116,10 @@ def test_plan_and_dry_run_show_the_device_and_its_verdict(amd_cpu: None, capsys)
     assert row.startswith(f"this device  {AMD_ZEN3.describe()} -> deepspeed fp16: refused: DeepSpeed's cpu accelerator")
     assert main(["train", "strategy=fsdp", "precision=fp16", "launcher.nproc=2", "--dry-run"]) == 0
     assert f"this device  {AMD_ZEN3.describe()} -> fsdp fp16: supported" in capsys.readouterr().out
+    # A Slurm job runs on its nodes, not here: the plan says so instead of probing this machine.
+    assert main(["plan", "strategy=deepspeed", "precision=fp16", "launcher=slurm", "world_size=2"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == "this device  the slurm job's nodes -> deepspeed fp16: checked by each rank on its own device"
 
 
 @pytest.mark.slow

@@ -72,7 +72,7 @@ def _fp8_rank(rank: int, overrides: list[str]) -> None:
     import fmtrain.hardware
     from fmtrain.trainer import run
 
-    fmtrain.hardware.check = lambda device, strategy, precision: None  # type: ignore[assignment]  # the one thing faked
+    fmtrain.hardware.check = lambda kind, strategy, precision, index=0: None  # type: ignore[assignment]  # the one thing faked
     run(compose(overrides, check=False))
 
 

@@ -124,7 +124,7 @@ class Strategy:
     def __init__(self, cfg: StrategyConfig, precision: str, trainer: TrainerConfig, env: DistEnv, device: torch.device) -> None:
         self.cfg, self.precision, self.trainer, self.env, self.device = cfg, precision, trainer, env, device
         self.dims = ParallelDims.from_config(cfg, env.world_size)
-        hardware.check(device, cfg.name, precision)  # this rank's own device: a node may differ from the submitter
+        hardware.check(device.type, cfg.name, precision, device.index or 0)  # this rank's own: a node may differ
         self.scaler: torch.amp.GradScaler | None = None  # set with the optimizer (attach_optimizer)
 
     @property
