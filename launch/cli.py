@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    code = main()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (fmtrain --help | head): not an error of ours. Python's own recipe:
+        # point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     gc.freeze()  # skip the interpreter's final collection over torch's heap (~0.3 s); all is closed
     sys.exit(code)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
-from conftest import fmtrain
+from conftest import FMTRAIN, fmtrain
 
 from fmtrain.config import ConfigError
 from launch.compose import UsageError, compose, expand_sweep, group_options
@@ -212,6 +214,15 @@ def test_cli_help_lists_subcommands_and_groups(cache_dir) -> None:
     assert "train" in result.stdout and "status" in result.stdout
     assert "model      1b, 8b, small, tiny" in result.stdout
     assert "launcher   local" in result.stdout
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(cache_dir) -> None:
+    """``fmtrain --help | head -1``: the reader leaves early; no BrokenPipeError traceback."""
+    import shlex
+
+    piped = subprocess.run(f"{shlex.quote(FMTRAIN)} --help | head -1", shell=True, capture_output=True, text=True, timeout=60)
+    assert piped.stdout.startswith("usage: fmtrain")
+    assert piped.stderr == ""
 
 
 def test_cli_cfg_job_prints_the_config_and_runs_nothing(cache_dir, tmp_path) -> None:
