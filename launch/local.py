@@ -26,7 +26,7 @@ from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs
 
-from fmtrain.config import usable_cpus
+from fmtrain.config import TrainConfig, usable_cpus
 from launch.spec import ForegroundJob, JobRecord, RunSpec, command_line, now
 
 log = logging.getLogger("fmtrain.launch")
@@ -71,6 +71,21 @@ def failure_report(error: Any) -> str:
 
 
 class LocalLauncher:
+    """Ranks on this machine under torch's elastic agent; ``launch`` returns when the run ends."""
+
+    batched = False
+    detached = False
+
+    def preflight(self, cfg: TrainConfig) -> None:
+        """Nothing beyond validation, which checks this machine's cores, GPUs and device."""
+
+    def launch_all(self, specs: list[RunSpec], root: Path) -> list[ForegroundJob]:
+        return [self.launch(spec) for spec in specs]
+
+    @classmethod
+    def handle(cls, run_dir: Path) -> ForegroundJob:
+        return ForegroundJob(run_dir)
+
     def launch(self, spec: RunSpec) -> ForegroundJob:
         from torch.distributed.elastic.multiprocessing import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -41,13 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fmtrain.config import LauncherConfig
-from launch.spec import ForegroundJob, JobRecord, RunSpec, command_line, now, rank_logs
+from fmtrain.config import LauncherConfig, TrainConfig
+from launch.spec import ForegroundJob, JobHandle, JobRecord, LaunchError, RunSpec, command_line, now, rank_logs
 
 log = logging.getLogger("fmtrain.launch")
 
 
-class RayError(RuntimeError):
+class RayError(LaunchError):
     """A request the Ray cluster cannot run: said before any worker starts."""
 
 
@@ -185,9 +185,24 @@ def find_submission(address: str, submission_id: str) -> Any:
 
 
 class RayLauncher:
-    def launch(self, spec: RunSpec) -> ForegroundJob | RayJob:
-        if spec.config.launcher.submit == "jobs":
-            return self.submit(spec)
+    """Ray Train workers driven from this process; ``launch`` returns when the run ends."""
+
+    batched = False
+    detached = False
+
+    def preflight(self, cfg: TrainConfig) -> None:
+        """Nothing before Ray is up: ``launch`` checks the cluster's resources first thing."""
+
+    def launch_all(self, specs: list[RunSpec], root: Path) -> list[JobHandle]:
+        return [self.launch(spec) for spec in specs]
+
+    @classmethod
+    def handle(cls, run_dir: Path) -> JobHandle:
+        """A Jobs API submission (its driver keeps the submission id in ``job.json``), or a foreground run."""
+        submitted = RayJob.of(run_dir)
+        return submitted if submitted is not None else ForegroundJob(run_dir)
+
+    def launch(self, spec: RunSpec) -> JobHandle:
         os.environ.update(ray_environment())
         import ray
 
@@ -240,7 +255,14 @@ class RayLauncher:
         record.write(spec.run_dir)
         return ForegroundJob(spec.run_dir)
 
-    def submit(self, spec: RunSpec) -> RayJob:
+
+class RayJobsLauncher(RayLauncher):
+    """``launcher=ray launcher.submit=jobs``: the run goes through the Ray Jobs API to a cluster's
+    dashboard, whose driver runs it as :class:`RayLauncher` does; ``launch`` returns the submission."""
+
+    detached = True
+
+    def launch(self, spec: RunSpec) -> RayJob:
         """Send the run through the Ray Jobs API; return as soon as the cluster has accepted it."""
         lc = spec.config.launcher
         run_dir = spec.run_dir.resolve()

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from fmtrain.compat.submitit import SUBMIT_MODULE, convert_mem, make_sbatch_string
-from fmtrain.config import LauncherConfig, procs_per_task, tasks_per_node, world_size_of
-from launch.spec import JobRecord, RunSpec, command_line, now, rank_logs
+from fmtrain.config import LauncherConfig, TrainConfig, procs_per_task, tasks_per_node, world_size_of
+from launch.spec import JobRecord, LaunchError, RunSpec, command_line, now, rank_logs
 
 log = logging.getLogger("fmtrain.launch")
 
@@ -52,7 +52,7 @@ REQUEUES = "requeues.jsonl"
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
-class SlurmError(RuntimeError):
+class SlurmError(LaunchError):
     """A request Slurm cannot run, or a Slurm command that failed: said before anything is submitted."""
 
 
@@ -346,6 +346,16 @@ def scheduler_state(job_id: str) -> str | None:
 
 class SlurmLauncher:
     """Submits one run, or a sweep's runs as one job array; returns at once (jobs run in the queue)."""
+
+    batched = True  # a sweep's runs are one job array
+    detached = True
+
+    def preflight(self, cfg: TrainConfig) -> None:
+        check_against_cluster(cfg.launcher)
+
+    @classmethod
+    def handle(cls, run_dir: Path) -> SlurmJob:
+        return SlurmJob(run_dir)
 
     def launch(self, spec: RunSpec) -> SlurmJob:
         return self.launch_all([spec], root=spec.run_dir)[0]

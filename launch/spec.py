@@ -171,5 +171,29 @@ def rank_logs(run_dir: Path, rank: int) -> list[Path]:
     return [log] if log.is_file() else []
 
 
+class LaunchError(RuntimeError):
+    """A request a launcher's scheduler cannot run, or a scheduler command that failed (exit 2, one line)."""
+
+
 class Launcher(Protocol):
+    """Starts runs (``launch.launchers`` names them). Each launcher answers:
+
+    - ``preflight(cfg)``: refuse (:class:`LaunchError`) what its scheduler cannot run, before any
+      run directory is written (Slurm asks ``sinfo``; Ray checks its resources once it is up);
+    - ``launch(spec)`` one run, ``launch_all(specs, root)`` several (a Slurm sweep: one job array);
+    - ``handle(run_dir)``: the handle of a run it started, from the run directory alone;
+    - ``batched``: runs of a sweep are collected and launched together; ``detached``: ``launch``
+      returns while the run goes on elsewhere (its id is printed).
+    """
+
+    batched: bool
+    detached: bool
+
+    def preflight(self, cfg: TrainConfig) -> None: ...
+
     def launch(self, spec: RunSpec) -> JobHandle: ...
+
+    def launch_all(self, specs: list[RunSpec], root: Path) -> list[JobHandle]: ...
+
+    @classmethod
+    def handle(cls, run_dir: Path) -> JobHandle: ...

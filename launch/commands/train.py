@@ -38,12 +38,13 @@ def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> 
         except ConfigError as error:
             raise UsageError(str(error) + (f"  (in run {' '.join(job)})" if len(jobs) > 1 else "")) from error
         check_option_keys(cfg, job)
-        if cfg.launcher.name == "slurm" and not dry_run and repr(cfg.launcher) not in checked:
-            from launch.slurm import SlurmError, check_against_cluster
+        if not dry_run and repr(cfg.launcher) not in checked:
+            from launch.launchers import make_launcher
+            from launch.spec import LaunchError
 
             try:
-                check_against_cluster(cfg.launcher)  # before Hydra writes run directories
-            except SlurmError as error:
+                make_launcher(cfg.launcher).preflight(cfg)  # before Hydra writes run directories
+            except LaunchError as error:
                 raise UsageError(str(error)) from error
             checked.add(repr(cfg.launcher))
     return len(jobs)
@@ -72,14 +73,15 @@ def _train_task(node: object) -> None:
     spec = RunSpec(cfg, run_dir, argv=["fmtrain", "train", *sys.argv[1:]])
     spec.write()
     log.info("run directory: %s", run_dir)
-    if cfg.launcher.name == "slurm":
-        _queued.append(spec)  # submitted together, as one job array for a sweep
+    launcher = make_launcher(cfg.launcher)
+    if launcher.batched:
+        _queued.append(spec)  # launched together: one job array for a sweep
         return
-    job = make_launcher(cfg.launcher.name).launch(spec)
-    if cfg.launcher.name == "ray" and cfg.launcher.submit == "jobs":
+    job = launcher.launch(spec)
+    if launcher.detached:
         from launch.spec import JobRecord
 
-        print(f"{JobRecord.read(run_dir).job_id}\t{run_dir}")  # the Ray Jobs submission id
+        print(f"{JobRecord.read(run_dir).job_id}\t{run_dir}")  # the scheduler's id: the run goes on there
         return
     result = job.result()
     if result["message"]:
@@ -114,19 +116,21 @@ def main(args: list[str]) -> int:
 
 
 def _submit_queued(multirun: bool) -> None:
+    """Launch the runs a batched launcher (Slurm) collected: together, as one job array for a sweep."""
     from fmtrain.config import world_size_of
     from fmtrain.plan import make_plan
-    from launch.slurm import SlurmError, SlurmLauncher
+    from launch.launchers import make_launcher
+    from launch.spec import JobRecord, LaunchError
 
     root = _queued[0].run_dir.parent if multirun else _queued[0].run_dir
     cfg = _queued[0].config
     log.info("plan per rank:\n%s", make_plan(cfg, world_size_of(cfg.launcher)).table())
     try:
-        jobs = SlurmLauncher().launch_all(list(_queued), root=root)
-    except SlurmError as error:
+        jobs = make_launcher(cfg.launcher).launch_all(list(_queued), root=root)
+    except LaunchError as error:
         raise UsageError(str(error)) from error
     for job in jobs:
-        print(f"{job.record.job_id}\t{job.run_dir}")
+        print(f"{JobRecord.read(job.run_dir).job_id}\t{job.run_dir}")
 
 
 def _dry_run(overrides: list[str]) -> int:

@@ -28,13 +28,13 @@ def main(args: list[str]) -> int:
         check_trials(cfg)
     except ConfigError as error:
         raise UsageError(str(error)) from error
-    if cfg.launcher.name == "slurm":
-        from launch.slurm import SlurmError, check_against_cluster
+    from launch.launchers import make_launcher
+    from launch.spec import LaunchError
 
-        try:
-            check_against_cluster(cfg.launcher)  # before Ray starts
-        except SlurmError as error:
-            raise UsageError(str(error)) from error
+    try:
+        make_launcher(cfg.launcher).preflight(cfg)  # the trials' launcher (a Slurm cluster), before Ray starts
+    except LaunchError as error:
+        raise UsageError(str(error)) from error
     base = [o for o in overrides if not o.lstrip("+~").startswith(("tune", "run_dir"))]
     try:
         sweep_dir = run_sweep(cfg, ["fmtrain", "tune", *args], base)
