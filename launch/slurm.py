@@ -70,6 +70,9 @@ class SlurmTask:
     procs_per_task: int = 1
 
     def __call__(self) -> dict[str, Any]:
+        from fmtrain.signals import catch_early
+
+        catch_early()  # a time-limit warning during start-up stops the run at its first step, saved
         from fmtrain import config
         from launch.env import slurm_job, torch_env_from_slurm
 

@@ -77,3 +77,23 @@ def test_one_optimizer_step_updates_or_skips_and_says_which(
         assert scale_after == scale_before
     if applied:
         assert 0 < stats.grad_norm < float("inf")
+
+
+def test_a_stop_signal_during_start_up_reaches_the_run() -> None:
+    """A Slurm task catches stop signals from its start (catch_early): one that lands before the run's
+    StopFlag exists (a time-limit warning while torch imports) stops the run instead of being lost."""
+    import os
+    import signal
+
+    from fmtrain import signals
+
+    previous = {sig: signal.getsignal(sig) for sig in signals.STOP_SIGNALS}
+    try:
+        assert signals.StopFlag().signum == 0
+        signals.catch_early()
+        os.kill(os.getpid(), signal.SIGUSR2)  # handled before os.kill returns (the main thread)
+        assert signals.StopFlag().signum == signal.SIGUSR2
+    finally:
+        signals._early.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
