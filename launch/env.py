@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-PORT_BASE, PORT_SPAN = 20000, 20000
+# 20000-32767: above Ray's worker ports (10002-19999) and below Linux's ephemeral range (32768-60999),
+# where a port taken by any outgoing connection on the node made the rendezvous fail (EADDRINUSE).
+PORT_BASE, PORT_SPAN = 20000, 12768
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

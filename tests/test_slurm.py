@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL, fmtrain, pids_mentioning, train_losses
 
-from launch.env import expand_nodelist, rendezvous_port, torch_env_from_slurm
+from launch.env import PORT_BASE, PORT_SPAN, expand_nodelist, rendezvous_port, torch_env_from_slurm
 from launch.slurm import secret_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +49,11 @@ def test_slurm_variables_become_the_torch_environment() -> None:
         "LOCAL_WORLD_SIZE": "2",
         "GROUP_RANK": "1",
         "MASTER_ADDR": "node3",
-        "MASTER_PORT": str(20000 + 123456 % 20000),
+        "MASTER_PORT": str(PORT_BASE + 123456 % PORT_SPAN),
     }
     assert rendezvous_port("123457") != rendezvous_port("123456")
+    ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(20000 <= rendezvous_port(str(job)) < ephemeral_start for job in range(17890, 17890 + PORT_SPAN))
 
 
 def test_secret_looking_variables_are_found_unless_allowed() -> None:
