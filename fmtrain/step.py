@@ -90,7 +90,7 @@ def build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
     micro = micro_batch_size(t, strategy.dp_size)
     corpus = prepare_data(cfg, env)
     recipe = model_recipe(cfg)
-    num_params, flops_per_token = recipe.num_params(), recipe.flops_per_token(cfg.data.seq_len)
+    num_params, flops_per_token = recipe.sizes(cfg.data.seq_len)
     wrapped = strategy.build(recipe, cfg.seed)
     built = getattr(wrapped, "module", wrapped)  # evaluation runs the model itself, outside DDP's hooks
     accum = accumulation_steps(t, strategy.dp_size)

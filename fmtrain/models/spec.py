@@ -183,8 +183,7 @@ class Recipe:
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return self.spec.blocks(model)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.meta().parameters())
-
-    def flops_per_token(self, seq_len: int) -> float:
-        return self.spec.flops_per_token(self.meta(), self.cfg, seq_len)
+    def sizes(self, seq_len: int) -> tuple[int, float]:
+        """Parameters (whole, before any sharding) and training FLOPs per token, from one meta build."""
+        model = self.meta()
+        return sum(p.numel() for p in model.parameters()), self.spec.flops_per_token(model, self.cfg, seq_len)

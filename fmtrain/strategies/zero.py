@@ -189,9 +189,6 @@ class DeepSpeedStrategy(Strategy):
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the engine holds bf16/fp16 parameters itself
 
-    def grad_scaler(self) -> torch.amp.GradScaler | None:
-        return None  # the engine scales fp16 losses itself
-
     @contextlib.contextmanager
     def no_sync(self, wrapped: nn.Module) -> Iterator[None]:
         yield  # the accumulation boundary is set in backward()
