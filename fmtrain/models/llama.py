@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmtrain.config import ConfigError, ModelConfig
+from fmtrain.models.llama_hf import LlamaHFAdapter
 from fmtrain.models.spec import Assign, ModelSpec, copy_value, draw_weights, truncated_normal
 
 
@@ -213,6 +214,10 @@ class LlamaSpec(ModelSpec):
 
     def build(self, cfg: ModelConfig) -> nn.Module:
         return Transformer(cfg)
+
+    def adapter(self, cfg: ModelConfig) -> LlamaHFAdapter:
+        """Hugging Face's ``LlamaForCausalLM`` layout (:mod:`fmtrain.models.llama_hf`)."""
+        return LlamaHFAdapter(cfg)
 
     def check(self, cfg: ModelConfig) -> None:
         if (cfg.dim // cfg.n_heads) % 2:

@@ -83,7 +83,10 @@ class ModelSpec:
     """One architecture. Subclass it, set ``name``, implement :meth:`build` and :meth:`init_weights`."""
 
     name: str = ""
-    adapter: StateDictAdapter | None = None  # to and from external checkpoints (Hugging Face); None: none
+
+    def adapter(self, cfg: ModelConfig) -> StateDictAdapter | None:
+        """Names and layouts of an external format (Hugging Face's) for ``cfg``'s state dict; None: none."""
+        return None
 
     def build(self, cfg: ModelConfig) -> nn.Module:
         """The model for ``cfg``; called under ``torch.device("meta")`` (or DeepSpeed's ``zero.Init``)."""

@@ -1,0 +1,99 @@
+"""Hugging Face's Llama layout (``LlamaForCausalLM``) to and from fmtrain's Llama state dict.
+
+    adapter = models.get("llama").adapter(cfg.model)
+    hf_state = adapter.to_external(model.state_dict())       # names and q/k layout transformers loads
+    state = adapter.from_external(hf_state)                  # back, bit for bit
+
+Besides the names, one layout differs: fmtrain rotates interleaved pairs (x[2i], x[2i+1]) of each
+query and key head (Meta's original layout), Hugging Face rotates halves (x[i], x[i + head_dim/2]).
+The rows of ``wq`` and ``wk`` are permuted within each head (the permutation of transformers'
+``convert_llama_weights_to_hf.py``; for ``wk`` over the key-value heads, which grouped-query
+attention has fewer of), so both models compute the same attention. A tied head is stored once,
+as the embeddings, as ``save_pretrained`` does.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from fmtrain.config import ModelConfig
+
+# fmtrain's name in a block -> Hugging Face's (both under the block's prefix)
+BLOCK_NAMES = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
+HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def interleaved_to_halves(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q/k projection: within each head, pairs (2i, 2i+1) -> (i, i + head_dim/2)."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def halves_to_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of :func:`interleaved_to_halves`."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+class LlamaHFAdapter:
+    """fmtrain's Llama state dict <-> ``LlamaForCausalLM``'s, for the model config ``cfg``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads or cfg.n_heads}
+
+    def to_external(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, tensor in state.items():
+            if name == "output.weight" and self.cfg.tie_embeddings:
+                continue  # the embeddings, stored once
+            if match := BLOCK.fullmatch(name):
+                layer, rest = match.groups()
+                if rest in self.heads:
+                    tensor = interleaved_to_halves(tensor, self.heads[rest])
+                out[f"model.layers.{layer}.{BLOCK_NAMES[rest]}"] = tensor
+            else:
+                out[TOP_NAMES[name]] = tensor
+        return out
+
+    def from_external(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        block_names = {hf: ours for ours, hf in BLOCK_NAMES.items()}
+        top_names = {hf: ours for ours, hf in TOP_NAMES.items()}
+        out, unknown = {}, []
+        for name, tensor in state.items():
+            match = HF_BLOCK.fullmatch(name)
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # older checkpoints store the rotary table; it is computed from the config
+            if match and match.group(2) in block_names:
+                layer, rest = match.groups()
+                ours = block_names[rest]
+                if ours in self.heads:
+                    tensor = halves_to_interleaved(tensor, self.heads[ours])
+                out[f"blocks.{layer}.{ours}"] = tensor
+            elif name in top_names:
+                out[top_names[name]] = tensor
+            else:
+                unknown.append(name)
+        if unknown:
+            raise ValueError(f"tensors LlamaForCausalLM does not have: {', '.join(sorted(unknown)[:5])}")
+        if self.cfg.tie_embeddings:
+            out["output.weight"] = out["tok_embeddings.weight"]
+        return out
