@@ -7,16 +7,18 @@ Layers, lowest first; a module imports only its own layer or lower ones (``tests
 holds the exact table and checks it, imports inside functions included):
 
 1. ``config``: the schema, nothing else of fmtrain.
-2. ``distributed``, ``hardware``, ``parallel``, ``signals``, ``models.spec`` (the model contract); the models
-   (``models.llama``) and converters (``models.converters``: fp8); ``models`` (the registry); then
+2. ``distributed``, ``hardware``, ``parallel``, ``signals``, ``models.spec`` (the model contract);
+   ``models.llama_hf`` (Hugging Face's Llama layout); the models (``models.llama``) and converters
+   (``models.converters``: fp8); ``models`` (the registry); then
    ``optim``, ``metrics``, ``data``, ``losses`` (batches are dicts; a loss maps logits and a batch to a mean).
 3. ``validation`` (what combinations can run) and ``strategies.base`` (the strategy contract); the
    strategies, one file each; ``strategies`` (the registry) and ``plan``.
 4. ``checkpoint`` and ``step`` (one optimizer step, evaluation); ``trainer`` (the loop) and
-   ``export``; ``worker`` (a launched rank).
-5. ``launch``: ``spec``/``compose``/``env``, the launchers (``local``, ``slurm``, ``ray``), their
-   registry ``launchers`` and ``tune``; one module per verb in ``launch.commands``; ``cli`` on top,
-   which only dispatches.
+   ``export``; ``worker`` (a launched rank: the training run, or any entry point as a process).
+5. ``launch``: ``spec`` (a run, its entry point, its handle)/``compose``/``env``; the launchers
+   (``local``, ``slurm`` with ``slurm_task``, ``ray``), their registry ``launchers``; ``tune`` (its
+   ``space``, ``trials`` and ``results``); one module per verb in ``launch.commands``; ``cli`` on
+   top, which only dispatches.
 """
 
 from __future__ import annotations

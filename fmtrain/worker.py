@@ -1,10 +1,13 @@
-"""The entry point of one launched training process.
+"""A launched rank: fmtrain's training run, or any entry point, as a process of its own.
 
-    python -m fmtrain.worker RUN_DIR/config.yaml
+    python -m fmtrain.worker RUN_DIR/config.yaml       # a rank of a training run
+    python -m fmtrain.worker -m MODULE ARGS...         # a rank of any entry point: MODULE.main(ARGS)
+    main([config_path])                                # a training rank in-process (Ray worker, Slurm task)
 
 A launcher starts this once per rank with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
-set. ``@record`` writes an uncaught exception to the error file the elastic agent gave this process,
-so the launcher can show the failing rank's traceback.
+set (``launch.spec.Entrypoint``). ``@record`` writes an uncaught exception to the error file the
+elastic agent gave this process, so the launcher shows the failing rank's own traceback; a user
+error (``ConfigError``) is one line and exit 2; the process dies with its agent.
 
 For tests of launchers, ``FMTRAIN_FAULT=RANK:STEP`` makes that rank raise at that step (the hook is
 here, at the boundary, not in the training loop).
@@ -13,6 +16,7 @@ here, at the boundary, not in the training loop).
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -39,15 +43,29 @@ def injected_fault() -> Callable[[int], None] | None:
     return fault if rank == fault_rank else None
 
 
-@record
 def main(argv: list[str]) -> int:
+    """Train the run of config ``argv[0]``; errors are raised (the in-process entry point)."""
     if len(argv) != 1:
-        print("usage: python -m fmtrain.worker CONFIG_YAML", file=sys.stderr)
+        raise config.ConfigError("argv", argv, "one argument: the run's config.yaml")
+    run(config.load(argv[0]), on_step=injected_fault())
+    return 0
+
+
+@record
+def process_main(argv: list[str]) -> int:
+    """``python -m fmtrain.worker CONFIG_YAML`` or ``-m MODULE ARGS...``: one rank as a process of its own."""
+    if len(argv) >= 2 and argv[0] == "-m":
+        entry: Callable[[list[str]], int] = importlib.import_module(argv[1]).main
+        args = argv[2:]
+    elif len(argv) == 1 and argv[0] != "-m":
+        entry, args = main, argv
+    else:
+        print("usage: python -m fmtrain.worker CONFIG_YAML | -m MODULE [ARGS...]", file=sys.stderr)
         return 2
     if os.environ.get("FMTRAIN_DIE_WITH_PARENT") == "1":
         die_with_parent()
     try:
-        run(config.load(argv[0]), on_step=injected_fault())
+        code = entry(args)
     except config.ConfigError as error:  # a user error this rank found (its device): one line, no traceback
         get_error_handler().record_exception(error)  # the launcher reports the failing rank's message
         print(f"fmtrain: error: {error}", file=sys.stderr)
@@ -55,8 +73,8 @@ def main(argv: list[str]) -> int:
     # Everything is written and closed. The interpreter's last garbage collection over the heap
     # of torch, matplotlib and tensorboard takes ~0.5 s; frozen objects are skipped by it.
     gc.freeze()
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(process_main(sys.argv[1:]))

@@ -14,7 +14,6 @@ Per-rank output: rank 0 prints to this terminal; every other rank's stdout and s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -26,8 +25,8 @@ from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs
 
-from fmtrain.config import TrainConfig, usable_cpus
-from launch.spec import ForegroundJob, JobRecord, RunSpec, command_line, now
+from fmtrain.config import LauncherConfig, usable_cpus
+from launch.spec import RESULT_FILE, ForegroundJob, ForegroundLauncher, JobRecord, RunSpec, command_line, now, run_outcome
 
 log = logging.getLogger("fmtrain.launch")
 
@@ -58,9 +57,24 @@ class RunDirLogs(LogsSpecs):
         return dest
 
 
+def first_failure(error: Any) -> tuple[int, Any]:
+    """The rank that failed first, from a ChildFailedError: the oldest error file, to the nanosecond
+    (torch's own choice compares whole seconds, so a rank that only saw its peer go, a reset
+    connection in a collective, ties with the rank whose error it was and wins by its lower number)."""
+
+    def written(rank: int) -> tuple[float, int]:
+        try:
+            return os.stat(error.failures[rank].error_file).st_mtime_ns, rank
+        except OSError:  # no error file: killed, or died before it could write one
+            return float("inf"), rank
+
+    rank = min(error.failures, key=written)
+    return rank, error.failures[rank]
+
+
 def failure_report(error: Any) -> str:
     """The first failing rank, its exit code and its traceback, from a ChildFailedError."""
-    rank, failure = error.get_first_failure()
+    rank, failure = first_failure(error)
     detail = failure.message
     if isinstance(detail, dict):
         message = detail.get("message", "")
@@ -70,21 +84,12 @@ def failure_report(error: Any) -> str:
     return f"rank {rank} failed (exit code {failure.exitcode}, pid {failure.pid}):\n{detail}".rstrip()
 
 
-class LocalLauncher:
+class LocalLauncher(ForegroundLauncher):
     """Ranks on this machine under torch's elastic agent; ``launch`` returns when the run ends."""
 
-    batched = False
-    detached = False
-
-    def preflight(self, cfg: TrainConfig) -> None:
-        """Nothing beyond validation, which checks this machine's cores, GPUs and device."""
-
-    def launch_all(self, specs: list[RunSpec], root: Path) -> list[ForegroundJob]:
-        return [self.launch(spec) for spec in specs]
-
-    @classmethod
-    def handle(cls, run_dir: Path) -> ForegroundJob:
-        return ForegroundJob(run_dir)
+    @staticmethod
+    def world_size(lc: LauncherConfig) -> int:
+        return lc.nproc
 
     def launch(self, spec: RunSpec) -> ForegroundJob:
         from torch.distributed.elastic.multiprocessing import SignalException
@@ -113,8 +118,7 @@ class LocalLauncher:
             record.attempts = JobRecord.read(spec.run_dir).attempts
         record.attempts += 1
         record.write(spec.run_dir)
-        result_file = spec.run_dir / "result.json"
-        result_file.unlink(missing_ok=True)  # rank 0 writes it anew when this attempt ends
+        (spec.run_dir / RESULT_FILE).unlink(missing_ok=True)  # rank 0 writes it anew when this attempt ends
 
         config = LaunchConfig(
             min_nodes=1,
@@ -130,14 +134,14 @@ class LocalLauncher:
             logs_specs=RunDirLogs(spec.run_dir / "logs"),
         )
         try:
-            elastic_launch(config, sys.executable)("-u", "-m", "fmtrain.worker", str(spec.config_path))
+            elastic_launch(config, sys.executable)(*spec.entry.process_args())
         except ChildFailedError as error:
             record.state, record.exit_code, record.message = "failed", 1, failure_report(error)
         except SignalException as error:
             record.state, record.exit_code = "stopped", 128 + int(error.sigval)
             record.message = f"stopped by {signal.Signals(error.sigval).name}; rerun the same command to resume"
         else:
-            record.state, record.exit_code = json.loads(result_file.read_text())["status"], 0
+            record.state, record.exit_code = run_outcome(spec.run_dir)["status"], 0
         record.ended = now()
         record.write(spec.run_dir)
         return ForegroundJob(spec.run_dir)

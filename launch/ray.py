@@ -27,9 +27,9 @@ see metrics and rank logs here; the Jobs API alone gives the state, the driver's
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -41,8 +41,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fmtrain.config import LauncherConfig, TrainConfig
-from launch.spec import ForegroundJob, JobHandle, JobRecord, LaunchError, RunSpec, command_line, now, rank_logs
+from fmtrain.config import LauncherConfig
+from launch.spec import (
+    RESULT_FILE,
+    Entrypoint,
+    ForegroundJob,
+    ForegroundLauncher,
+    JobHandle,
+    JobRecord,
+    LaunchError,
+    RunSpec,
+    command_line,
+    now,
+    rank_logs,
+    run_outcome,
+)
 
 log = logging.getLogger("fmtrain.launch")
 
@@ -52,21 +65,18 @@ class RayError(LaunchError):
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: the process group is Ray's; the training is fmtrain's."""
-    from fmtrain import config
-    from fmtrain.trainer import run
-
-    run(config.load(loop_config["config_path"]))
+    """One Ray Train worker: the process group is Ray's; the entry point (fmtrain's training run) is the spec's."""
+    Entrypoint(loop_config["module"], tuple(loop_config["args"])).call()
 
 
 def torch_trainer(
     lc: LauncherConfig,
-    config_path: Path,
+    entry: Entrypoint,
     storage: Path,
     loop: Callable[[dict[str, Any]], None] = _worker_loop,
     callbacks: tuple[Any, ...] = (),
 ) -> Any:
-    """Ray Train's ``TorchTrainer`` running ``loop`` on ``launcher.num_workers`` workers (gloo on CPU, nccl on GPUs)."""
+    """Ray Train's ``TorchTrainer`` running ``entry`` on ``launcher.num_workers`` workers (gloo on CPU, nccl on GPUs)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -74,7 +84,7 @@ def torch_trainer(
     resources = {"CPU": lc.cpus_per_worker} | ({"GPU": lc.gpus_per_worker} if use_gpu else {})
     return TorchTrainer(
         loop,
-        train_loop_config={"config_path": str(config_path)},
+        train_loop_config={"module": entry.module, "args": list(entry.args)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -184,17 +194,13 @@ def find_submission(address: str, submission_id: str) -> Any:
         raise RayError(f"{submission_id} is not a job on the Ray cluster at {address}: {error}") from error
 
 
-class RayLauncher:
-    """Ray Train workers driven from this process; ``launch`` returns when the run ends."""
+class RayLauncher(ForegroundLauncher):
+    """Ray Train workers driven from this process; ``launch`` returns when the run ends. Nothing is
+    checked before Ray is up: ``launch`` checks the cluster's resources first thing."""
 
-    batched = False
-    detached = False
-
-    def preflight(self, cfg: TrainConfig) -> None:
-        """Nothing before Ray is up: ``launch`` checks the cluster's resources first thing."""
-
-    def launch_all(self, specs: list[RunSpec], root: Path) -> list[JobHandle]:
-        return [self.launch(spec) for spec in specs]
+    @staticmethod
+    def world_size(lc: LauncherConfig) -> int:
+        return lc.num_workers
 
     @classmethod
     def handle(cls, run_dir: Path) -> JobHandle:
@@ -209,13 +215,13 @@ class RayLauncher:
         from fmtrain.plan import make_plan
 
         lc = spec.config.launcher
-        log.info("plan per rank:\n%s", make_plan(spec.config, lc.num_workers).table())
+        log.info("plan per rank:\n%s", make_plan(spec.config, self.world_size(lc)).table())
         record = JobRecord(
             launcher="ray",
             state="running",
             command=command_line(spec.argv),
             pid=os.getpid(),
-            world_size=lc.num_workers,
+            world_size=self.world_size(lc),
             started=now(),
             extra={"host": socket.gethostname()},
         )
@@ -227,7 +233,7 @@ class RayLauncher:
         else:
             record.attempts = 1
         record.write(spec.run_dir)
-        (spec.run_dir / "result.json").unlink(missing_ok=True)
+        (spec.run_dir / RESULT_FILE).unlink(missing_ok=True)
         started_here = not ray.is_initialized() and lc.address is None
         if not ray.is_initialized():
             options: dict[str, Any] = {"address": lc.address, "logging_level": logging.WARNING, "log_to_driver": False}
@@ -238,14 +244,13 @@ class RayLauncher:
             check_resources(lc, ray.cluster_resources())
             record.job_id = record.job_id or ray.get_runtime_context().get_job_id()
             record.write(spec.run_dir)
-            trainer = torch_trainer(lc, spec.config_path, spec.run_dir.resolve() / "ray")
+            trainer = torch_trainer(lc, spec.entry, spec.run_dir.resolve() / "ray")
             try:
                 trainer.fit()
             except Exception as error:  # Ray wraps the worker's exception (WorkerGroupError, TrainingFailedError)
                 record.state, record.exit_code, record.message = "failed", 1, f"{type(error).__name__}: {error}"
             else:
-                result = json.loads((spec.run_dir / "result.json").read_text())
-                record.state, record.exit_code = result["status"], 0
+                record.state, record.exit_code = run_outcome(spec.run_dir)["status"], 0
         except RayError as error:
             record.state, record.exit_code, record.message = "failed", 2, str(error)
         finally:
@@ -269,7 +274,7 @@ class RayJobsLauncher(RayLauncher):
         job_cfg = dataclasses.replace(
             spec.config, run_dir=str(run_dir), launcher=dataclasses.replace(lc, submit="foreground", address="auto")
         )
-        job_spec = RunSpec(job_cfg, run_dir, spec.argv)
+        job_spec = RunSpec(job_cfg, run_dir, spec.argv, spec.entrypoint)
         job_spec.write()  # config.yaml is what runs on the cluster
         submission_id = f"fmtrain-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         record = JobRecord(
@@ -277,7 +282,7 @@ class RayJobsLauncher(RayLauncher):
             state="pending",
             command=command_line(spec.argv),
             job_id=submission_id,
-            world_size=lc.num_workers,
+            world_size=self.world_size(lc),
             started=now(),
             extra={"submission_id": submission_id, "address": lc.address},
         )
@@ -287,7 +292,7 @@ class RayJobsLauncher(RayLauncher):
             shutil.copy(job_spec.config_path, Path(staging) / "config.yaml")
             try:
                 client.submit_job(
-                    entrypoint="python -m launch.ray config.yaml",
+                    entrypoint=shlex.join(["python", "-m", "launch.ray", "config.yaml", *entry_words(spec.entrypoint)]),
                     submission_id=submission_id,
                     runtime_env={"working_dir": staging, "env_vars": ray_environment()},
                     metadata={"run_dir": str(run_dir), "command": record.command},
@@ -300,13 +305,20 @@ class RayJobsLauncher(RayLauncher):
         return RayJob(run_dir, submission_id, str(lc.address))
 
 
+def entry_words(entry: Entrypoint | None) -> list[str]:
+    """An entry point other than the training run, as ``MODULE ARGS...`` on the driver's command line."""
+    return [entry.module, *entry.args] if entry is not None else []
+
+
 def main(argv: list[str]) -> int:
-    """A Jobs API submission's entrypoint: ``python -m launch.ray config.yaml`` runs it in the foreground."""
+    """A Jobs API submission's entrypoint: ``python -m launch.ray config.yaml [MODULE ARGS...]`` runs it
+    in the foreground (each worker runs ``MODULE``'s ``main(ARGS)``; fmtrain's training run by default)."""
     from fmtrain import config
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     cfg = config.load(argv[0])
-    spec = RunSpec(cfg, Path(cfg.run_dir), argv=["python", "-m", "launch.ray", *argv])
+    entry = Entrypoint(argv[1], tuple(argv[2:])) if len(argv) > 1 else None
+    spec = RunSpec(cfg, Path(cfg.run_dir), argv=["python", "-m", "launch.ray", *argv], entrypoint=entry)
     spec.write()
     result = RayLauncher().launch(spec).result()
     if result["message"]:

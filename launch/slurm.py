@@ -6,7 +6,7 @@
 
 Each Slurm task is one rank (one per GPU, or ``launcher.tasks_per_node`` per CPU node): submitit
 starts :class:`SlurmTask` in every task, which turns Slurm's variables into torch's
-(``launch/env.py``) and calls the same ``run(cfg)`` as every launcher.
+(``launch/env.py``) and runs the spec's entry point (fmtrain's ``run(cfg)``, as every launcher does).
 
 Preemption and time limits: the job is submitted with ``--signal=USR2@<launcher.signal_delay_s>``
 and ``--requeue``. USR2 (sent before the time limit, or by ``scancel --signal=USR2``) makes the
@@ -26,153 +26,31 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import logging
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fmtrain.compat.submitit import SUBMIT_MODULE, convert_mem, make_sbatch_string
-from fmtrain.config import LauncherConfig, TrainConfig, procs_per_task, tasks_per_node, world_size_of
+from fmtrain.config import LauncherConfig, TrainConfig, procs_per_task, tasks_per_node
+from launch.slurm_task import REQUEUES, SlurmTask
 from launch.spec import JobRecord, LaunchError, RunSpec, command_line, now, rank_logs
 
 log = logging.getLogger("fmtrain.launch")
 
 SECRET_PATTERNS = ("*TOKEN*", "*SECRET*", "*PASSWORD*", "*KEY*")
-REQUEUES = "requeues.jsonl"
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
 class SlurmError(LaunchError):
     """A request Slurm cannot run, or a Slurm command that failed: said before anything is submitted."""
-
-
-# ----------------------------------------------------------------------------- in the job
-
-
-@dataclass
-class SlurmTask:
-    """What every Slurm task of a job runs (pickled by submitit at submission)."""
-
-    config_path: str
-    time_min: int
-    signal_delay_s: int
-    max_requeues: int
-    procs_per_task: int = 1
-
-    def __call__(self) -> dict[str, Any]:
-        from fmtrain.signals import catch_early
-
-        catch_early()  # a time-limit warning during start-up stops the run at its first step, saved
-        from fmtrain import config
-        from launch.env import slurm_job, torch_env_from_slurm
-
-        started = time.time()
-        os.environ.update(torch_env_from_slurm(os.environ))
-        job = slurm_job(os.environ)
-        cfg = config.load(self.config_path)
-        run_dir = Path(cfg.run_dir)
-        rank = int(os.environ["RANK"])  # with procs_per_task > 1: this node's rank
-        print(
-            f"fmtrain task {rank} of {os.environ['WORLD_SIZE']}, job {job['display_id']}, on {socket.gethostname()}", flush=True
-        )
-        if rank == 0:
-            _update_record(run_dir, state="running", attempts=int(job["restarts"]) + 1, code=str(Path(__file__).parent.parent))
-        try:
-            result = self._run_node(cfg, job) if self.procs_per_task > 1 else _run_rank(cfg)
-        except BaseException as error:
-            if rank == 0:
-                _update_record(run_dir, state="failed", ended=now(), message=f"{type(error).__name__}: {error}")
-            raise
-        if rank == 0:
-            self._finish(run_dir, result, job, time.time() - started)
-        return asdict(result) if result is not None else {}
-
-    def _run_node(self, cfg: Any, job: dict[str, Any]) -> Any:
-        """One task per node: start this node's ranks under torch's elastic agent, static rendezvous
-        at the first node. Slurm signals every process of the step, so the ranks see USR2 and
-        SIGTERM themselves; the agent ignores USR2 and waits for them to save and return."""
-        from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-        from fmtrain.trainer import RunResult
-
-        nodes, node_rank = int(job["nodes"]), int(job["node_rank"])
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-        os.environ["FMTRAIN_DIE_WITH_PARENT"] = "1"
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.procs_per_task)))
-        launch_config = LaunchConfig(
-            min_nodes=nodes,
-            max_nodes=nodes,
-            nproc_per_node=self.procs_per_task,
-            run_id=f"slurm-{job['job_id']}",
-            rdzv_backend="static",
-            rdzv_endpoint=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-            rdzv_configs={"rank": node_rank},
-            max_restarts=0,
-            monitor_interval=0.1,
-        )
-        result_file = Path(cfg.run_dir) / "result.json"
-        if node_rank == 0:
-            result_file.unlink(missing_ok=True)
-        elastic_launch(launch_config, sys.executable)("-u", "-m", "fmtrain.worker", self.config_path)
-        return RunResult(**json.loads(result_file.read_text())) if node_rank == 0 else None
-
-    def _finish(self, run_dir: Path, result: Any, job: dict[str, Any], elapsed: float) -> None:
-        if result.status != "stopped" or result.stop_signal != "SIGUSR2":
-            state = "completed" if result.status == "completed" else "stopped"
-            _update_record(
-                run_dir, state=state, ended=now(), message="" if state == "completed" else f"stopped by {result.stop_signal}"
-            )
-            return
-        # USR2: Slurm's warning before the time limit, or a preemption (scancel --signal=USR2).
-        limit = self.time_min * 60
-        reason = "time_limit" if elapsed >= limit - self.signal_delay_s - 30 else "preemption"
-        requeue = job["restarts"] < self.max_requeues
-        event = {
-            "time": now(),
-            "job_id": job["display_id"],
-            "restart": job["restarts"],
-            "reason": reason,
-            "step": result.step,
-            "elapsed_s": round(elapsed, 1),
-            "requeued": requeue,
-        }
-        with open(run_dir / REQUEUES, "a") as f:
-            f.write(json.dumps(event) + "\n")
-        if not requeue:
-            message = (
-                f"{reason} after {job['restarts']} requeue(s) (launcher.max_requeues={self.max_requeues}): "
-                f"saved step {result.step}"
-            )
-            _update_record(run_dir, state="stopped", ended=now(), message=message)
-            return
-        _update_record(run_dir, state="requeued", message=f"{reason}: saved step {result.step}, requeued")
-        subprocess.run(["scontrol", "requeue", str(job["job_id"])], check=True, timeout=60)
-
-
-def _run_rank(cfg: Any) -> Any:
-    from fmtrain.trainer import run
-
-    return run(cfg)
-
-
-def _update_record(run_dir: Path, **changes: Any) -> None:
-    record = JobRecord.read(run_dir)
-    for key, value in changes.items():
-        if key in JobRecord.__dataclass_fields__:
-            setattr(record, key, value)
-        else:
-            record.extra[key] = value
-    record.write(run_dir)
 
 
 # ----------------------------------------------------------------------------- submitting
@@ -353,6 +231,10 @@ class SlurmLauncher:
     batched = True  # a sweep's runs are one job array
     detached = True
 
+    @staticmethod
+    def world_size(lc: LauncherConfig) -> int:
+        return lc.nodes * tasks_per_node(lc) * procs_per_task(lc)
+
     def preflight(self, cfg: TrainConfig) -> None:
         check_against_cluster(cfg.launcher)
 
@@ -384,7 +266,8 @@ class SlurmLauncher:
         params = sbatch_parameters(lc)
         executor.update_parameters(setup=setup_lines(lc, code_dir), **params)
         tasks = [
-            SlurmTask(str(s.config_path), lc.time_min, lc.signal_delay_s, lc.max_requeues, procs_per_task(lc)) for s in specs
+            SlurmTask(str(s.config_path), s.entry, lc.time_min, lc.signal_delay_s, lc.max_requeues, procs_per_task(lc))
+            for s in specs
         ]
         with without_secrets(lc.env_allow) as removed:
             if removed:
@@ -402,7 +285,7 @@ class SlurmLauncher:
                 state="pending",
                 command=command_line(spec.argv),
                 job_id=str(job.job_id),
-                world_size=world_size_of(lc),
+                world_size=self.world_size(lc),
                 started=now(),
                 extra={"invoked_at": invoked_at, "slurm_folder": str(folder), "code": str(code_dir or "")},
             )

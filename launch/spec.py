@@ -1,4 +1,9 @@
-"""What a launcher receives (:class:`RunSpec`) and returns (:class:`JobHandle`), and ``job.json``.
+"""What a launcher receives (:class:`RunSpec`, what each rank runs: :class:`Entrypoint`) and returns
+(:class:`JobHandle`), and ``job.json``.
+
+    spec = RunSpec(cfg, run_dir)                                   # each rank runs a training run
+    spec = RunSpec(cfg, run_dir, entrypoint=Entrypoint("my_pkg.job", ("--epochs", "3")))  # or a program
+    handle = make_launcher(cfg.launcher).launch(spec)
 
 The run directory is the unit of record: ``config.yaml`` (resolved), ``job.json`` (launcher, ids,
 state, command line), logs, metrics and checkpoints. ``fmtrain status`` works from it alone.
@@ -7,6 +12,7 @@ state, command line), logs, metrics and checkpoints. ``fmtrain status`` works fr
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import shlex
@@ -16,22 +22,66 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from fmtrain.config import TrainConfig, to_yaml
+from fmtrain.config import LauncherConfig, TrainConfig, to_yaml
 
 JOB_FILE = "job.json"
 
 
+RESULT_FILE = "result.json"
+TRAINING = "fmtrain.worker"  # the training run's entry point, and the process runner of every other
+
+
+@dataclass(frozen=True)
+class Entrypoint:
+    """What every rank of a run executes, with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT set (``torch.distributed.init_process_group()`` works as is): a module with
+    ``main(argv: list[str]) -> int`` that returns 0 or raises.
+
+    A launcher runs it as a process, ``python -u -m fmtrain.worker -m MODULE ARGS...`` (local; Slurm
+    with several ranks per task: a failing rank's traceback reaches the launcher), or calls
+    ``MODULE.main(ARGS)`` in the rank's own process (a Ray worker; a Slurm task that is one rank).
+    Rank 0 may write ``RUN_DIR/result.json`` (``status``: completed or stopped, ``step``,
+    ``stop_signal``), which the launcher records; without one, a return counts as completed.
+    """
+
+    module: str
+    args: tuple[str, ...] = ()
+
+    @classmethod
+    def training(cls, config_path: Path) -> Entrypoint:
+        """fmtrain's training run of a written config (:mod:`fmtrain.worker`)."""
+        return cls(TRAINING, (str(config_path),))
+
+    def process_args(self) -> list[str]:
+        """The arguments of the Python interpreter that runs this entry point as a process."""
+        if self.module == TRAINING:
+            return ["-u", "-m", TRAINING, *self.args]
+        return ["-u", "-m", TRAINING, "-m", self.module, *self.args]
+
+    def call(self) -> None:
+        """Run it in this process; a non-zero return is raised as an error."""
+        code = importlib.import_module(self.module).main(list(self.args))
+        if code:
+            raise RuntimeError(f"python -m {shlex.join([self.module, *self.args])} ended with exit code {code}")
+
+
 @dataclass
 class RunSpec:
-    """One run to start: the validated config and the directory it owns."""
+    """One run to start: the validated config (its launcher, its run directory), the directory it
+    owns, and what each rank runs (fmtrain's training run unless another entry point is given)."""
 
     config: TrainConfig
     run_dir: Path
     argv: list[str] = field(default_factory=list)
+    entrypoint: Entrypoint | None = None
 
     @property
     def config_path(self) -> Path:
         return self.run_dir / "config.yaml"
+
+    @property
+    def entry(self) -> Entrypoint:
+        return self.entrypoint or Entrypoint.training(self.config_path)
 
     def write(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,6 +113,14 @@ class JobRecord:
         tmp = run_dir / f".{JOB_FILE}.tmp"
         tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
         os.replace(tmp, run_dir / JOB_FILE)
+
+
+def run_outcome(run_dir: Path) -> dict[str, Any]:
+    """What rank 0 of the run's entry point wrote to ``result.json``; a completed run if it wrote none."""
+    path = run_dir / RESULT_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"status": "completed", "step": None, "stop_signal": None}
 
 
 def now() -> str:
@@ -178,9 +236,11 @@ class LaunchError(RuntimeError):
 class Launcher(Protocol):
     """Starts runs (``launch.launchers`` names them). Each launcher answers:
 
+    - ``world_size(lc)``: how many ranks it starts for its options;
     - ``preflight(cfg)``: refuse (:class:`LaunchError`) what its scheduler cannot run, before any
       run directory is written (Slurm asks ``sinfo``; Ray checks its resources once it is up);
     - ``launch(spec)`` one run, ``launch_all(specs, root)`` several (a Slurm sweep: one job array);
+      each rank runs ``spec.entry`` (:class:`Entrypoint`);
     - ``handle(run_dir)``: the handle of a run it started, from the run directory alone;
     - ``batched``: runs of a sweep are collected and launched together; ``detached``: ``launch``
       returns while the run goes on elsewhere (its id is printed).
@@ -188,6 +248,9 @@ class Launcher(Protocol):
 
     batched: bool
     detached: bool
+
+    @staticmethod
+    def world_size(lc: LauncherConfig) -> int: ...
 
     def preflight(self, cfg: TrainConfig) -> None: ...
 
@@ -197,3 +260,24 @@ class Launcher(Protocol):
 
     @classmethod
     def handle(cls, run_dir: Path) -> JobHandle: ...
+
+
+class ForegroundLauncher:
+    """A launcher whose ``launch`` runs the job from this process and returns when it has ended (local,
+    Ray): a sweep's runs go one after another, and a run's handle is its ``job.json``."""
+
+    batched = False
+    detached = False
+
+    def preflight(self, cfg: TrainConfig) -> None:
+        """Nothing beyond validation, which checks this machine's cores, GPUs and device."""
+
+    def launch(self, spec: RunSpec) -> JobHandle:
+        raise NotImplementedError
+
+    def launch_all(self, specs: list[RunSpec], root: Path) -> list[JobHandle]:
+        return [self.launch(spec) for spec in specs]
+
+    @classmethod
+    def handle(cls, run_dir: Path) -> JobHandle:
+        return ForegroundJob(run_dir)

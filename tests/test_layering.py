@@ -19,6 +19,7 @@ LAYERS = [
     # Reaches into dependencies' internals, one module per dependency: nothing of fmtrain either.
     ["fmtrain.compat", "fmtrain.compat.deepspeed", "fmtrain.compat.torch", "fmtrain.compat.submitit"],
     ["fmtrain.distributed", "fmtrain.hardware", "fmtrain.models.spec", "fmtrain.parallel", "fmtrain.signals"],
+    ["fmtrain.models.llama_hf"],  # Hugging Face's Llama layout
     ["fmtrain.models.llama", "fmtrain.models.converters"],  # the first model; fp8 and later converters
     ["fmtrain.models"],  # the model registry: model.arch -> spec
     ["fmtrain.optim", "fmtrain.metrics", "fmtrain.data", "fmtrain.losses"],
@@ -29,9 +30,11 @@ LAYERS = [
     ["fmtrain.checkpoint", "fmtrain.step"],  # checkpoints; one step and evaluation
     ["fmtrain.trainer", "fmtrain.export"],
     ["fmtrain.worker", "fmtrain"],  # a launched rank's entry point; the package's lazy run()
-    ["launch", "launch.env", "launch.spec", "launch.compose"],
-    ["launch.local", "launch.slurm", "launch.ray"],
-    ["launch.launchers", "launch.tune", "launch.commands"],  # launch.commands: what the verbs share
+    ["launch", "launch.env", "launch.spec", "launch.compose", "launch.tune.space", "launch.tune.results"],
+    ["launch.local", "launch.slurm_task", "launch.ray"],
+    ["launch.slurm"],
+    ["launch.launchers", "launch.tune.trials"],
+    ["launch.tune", "launch.commands"],  # launch.commands: what the verbs share
     [f"launch.commands.{verb}" for verb in ("train", "tune", "status", "logs", "cancel", "plan", "export")],
     ["launch.cli"],  # parses and dispatches to a command's module
 ]

@@ -117,16 +117,16 @@ def main(args: list[str]) -> int:
 
 def _submit_queued(multirun: bool) -> None:
     """Launch the runs a batched launcher (Slurm) collected: together, as one job array for a sweep."""
-    from fmtrain.config import world_size_of
     from fmtrain.plan import make_plan
     from launch.launchers import make_launcher
     from launch.spec import JobRecord, LaunchError
 
     root = _queued[0].run_dir.parent if multirun else _queued[0].run_dir
     cfg = _queued[0].config
-    log.info("plan per rank:\n%s", make_plan(cfg, world_size_of(cfg.launcher)).table())
+    launcher = make_launcher(cfg.launcher)
+    log.info("plan per rank:\n%s", make_plan(cfg, launcher.world_size(cfg.launcher)).table())
     try:
-        jobs = make_launcher(cfg.launcher).launch_all(list(_queued), root=root)
+        jobs = launcher.launch_all(list(_queued), root=root)
     except LaunchError as error:
         raise UsageError(str(error)) from error
     for job in jobs:
@@ -141,10 +141,11 @@ def _dry_run(overrides: list[str]) -> int:
     configs = [compose(job) for job in jobs]
     for job, cfg in zip(jobs, configs, strict=True):
         print(f"# config ({' '.join(job)})\n{to_yaml(cfg)}")
-    from fmtrain.config import world_size_of
     from fmtrain.plan import make_plan
+    from launch.launchers import make_launcher
 
-    print(f"# plan per rank\n{make_plan(configs[0], world_size_of(configs[0].launcher)).table()}\n")
+    world = make_launcher(configs[0].launcher).world_size(configs[0].launcher)
+    print(f"# plan per rank\n{make_plan(configs[0], world).table()}\n")
     if configs[0].launcher.name == "slurm":
         from launch.slurm import SlurmError, check_against_cluster, render_sbatch
 

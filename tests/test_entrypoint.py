@@ -1,0 +1,52 @@
+"""A launcher runs any entry point, not only fmtrain's training run: a user's program (a module with
+``main(argv)``) gets the same processes, environment, logs and job record."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from launch.compose import compose
+from launch.local import LocalLauncher
+from launch.spec import Entrypoint, JobRecord, RunSpec
+
+TESTS = Path(__file__).resolve().parent
+
+
+def launch_program(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[JobRecord, Path]:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = compose(["launcher.nproc=2", f"run_dir={tmp_path / 'run'}"])
+    spec = RunSpec(cfg, tmp_path / "run", argv=["test"], entrypoint=Entrypoint("entry_program", (str(out), *args)))
+    spec.write()
+    handle = LocalLauncher().launch(spec)
+    return JobRecord.read(handle.run_dir), out
+
+
+def test_a_users_program_runs_on_every_rank_of_the_local_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record, out = launch_program(tmp_path, monkeypatch)
+    assert (record.state, record.exit_code, record.world_size) == ("completed", 0, 2), record
+    seen = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert seen == [{"rank": r, "world": 2, "sum": 3.0, "local_rank": r} for r in range(2)]
+
+
+def test_a_users_program_that_fails_on_one_rank_fails_the_job_with_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record, _ = launch_program(tmp_path, monkeypatch, "fail-on-rank", "1")
+    assert (record.state, record.exit_code) == ("failed", 1), record
+    assert record.message.startswith("rank 1 failed") and "the user's program failed on rank 1" in record.message, record.message
+
+
+def test_an_entry_point_called_in_process_raises_on_a_nonzero_return(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tmp_path / "returns_three.py"
+    module.write_text("def main(argv):\n    return 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"python -m returns_three a b ended with exit code 3"):
+        Entrypoint("returns_three", ("a", "b")).call()
+    assert Entrypoint.training(Path("r/config.yaml")).process_args() == ["-u", "-m", "fmtrain.worker", "r/config.yaml"]
+    assert Entrypoint("pkg.job", ("x",)).process_args() == ["-u", "-m", "fmtrain.worker", "-m", "pkg.job", "x"]
