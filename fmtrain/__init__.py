@@ -6,8 +6,10 @@ Heavy modules load on first use: ``import fmtrain`` imports neither torch nor an
 Layers, lowest first; a module imports only its own layer or lower ones (``tests/test_layering.py``
 holds the exact table and checks it, imports inside functions included):
 
-1. ``config``: the schema, nothing else of fmtrain.
+1. ``config``: the schema (``config.schema``, each field with its domain: ``config.domains``) and its
+   boundaries (``config.io``); nothing else of fmtrain.
 2. ``distributed``, ``hardware``, ``parallel``, ``signals``, ``models.spec`` (the model contract);
+   ``manifests`` (a run's checkpoint files, without torch);
    ``models.llama_hf`` (Hugging Face's Llama layout); the models (``models.llama``) and converters
    (``models.converters``: fp8); ``models`` (the registry); then
    ``optim``, ``metrics``, ``data``, ``losses`` (batches are dicts; a loss maps logits and a batch to a mean).

@@ -16,12 +16,11 @@ and tells the other ranks. Loading uses ``weights_only`` everywhere: no code is 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import errno
 import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 import warnings
@@ -32,19 +31,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
+from fmtrain.config import ConfigError
 from fmtrain.distributed import DistEnv
+from fmtrain.manifests import (
+    BEST,
+    MANIFEST,
+    CheckpointError,
+    every_checkpoint_invalid,
+    files_under,
+    invalid_checkpoints,
+    list_checkpoints,
+    newest_valid,
+    read_best,
+    sha256,
+    step_dir_name,
+    verify,
+)
 from fmtrain.strategies import Strategy
 
 log = logging.getLogger("fmtrain")
-
-STEP_DIR = re.compile(r"^step_(\d{6,})$")
-MANIFEST = "manifest.json"
-BEST = "best.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, named with the reason."""
 
 
 @contextlib.contextmanager
@@ -55,54 +62,16 @@ def single_process_dcp() -> Iterator[None]:
         yield
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def verify(path: Path) -> dict[str, Any]:
-    """Return the manifest of a complete, uncorrupted checkpoint, or raise CheckpointError."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete save)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        expected: dict[str, str] = manifest["files"]
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({e})") from e
-    for name, digest in expected.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
-        if sha256(file) != digest:
-            raise CheckpointError(f"{path}: {name} fails its sha256 checksum")
-    return manifest
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Checkpoint folders under ``root`` as (step, path), newest first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return sorted(found, reverse=True)
-
-
-def newest_valid(root: Path) -> Path | None:
-    for _, path in list_checkpoints(root):
-        try:
-            verify(path)
-            return path
-        except CheckpointError as e:
-            log.warning("skipping checkpoint %s", e)
-    return None
+def _tensors(state: Any) -> Iterator[torch.Tensor]:
+    """Every tensor of a (nested) state dict; a sharded one counts whole (what all ranks write)."""
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _tensors(value)
+    elif isinstance(state, list | tuple):
+        for value in state:
+            yield from _tensors(value)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -133,15 +102,29 @@ class Checkpointer:
     def save(self, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]) -> Path:
         final = self.root / step_dir_name(step)
         staging = self.root / f".{final.name}.tmp"
+        started = time.perf_counter()
+        state = self.strategy.state_dict(wrapped, optimizer)
+        try:
+            self._write(step, staging, final, state, trainer_state)
+        except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
+            shutil.rmtree(staging, ignore_errors=True)  # a partial save must not keep the disk full
+            if (full := self._disk_full(final, state, error)) is not None:
+                raise CheckpointError(full) from error
+            raise
+        if self.env.is_main:
+            log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - started)
+        self.env.barrier()
+        return final
+
+    def _write(self, step: int, staging: Path, final: Path, state: dict[str, Any], trainer_state: dict[str, Any]) -> None:
         if self.env.is_main:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self.env.barrier()
-        started = time.perf_counter()
         import torch.distributed.checkpoint as dcp  # 0.5 s of imports: paid at the first save, not at start-up
 
         with single_process_dcp():
-            dcp.save(self.strategy.state_dict(wrapped, optimizer), checkpoint_id=staging / "model_optim")
+            dcp.save(state, checkpoint_id=staging / "model_optim")
         (staging / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), staging / "rng" / f"rank{self.env.rank}.pt")
         self.env.barrier()
@@ -153,7 +136,7 @@ class Checkpointer:
                 **self.identity,
                 "val_loss": trainer_state.get("val_loss"),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "files": {str(p.relative_to(staging)): sha256(p) for p in _files_under(staging)},
+                "files": {str(p.relative_to(staging)): sha256(p) for p in files_under(staging)},
             }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
             if final.exists():
@@ -162,24 +145,51 @@ class Checkpointer:
             os.rename(staging, final)
             self._update_best(final, trainer_state.get("val_loss"))
             self._prune()
-            log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - started)
-        self.env.barrier()
-        return final
+
+    def _disk_full(self, final: Path, state: dict[str, Any], error: BaseException) -> str | None:
+        """The message for a save that failed for want of space (None: it failed for another reason).
+
+        DCP does not always say ENOSPC (a short write shows as "unexpected pos"): the free space after
+        the partial save is removed is compared with what a checkpoint takes (the newest one's size,
+        or the state's bytes)."""
+        free = shutil.disk_usage(self.root).free
+        newest = list_checkpoints(self.root)
+        if newest:
+            needed = sum(f.stat().st_size for f in newest[0][1].rglob("*") if f.is_file())
+        else:
+            needed = sum(t.numel() * t.element_size() for t in _tensors(state))
+        chain = [error, *([error.__cause__] if error.__cause__ else []), *getattr(error, "failures", {}).values()]
+        enospc = any(getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) for e in chain)
+        if not enospc and free >= needed:
+            return None
+        mb = 1024 * 1024
+        return (
+            f"no space left on device while writing checkpoint step {int(final.name[5:])} to {final}: about "
+            f"{needed / mb:.0f} MB needed, {free / mb:.0f} MB free (the partial save was removed; the run resumes "
+            "from its newest checkpoint once there is room)"
+        )
 
     def choose(self, resume: str) -> Path | None:
-        """The checkpoint to resume from: rank 0 decides, every rank gets the same answer."""
-        choice: list[str | None] = [None]
+        """The checkpoint to resume from: rank 0 decides, every rank gets the same answer (or the same
+        ConfigError: ``trainer.resume`` names a checkpoint that fails its checks, or every checkpoint
+        of the run is invalid, which would otherwise start over at step 0 and overwrite them)."""
+        choice: list[Any] = [None, None]  # the checkpoint; why none can be used (key, value, expected)
         if self.env.is_main:
-            if resume == "never":
-                choice[0] = None
-            elif resume == "auto":
+            if resume == "auto":
                 found = newest_valid(self.root)
                 choice[0] = str(found) if found else None
-            else:
-                verify(Path(resume))
-                choice[0] = resume
+                if found is None and (reasons := invalid_checkpoints(self.root)):
+                    choice[1] = ("trainer.resume", "auto", every_checkpoint_invalid(reasons))
+            elif resume != "never":
+                try:
+                    verify(Path(resume))
+                    choice[0] = resume
+                except CheckpointError as e:
+                    choice[1] = ("trainer.resume", resume, str(e))
         if self.env.distributed:
             dist.broadcast_object_list(choice, src=0)
+        if choice[1]:
+            raise ConfigError(*choice[1])
         return Path(choice[0]) if choice[0] else None
 
     def load(self, path: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -200,14 +210,13 @@ class Checkpointer:
     def _update_best(self, path: Path, val_loss: float | None) -> None:
         if val_loss is None:
             return
-        best_file = self.root / BEST
-        best = json.loads(best_file.read_text()) if best_file.is_file() else None
+        best = read_best(self.root)
         if best is None or val_loss < best["val_loss"] or not (self.root / best["name"]).is_dir():
-            best_file.write_text(json.dumps({"name": path.name, "step": int(path.name[5:]), "val_loss": val_loss}, indent=1))
+            best = {"name": path.name, "step": int(path.name[5:]), "val_loss": val_loss}
+            (self.root / BEST).write_text(json.dumps(best, indent=1))
 
     def _prune(self) -> None:
-        best_file = self.root / BEST
-        best = json.loads(best_file.read_text())["name"] if self.keep_best and best_file.is_file() else None
+        best = (read_best(self.root) or {}).get("name") if self.keep_best else None
         for index, (_, path) in enumerate(list_checkpoints(self.root)):
             if index >= self.keep_last and path.name != best:
                 shutil.rmtree(path, ignore_errors=True)

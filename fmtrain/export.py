@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from fmtrain import models
-from fmtrain.checkpoint import CheckpointError, newest_valid, single_process_dcp, step_dir_name, verify
+from fmtrain.checkpoint import single_process_dcp
 from fmtrain.config import ModelConfig, load
+from fmtrain.manifests import CheckpointError, newest_valid, step_dir_name, verify
 from fmtrain.strategies import DTYPES
 
 

@@ -68,13 +68,17 @@ def cached_peak_flops(dtype: torch.dtype, device: torch.device, sharing: int) ->
         return key, None
 
 
-def store_peak_flops(key: str, value: float) -> None:
+def store_peak_flops(key: str, value: float | None) -> None:
+    """Keep the probe's result for ``key`` (None: forget it, so the next run measures again)."""
     path = cache_root() / "peak_flops.json"
     try:
         known = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
         known = {}
-    known[key] = value
+    if value is None:
+        known.pop(key, None)
+    else:
+        known[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(known, indent=1))

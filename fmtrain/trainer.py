@@ -28,14 +28,17 @@ from typing import Any
 import torch
 
 from fmtrain.checkpoint import Checkpointer
-from fmtrain.config import TrainConfig
+from fmtrain.config import ConfigError, TrainConfig
 from fmtrain.distributed import DistEnv
+from fmtrain.manifests import run_dir_problem
 from fmtrain.metrics import (
     MetricsWriter,
     NullMetrics,
+    cached_peak_flops,
     peak_memory_bytes,
     plot_losses,
     setup_logging,
+    store_peak_flops,
     warm_imports,
     world_peak_flops,
 )
@@ -44,6 +47,7 @@ from fmtrain.signals import StopFlag
 from fmtrain.step import Parts, StepOutcome, build, evaluate, train_step
 from fmtrain.strategies import compute_dtype
 from fmtrain.validation import validate
+from fmtrain.watchdog import Watchdog
 
 log = logging.getLogger("fmtrain")
 
@@ -109,8 +113,10 @@ def run(cfg: TrainConfig, on_eval: EvalHook | None = None, on_step: StepHook | N
     validate(cfg, world_size=env.world_size)  # the world this rank is in (a launcher's is checked before it starts)
     stop = StopFlag()
     run_dir = Path(cfg.run_dir)
+    if (problem := run_dir_problem(run_dir)) is not None:  # before training, not at the first save
+        raise ConfigError("run_dir", cfg.run_dir, problem)
     setup_logging(run_dir, env.rank)
-    device = env.init(cfg.trainer.device)
+    device = env.init(cfg.trainer.device, timeout_s=cfg.trainer.hang_timeout_s + 60)  # the watchdog speaks first
     try:
         return _train(cfg, env, device, run_dir, stop, on_eval, on_step)
     finally:
@@ -141,22 +147,44 @@ def _train(
         keep_best=cfg.checkpoint.keep_best,
         identity={"strategy": cfg.strategy.name, "config_hash": config_hash(cfg)},
     )
+    watchdog = Watchdog(run_dir / "logs", env.rank, env.world_size, t.hang_timeout_s)
+    try:
+        watchdog.mark(0, "checkpoint")
+        return _loop(cfg, p, checkpoints, watchdog, run_dir, stop, on_eval, on_step)
+    finally:
+        watchdog.stop()
+
+
+def _loop(
+    cfg: TrainConfig,
+    p: Parts,
+    checkpoints: Checkpointer,
+    watchdog: Watchdog,
+    run_dir: Path,
+    stop: StopFlag,
+    on_eval: EvalHook | None,
+    on_step: StepHook | None,
+) -> RunResult:
+    t, env = cfg.trainer, p.env
     state = _restore(checkpoints, p)
     report = _Report(p, run_dir, start_step=state.step)
 
     def save() -> Path:
+        watchdog.mark(state.step, "checkpoint")
         state.scaler = p.strategy.scaler_state(p.optimizer)
         return checkpoints.save(state.step, p.wrapped, p.optimizer, state.as_dict())
 
     warm_imports(plot=t.plot and env.is_main)
     status, loss, last_saved = "completed", None, state.step
     while state.step < t.max_steps:
+        watchdog.mark(state.step, "start")
         if on_step is not None:
             on_step(state.step)
         lr = lr_at(state.step, cfg.optim, t.max_steps)
         for group in p.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
+        watchdog.mark(state.step, "train")
         outcome = train_step(p, state.step, state.consumed, stop)
         state.step, state.consumed, loss = state.step + 1, state.consumed + t.global_batch_size, outcome.loss
         report.step(state.step, outcome, lr, time.perf_counter() - started)
@@ -164,6 +192,7 @@ def _train(
         done = state.step == t.max_steps
         state.val_loss = None
         if state.step % t.eval_interval == 0 or done:
+            watchdog.mark(state.step, "evaluate")
             val_loss = evaluate(p)
             state.evaluated(val_loss)
             report.evaluation(state.step, val_loss)
@@ -210,6 +239,7 @@ class _Report:
         cfg, env, t = p.cfg, p.env, p.cfg.trainer
         self.p = p
         self.peak = t.peak_flops or world_peak_flops(env, p.device, compute_dtype(cfg.precision.name))
+        self.peak_exceeded = False
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         log.info(
             "model %s (%s): %.2fM parameters, %.1f MFLOPs/token | %s, world %d (dp %d x tp %d), "
@@ -233,8 +263,26 @@ class _Report:
             else NullMetrics()
         )
 
+    def _check_peak(self, achieved: float) -> None:
+        """MFU is at most 1: a step faster than the peak means the peak was measured low (the probe ran
+        on a busy CPU) or set low (``trainer.peak_flops``). The peak becomes what was achieved, and a
+        probed peak is forgotten, so the next run on this machine measures it again."""
+        if achieved <= self.peak:
+            return
+        if not self.peak_exceeded:
+            self.peak_exceeded = True
+            source = "trainer.peak_flops" if self.p.cfg.trainer.peak_flops else "the measured peak (probed again next run)"
+            log.warning(
+                "a step ran at %.3g FLOP/s, above %s of %.3g: MFU is reported against the former", achieved, source, self.peak
+            )
+            if not self.p.cfg.trainer.peak_flops and self.p.env.local_rank == 0:
+                dtype = compute_dtype(self.p.cfg.precision.name)
+                store_peak_flops(cached_peak_flops(dtype, self.p.device, self.p.env.local_world_size)[0], None)
+        self.peak = achieved
+
     def step(self, step: int, outcome: StepOutcome, lr: float, elapsed: float) -> None:
         tokens_per_s = self.tokens_per_step / elapsed
+        self._check_peak(self.p.flops_per_token * tokens_per_s)
         scale = self.p.strategy.loss_scale(self.p.optimizer)
         self.metrics.log(
             {

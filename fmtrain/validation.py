@@ -12,6 +12,7 @@ machine's device can train (:mod:`fmtrain.hardware`), the launcher's own fields.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from fmtrain import hardware, models
@@ -19,6 +20,7 @@ from fmtrain.config import (
     ConfigError,
     LauncherConfig,
     TrainConfig,
+    check_domains,
     procs_per_task,
     resolve_data_paths,
     tasks_per_node,
@@ -41,9 +43,19 @@ RAY_SUBMIT = ("foreground", "jobs")
 TOKENIZERS = {"bytes": 256}
 
 
-def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(key, value, "must be " + ("non-negative" if zero_ok else "positive"))
+RAY_ADDRESS = re.compile(r"(ray://)?[\w.-]+:\d{1,5}")
+DASHBOARD = re.compile(r"https?://[\w.-]+(:\d{1,5})?/?")
+
+
+def check_ray_address(key: str, address: str | None, *, dashboard: bool = False) -> None:
+    """A Ray cluster's address as Ray takes it: auto, host:port, ray://host:port; with the Jobs API,
+    the dashboard's http://host:port."""
+    if address is None or address == "auto":
+        return
+    form = DASHBOARD if dashboard else RAY_ADDRESS
+    if not form.fullmatch(address):
+        valid = "the dashboard's URL, e.g. http://head:8265" if dashboard else "auto, HOST:PORT or ray://HOST:PORT"
+        raise ConfigError(key, address, f"not a Ray address: {valid}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -64,13 +76,10 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     Raises:
         ConfigError: naming the field, the value and the valid choices.
     """
-    m, d, o, t, c, lnch = cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.checkpoint, cfg.launcher
-    for key in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
-        _positive(f"model.{key}", getattr(m, key))
+    check_domains(cfg)  # each field on its own: type, range, finiteness, non-empty, choices
+    m, d, o, t, lnch = cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.launcher
     if m.dim % m.n_heads:
         raise ConfigError("model.n_heads", m.n_heads, f"must divide model.dim={m.dim}")
-    _positive("model.ffn_dim_multiplier", m.ffn_dim_multiplier)
-    _positive("model.norm_eps", m.norm_eps)
     models.import_modules(cfg.imports)  # a user's own model registers itself on import
     spec = models.get(m.arch)
     spec.check(m)  # what this architecture cannot build (Llama: odd rotary head dims, kv heads)
@@ -82,44 +91,22 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
             m.vocab_size,
             f"must be >= {TOKENIZERS[d.tokenizer]}, the vocabulary of data.tokenizer={d.tokenizer}",
         )
-    _positive("data.seq_len", d.seq_len)
     if d.seq_len > m.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
-    if not 0.0 < d.val_fraction < 1.0:
-        raise ConfigError("data.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)")
-    _positive("data.max_bytes", d.max_bytes)
-    _positive("data.shard_tokens", d.shard_tokens)
     if d.name != "stdlib" and not d.paths:
         raise ConfigError("data.paths", d.paths, "give one or more files, directories or globs, e.g. data.paths=[notes/*.txt]")
-    if d.paths and not resolve_data_paths(d.paths):
-        raise ConfigError("data.paths", d.paths, "no file matches; give existing files, directories or globs")
+    for pattern in d.paths:  # each one: a glob that matches nothing is a typo, even beside one that matches
+        if not resolve_data_paths([pattern]):
+            raise ConfigError("data.paths", pattern, "no file matches; give existing files, directories or globs")
 
-    _positive("optim.lr", o.lr)
-    _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
-    _positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
-    _positive("optim.grad_clip", o.grad_clip, zero_ok=True)
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ConfigError("optim.min_lr_ratio", o.min_lr_ratio, "must be between 0 and 1")
-    if not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ConfigError("optim.betas", list(o.betas), "each beta must be in [0, 1)")
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("optim.implementation", o.implementation, OPTIMIZER_IMPLEMENTATIONS)
 
-    for key in ("max_steps", "global_batch_size", "eval_interval", "eval_batches", "log_interval"):
-        _positive(f"trainer.{key}", getattr(t, key))
-    if t.micro_batch_size is not None:
-        _positive("trainer.micro_batch_size", t.micro_batch_size)
     _choice("trainer.device", t.device, DEVICES)
     _choice("trainer.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
-    _positive("trainer.checkpoint_every_n", t.checkpoint_every_n)
     _choice("trainer.on_nonfinite", t.on_nonfinite, NONFINITE)
-    if t.peak_flops is not None:
-        _positive("trainer.peak_flops", t.peak_flops)
     if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
         raise ConfigError("trainer.resume", t.resume, "must be auto, never, or an existing checkpoint directory")
-
-    _positive("checkpoint.interval", c.interval)
-    _positive("checkpoint.keep_last", c.keep_last)
 
     _choice("strategy.name", cfg.strategy.name, STRATEGIES)
     if cfg.strategy.name == "deepspeed":
@@ -130,18 +117,15 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     if lnch.name == "ray":
         if importlib.util.find_spec("ray") is None:
             raise ConfigError("launcher.name", "ray", "the ray package is not installed: pip install 'fmtrain[ray]'")
-        _positive("launcher.num_workers", lnch.num_workers)
-        _positive("launcher.cpus_per_worker", lnch.cpus_per_worker)
-        _positive("launcher.gpus_per_worker", lnch.gpus_per_worker, zero_ok=True)
-        _positive("launcher.max_failures", lnch.max_failures, zero_ok=True)
-        _positive("launcher.object_store_mb", lnch.object_store_mb)
         _choice("launcher.submit", lnch.submit, RAY_SUBMIT)
+        check_ray_address("launcher.address", lnch.address, dashboard=lnch.submit == "jobs")
         if lnch.submit == "jobs" and not lnch.address:
             raise ConfigError(
                 "launcher.address",
                 lnch.address,
                 "launcher.submit=jobs needs the dashboard of the cluster, e.g. http://127.0.0.1:8265",
             )
+    check_ray_address("tune.address", cfg.tune.address)  # fmtrain tune's own cluster
     world = world_size or world_size_of(lnch)
     dims = ParallelDims.from_config(cfg.strategy, world)
     if cfg.strategy.name in TENSOR_PARALLEL:
@@ -160,10 +144,6 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
                 f"needs data.seq_len={cfg.data.seq_len} divisible by the tensor-parallel degree {dims.tp}",
             )
     _choice("precision.name", cfg.precision.name, PRECISIONS)
-    _positive("launcher.nproc", lnch.nproc)
-    _positive("launcher.max_restarts", lnch.max_restarts, zero_ok=True)
-    _positive("launcher.shutdown_timeout", lnch.shutdown_timeout)
-    _positive("launcher.monitor_interval", lnch.monitor_interval)
     if world_size is None:
         if lnch.name == "slurm":  # the job's nodes decide; the cluster check (sinfo) is the launcher's
             wants_gpu = t.device == "cuda" or (t.device == "auto" and lnch.gpus_per_node > 0)
@@ -205,13 +185,6 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
 
 
 def _check_slurm(lnch: LauncherConfig) -> None:
-    for key in ("nodes", "time_min", "signal_delay_s", "array_parallelism"):
-        _positive(f"launcher.{key}", getattr(lnch, key))
-    _positive("launcher.gpus_per_node", lnch.gpus_per_node, zero_ok=True)
-    _positive("launcher.max_requeues", lnch.max_requeues, zero_ok=True)
-    for key in ("tasks_per_node", "procs_per_task", "cpus_per_task", "mem_gb"):
-        if getattr(lnch, key) is not None:
-            _positive(f"launcher.{key}", getattr(lnch, key))
     if lnch.gpus_per_node and tasks_per_node(lnch) not in (1, lnch.gpus_per_node):
         raise ConfigError(
             "launcher.tasks_per_node",

@@ -9,8 +9,8 @@ set (``launch.spec.Entrypoint``). ``@record`` writes an uncaught exception to th
 elastic agent gave this process, so the launcher shows the failing rank's own traceback; a user
 error (``ConfigError``) is one line and exit 2; the process dies with its agent.
 
-For tests of launchers, ``FMTRAIN_FAULT=RANK:STEP`` makes that rank raise at that step (the hook is
-here, at the boundary, not in the training loop).
+For tests of launchers, ``FMTRAIN_FAULT=RANK:STEP`` makes that rank raise at that step, and
+``RANK:STEP:hang`` makes it hang there (the hook is here, at the boundary, not in the training loop).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import gc
 import importlib
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
@@ -29,18 +30,22 @@ from fmtrain.trainer import run
 
 
 def injected_fault() -> Callable[[int], None] | None:
-    """``FMTRAIN_FAULT=RANK:STEP``: a step hook that raises in that rank at that step."""
+    """``FMTRAIN_FAULT=RANK:STEP``: a step hook that raises in that rank at that step;
+    ``RANK:STEP:hang``: one that never returns there (the watchdog's test)."""
     spec = os.environ.get("FMTRAIN_FAULT", "")
     if not spec:
         return None
-    fault_rank, fault_step = (int(v) for v in spec.split(":"))
+    fault_rank, fault_step, *kind = spec.split(":")
     rank = int(os.environ.get("RANK", "0"))
 
     def fault(step: int) -> None:
-        if rank == fault_rank and step == fault_step:
+        if step == int(fault_step):
+            if kind == ["hang"]:
+                while True:
+                    time.sleep(3600)
             raise RuntimeError(f"injected fault (FMTRAIN_FAULT) in rank {rank} at step {step}")
 
-    return fault if rank == fault_rank else None
+    return fault if rank == int(fault_rank) else None
 
 
 def main(argv: list[str]) -> int:

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fmtrain.config import ConfigError, TrainConfig, foreign_keys, register_schema, to_config
+from fmtrain.config import ConfigError, TrainConfig, foreign_keys, register_schema, schema_type, to_config
 from fmtrain.validation import validate
 
 
@@ -115,6 +115,7 @@ def compose(
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    check_booleans(overrides)
     register_schema()
     GlobalHydra.instance().clear()
     try:
@@ -133,6 +134,15 @@ def compose(
     if option_keys:
         check_option_keys(cfg, overrides)
     return cfg
+
+
+def check_booleans(overrides: list[str]) -> None:
+    """Refuse ``trainer.compile=-1`` and the like: OmegaConf reads any integer as a boolean (non-zero:
+    true), so a typo turns a switch on. A boolean field takes true or false."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if sep and schema_type(key) is bool and value.strip().lower() not in ("true", "false"):
+            raise UsageError(str(ConfigError(key, value, "must be true or false")))
 
 
 def check_option_keys(cfg: TrainConfig, overrides: list[str]) -> None:

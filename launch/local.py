@@ -78,8 +78,11 @@ def failure_report(error: Any) -> str:
     detail = failure.message
     if isinstance(detail, dict):
         message = detail.get("message", "")
-        if message.startswith("ConfigError: "):  # a user error found on the rank's own device: one line
-            return f"rank {rank}: {message.removeprefix('ConfigError: ')}"
+        if message.startswith("HangError: "):  # the watchdog's message names the ranks itself
+            return message.removeprefix("HangError: ")
+        for kind in ("ConfigError: ", "CheckpointError: "):  # a user error, a full disk: one line
+            if message.startswith(kind):
+                return f"rank {rank}: {message.removeprefix(kind)}"
         detail = detail.get("extraInfo", {}).get("py_callstack") or message
     return f"rank {rank} failed (exit code {failure.exitcode}, pid {failure.pid}):\n{detail}".rstrip()
 
@@ -143,7 +146,11 @@ class LocalLauncher(ForegroundLauncher):
         else:
             record.state, record.exit_code = run_outcome(spec.run_dir)["status"], 0
         record.ended = now()
-        record.write(spec.run_dir)
+        try:
+            record.write(spec.run_dir)
+        except OSError as error:  # a full or read-only disk: the run's end is still told, here
+            log.error("could not record the run's end in %s/job.json (%s): %s", spec.run_dir, error, record.message)
+            return ForegroundJob(spec.run_dir, ended=record)
         return ForegroundJob(spec.run_dir)
 
 

@@ -75,6 +75,7 @@ def torch_trainer(
     storage: Path,
     loop: Callable[[dict[str, Any]], None] = _worker_loop,
     callbacks: tuple[Any, ...] = (),
+    timeout_s: float = 1800.0,
 ) -> Any:
     """Ray Train's ``TorchTrainer`` running ``entry`` on ``launcher.num_workers`` workers (gloo on CPU, nccl on GPUs)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -85,7 +86,8 @@ def torch_trainer(
     return TorchTrainer(
         loop,
         train_loop_config={"module": entry.module, "args": list(entry.args)},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # The process group's timeout: a minute past trainer.hang_timeout_s, so fmtrain's watchdog speaks first.
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(timeout_s)),
         scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name="train",
@@ -244,7 +246,8 @@ class RayLauncher(ForegroundLauncher):
             check_resources(lc, ray.cluster_resources())
             record.job_id = record.job_id or ray.get_runtime_context().get_job_id()
             record.write(spec.run_dir)
-            trainer = torch_trainer(lc, spec.entry, spec.run_dir.resolve() / "ray")
+            timeout_s = spec.config.trainer.hang_timeout_s + 60
+            trainer = torch_trainer(lc, spec.entry, spec.run_dir.resolve() / "ray", timeout_s=timeout_s)
             try:
                 trainer.fit()
             except Exception as error:  # Ray wraps the worker's exception (WorkerGroupError, TrainingFailedError)

@@ -280,6 +280,7 @@ class SlurmLauncher:
                 jobs = pending
         handles = []
         for spec, job in zip(specs, jobs, strict=True):
+            earlier = JobRecord.read(spec.run_dir).attempts if (spec.run_dir / "job.json").is_file() else 0
             record = JobRecord(
                 launcher="slurm",
                 state="pending",
@@ -287,7 +288,13 @@ class SlurmLauncher:
                 job_id=str(job.job_id),
                 world_size=self.world_size(lc),
                 started=now(),
-                extra={"invoked_at": invoked_at, "slurm_folder": str(folder), "code": str(code_dir or "")},
+                attempts=earlier,  # each start of the job adds one, as a rerun of a local run does
+                extra={
+                    "invoked_at": invoked_at,
+                    "slurm_folder": str(folder),
+                    "code": str(code_dir or ""),
+                    "attempts_before": earlier,
+                },
             )
             record.write(spec.run_dir)
             log.info("submitted Slurm job %s: %s", job.job_id, spec.run_dir)

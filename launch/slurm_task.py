@@ -53,7 +53,12 @@ class SlurmTask:
             f"fmtrain task {rank} of {os.environ['WORLD_SIZE']}, job {job['display_id']}, on {socket.gethostname()}", flush=True
         )
         if rank == 0:
-            _update_record(run_dir, state="running", attempts=int(job["restarts"]) + 1, code=str(Path(__file__).parent.parent))
+            from fmtrain import watchdog
+
+            watchdog.ON_HANG.append(lambda message: _update_record(run_dir, state="failed", ended=now(), message=message))
+            earlier = int(JobRecord.read(run_dir).extra.get("attempts_before", 0))  # runs before this submission
+            attempts = earlier + int(job["restarts"]) + 1
+            _update_record(run_dir, state="running", attempts=attempts, code=str(Path(__file__).parent.parent))
             (run_dir / RESULT_FILE).unlink(missing_ok=True)  # the entry point's rank 0 writes it anew
         try:
             if self.procs_per_task > 1:

@@ -188,10 +188,13 @@ class ForegroundJob:
     """A job that ran in this (the CLI's) process and has ended: local and Ray runs."""
 
     run_dir: Path
+    ended: JobRecord | None = None  # the launcher's own record of the end, should job.json not take it (a full disk)
 
     def record(self) -> JobRecord:
         """``job.json``, corrected where it says running but its launcher is gone (SIGKILL, OOM
         killer, a lost node): that launcher could not record its end, so the run has failed."""
+        if self.ended is not None:
+            return self.ended
         record = JobRecord.read(self.run_dir)
         if record.state == "running" and not launcher_alive(record):
             record.state = "failed"

@@ -58,6 +58,7 @@ MARKERS_OF_FIXTURES = {
     "cluster": ("slurm", "root"),
     "slurm_in_netns": ("slurm", "root"),
     "netns": ("root",),
+    "tmpfs": ("root",),
     "ray_tmp": ("ray",),
 }
 

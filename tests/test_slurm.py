@@ -321,3 +321,16 @@ def test_dry_run_prints_the_script_and_config_and_submits_nothing(cluster, cache
     assert "name: slurm" in result.stdout and "not submittable" not in result.stdout
     assert not (tmp_path / "run").exists()
     assert slurm(cluster, "squeue", "-h") == ""
+
+
+@pytest.mark.slow
+def test_a_hanging_rank_fails_the_job_with_its_name_and_every_stack(cluster, cache_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "hang"
+    hang = ["trainer.max_steps=100", "launcher.nodes=2", "launcher.tasks_per_node=1", "trainer.hang_timeout_s=10"]
+    job_id = submit(cluster, cache_dir, run_dir, *hang, env={"FMTRAIN_FAULT": "1:7:hang"})[0]
+    assert wait_state(cluster, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=180) == "FAILED"
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["state"] == "failed" and "did not arrive at step 7 (train): rank 1 at step 7 (start)" in record["message"]
+    assert "in fault" in (run_dir / "logs" / "rank1.stack.txt").read_text()
+    assert "train_step" in (run_dir / "logs" / "rank0.stack.txt").read_text()
+    assert status(cluster, cache_dir, run_dir)["state"] == "failed"

@@ -11,7 +11,7 @@ def main(args: list[str]) -> int:
     """``fmtrain export RUN_DIR [--step N] [--dtype fp32|bf16] [--out DIR]``."""
     import argparse
 
-    from fmtrain.checkpoint import CheckpointError
+    from fmtrain.manifests import CheckpointError
 
     parser = argparse.ArgumentParser(prog="fmtrain export", description="Write a checkpoint as model.safetensors + config.json.")
     parser.add_argument("run_dir", type=Path)

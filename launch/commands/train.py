@@ -38,10 +38,14 @@ def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> 
         except ConfigError as error:
             raise UsageError(str(error) + (f"  (in run {' '.join(job)})" if len(jobs) > 1 else "")) from error
         check_option_keys(cfg, job)
-        if not dry_run and repr(cfg.launcher) not in checked:
-            from launch.launchers import make_launcher
-            from launch.spec import LaunchError
+        from launch.launchers import check_run_dir, make_launcher
+        from launch.spec import LaunchError
 
+        try:
+            check_run_dir(cfg)
+        except LaunchError as error:
+            raise UsageError(str(error)) from error
+        if not dry_run and repr(cfg.launcher) not in checked:
             try:
                 make_launcher(cfg.launcher).preflight(cfg)  # before Hydra writes run directories
             except LaunchError as error:

@@ -20,11 +20,11 @@ def main(args: list[str]) -> int:
     cfg = compose(overrides, check=False)
     if cfg.tune.name == "none":
         raise UsageError("choose a search: tune=asha | optuna | pbt | random | grid (see conf/tune/)")
-    from launch.tune import check_trials, parse_space, run_sweep
+    from launch.tune import check_trials, check_values, parse_space, run_sweep
 
     try:
         validate(cfg)
-        parse_space(cfg.tune)
+        check_values(cfg, parse_space(cfg.tune))
         check_trials(cfg)
     except ConfigError as error:
         raise UsageError(str(error)) from error

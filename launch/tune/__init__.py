@@ -33,10 +33,10 @@ from typing import Any
 
 from fmtrain.config import ConfigError, TrainConfig, TuneConfig
 from launch.tune.results import write_results
-from launch.tune.space import Distribution, apply_overrides, check_trials, parse_space
+from launch.tune.space import Distribution, apply_overrides, check_trials, check_values, parse_space
 from launch.tune.trials import _stop_runs_callback, _trial, stop_trial_run
 
-__all__ = ["apply_overrides", "check_trials", "parse_space", "run_sweep", "stop_trial_run"]
+__all__ = ["apply_overrides", "check_trials", "check_values", "parse_space", "run_sweep", "stop_trial_run"]
 
 log = logging.getLogger("fmtrain.launch")
 

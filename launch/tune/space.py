@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
+import typing
 from typing import Any
 
 from fmtrain.config import ConfigError, TrainConfig, TuneConfig, typing_hints
@@ -101,8 +102,12 @@ def parse_space(tune: TuneConfig) -> dict[str, Distribution]:
         )
     space = {}
     for key, text in flatten(tune.space).items():
-        _field_type(key)
+        kind = _field_type(key)
         space[key] = parse_distribution(key, text)
+        if int in (kind, *typing.get_args(kind)) and space[key].kind in ("uniform", "loguniform"):
+            raise ConfigError(
+                f"tune.space.{key}", text, f"{key} is an integer: use randint(low, high) or choice([...]) to search it"
+            )
     grids = [k for k, d in space.items() if d.kind == "grid"]
     if tune.search == "grid" and len(grids) != len(space):
         raise ConfigError(
@@ -115,6 +120,31 @@ def parse_space(tune: TuneConfig) -> dict[str, Distribution]:
     if tune.scheduler == "pbt" and tune.search == "optuna":
         raise ConfigError("tune.scheduler", "pbt", "PBT explores by itself; use tune.search=random with it")
     return space
+
+
+def check_values(cfg: TrainConfig, space: dict[str, Distribution]) -> None:
+    """Refuse a space that proposes a value outside its field's domain (``choice([-1, 0])`` for
+    ``model.n_layers``): every listed value, and both ends of a range. Whether a value suits the
+    others (a head count that divides the width) depends on what else each trial draws: each
+    trial validates its own config, and one that fails says why in ``results.csv``."""
+    from omegaconf import OmegaConf
+
+    from fmtrain.config import check_domains, to_config
+
+    for key, dist in space.items():
+        if dist.kind in ("choice", "grid"):
+            candidates = list(dist.args[0])
+        else:  # Ray's randint excludes its upper end
+            candidates = [dist.args[0], dist.args[1] - 1 if dist.kind == "randint" else dist.args[1]]
+        for value in candidates:
+            try:
+                node = OmegaConf.structured(cfg)
+                OmegaConf.update(node, key, value, merge=False)
+                check_domains(to_config(node))
+            except ConfigError as error:
+                raise ConfigError(f"tune.space.{key}", value, f"a trial would run with {error}") from error
+            except Exception as error:  # OmegaConf's type check: a string for a number, ...
+                raise ConfigError(f"tune.space.{key}", value, f"not a value of {key}: {error}".splitlines()[0]) from error
 
 
 def check_trials(cfg: TrainConfig) -> None:

@@ -1,0 +1,175 @@
+"""Faults and findings of the bad-input round (issue 13), each with its own regression test."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FMTRAIN, SMALL, env_with, fmtrain, pids_mentioning, read_metrics
+
+from fmtrain.config import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+def test_mfu_is_never_above_one_and_a_probe_that_proved_low_is_measured_again(cache_dir: Path, tmp_path: Path) -> None:
+    # A peak set below what the CPU does (1 MFLOP/s): every step beats it.
+    run = fmtrain(["train", f"run_dir={tmp_path / 'set'}", *SMALL, "trainer.max_steps=4", "trainer.peak_flops=1e6"], cache_dir)
+    assert run.returncode == 0, run.stdout + run.stderr
+    mfus = [r["mfu"] for r in read_metrics(tmp_path / "set") if "mfu" in r]
+    assert len(mfus) == 4 and all(0 < m <= 1.0 for m in mfus) and 1.0 in mfus, mfus
+    assert "above trainer.peak_flops" in run.stdout + run.stderr
+
+    # A probed peak cached far too low (the probe ran on a busy CPU): capped, then forgotten.
+    probed = [*SMALL, "trainer.max_steps=4", "trainer.peak_flops=null"]
+    first = fmtrain(["train", f"run_dir={tmp_path / 'probe'}", *probed], cache_dir)
+    assert first.returncode == 0, first.stdout + first.stderr
+    cache = cache_dir / "peak_flops.json"
+    original = cache.read_text()
+    try:
+        cache.write_text(json.dumps(dict.fromkeys(json.loads(original), 1.0)))
+        low = fmtrain(["train", f"run_dir={tmp_path / 'low'}", *probed], cache_dir)
+        assert low.returncode == 0, low.stdout + low.stderr
+        mfus = [r["mfu"] for r in read_metrics(tmp_path / "low") if "mfu" in r]
+        assert all(0 < m <= 1.0 for m in mfus), mfus
+        left = json.loads(cache.read_text())
+        assert len(left) == len(json.loads(original)) - 1, left  # this machine's entry: to be measured again
+    finally:
+        cache.write_text(original)
+
+
+CKPT = [*SMALL, "trainer.eval_interval=5", "checkpoint.interval=5", "checkpoint.keep_last=5"]
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The command's refusal: exit 2, one line on stderr, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    return lines[0]
+
+
+def test_a_garbage_best_json_is_warned_about_and_written_anew(cache_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert fmtrain(["train", f"run_dir={run_dir}", *CKPT, "trainer.max_steps=5"], cache_dir).returncode == 0
+    (run_dir / "checkpoints" / "best.json").write_text("{not json")
+    again = fmtrain(["train", f"run_dir={run_dir}", *CKPT, "trainer.max_steps=10"], cache_dir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "best.json: unreadable" in again.stdout + again.stderr
+    assert json.loads((run_dir / "checkpoints" / "best.json").read_text())["name"].startswith("step_")
+
+
+def test_checkpoints_that_are_all_invalid_are_refused_not_overwritten(cache_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert fmtrain(["train", f"run_dir={run_dir}", *CKPT, "trainer.max_steps=10"], cache_dir).returncode == 0
+    for shard in (run_dir / "checkpoints").glob("step_*/model_optim/*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:-7] + b"garbage")
+    line = one_line_error(fmtrain(["train", f"run_dir={run_dir}", *CKPT, "trainer.max_steps=20"], cache_dir))
+    assert "trainer.resume='auto' is invalid: every checkpoint of this run is invalid" in line, line
+    assert "step_000010" in line and "sha256" in line and "trainer.resume=never" in line, line
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_000005", "step_000010"]
+
+    # Named explicitly, a corrupt checkpoint is refused before launch too.
+    corrupt = run_dir / "checkpoints" / "step_000005"
+    line = one_line_error(fmtrain(["train", f"run_dir={tmp_path / 'other'}", *CKPT, f"trainer.resume={corrupt}"], cache_dir))
+    assert line.startswith(f"fmtrain: error: trainer.resume='{corrupt}' is invalid: ") and "sha256" in line, line
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_second_job_for_a_run_directory_in_use_is_refused(cache_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["train", f"run_dir={run_dir}", *CKPT, "trainer.max_steps=100000"]
+    first = subprocess.Popen([FMTRAIN, *args], env=env_with(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").is_file():
+            assert time.monotonic() < deadline and first.poll() is None, "the first run did not start"
+            time.sleep(0.2)
+        line = one_line_error(fmtrain(args, cache_dir))
+        assert f"run_dir='{run_dir}' is invalid: job fmtrain-" in line and "(local) is still running in it" in line, line
+        assert json.loads((run_dir / "job.json").read_text())["pid"] == first.pid  # the record is the first run's still
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert json.loads((run_dir / "job.json").read_text())["state"] == "stopped"
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """A small file system of its own (root): ``mount(size_mb)`` mounts it, ``remount(options)``
+    changes it; unmounted afterwards."""
+    point = tmp_path / "fs"
+    point.mkdir()
+
+    class Mount:
+        def mount(self, size_mb: int) -> Path:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(point)], check=True)
+            return point
+
+        def remount(self, options: str) -> None:
+            subprocess.run(["mount", "-o", f"remount,{options}", str(point)], check=True)
+
+    yield Mount()
+    subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_a_read_only_run_directory_is_refused_before_training(cache_dir: Path, tmpfs) -> None:
+    run_dir = tmpfs.mount(64) / "run"
+    assert fmtrain(["train", f"run_dir={run_dir}", *CKPT, "trainer.max_steps=10"], cache_dir).returncode == 0
+    tmpfs.remount("ro")  # a read-only mount: chmod would not stop root
+    line = one_line_error(fmtrain(["train", f"run_dir={run_dir}", *CKPT, "trainer.max_steps=20"], cache_dir))
+    assert f"run_dir='{run_dir}' is invalid: cannot write in {run_dir}: Read-only file system" in line, line
+    assert (run_dir / "checkpoints" / "step_000010" / "manifest.json").is_file()
+    assert json.loads((run_dir / "job.json").read_text())["state"] == "completed"  # what ran last, still true
+
+    # The library call refuses it too, on the rank, before anything is written.
+    from fmtrain import run
+    from fmtrain.config import load
+
+    cfg = load(run_dir / "config.yaml")
+    with pytest.raises(ConfigError, match=r"^run_dir=.* is invalid: cannot write in .*: Read-only file system$"):
+        run(cfg)
+
+
+def test_a_full_disk_during_a_checkpoint_is_named_cleaned_up_and_resumable(cache_dir: Path, tmpfs) -> None:
+    # The tiny model's checkpoint is ~40 MB: the first fits in 64 MB, the second does not.
+    run_dir = tmpfs.mount(64) / "run"
+    args = ["train", f"run_dir={run_dir}", "data.seq_len=64", "data.max_bytes=3000000", "trainer.global_batch_size=4"]
+    args += ["trainer.eval_batches=1", "trainer.plot=false", "trainer.eval_interval=3", "checkpoint.interval=3"]
+    full = fmtrain([*args, "trainer.max_steps=6"], cache_dir)
+    assert full.returncode == 1, full.stdout + full.stderr
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["state"] == "failed", record
+    path = re.escape(f"{run_dir}/checkpoints/step_000006")
+    expected = rf"rank 0: no space left on device while writing checkpoint step 6 to {path}: "
+    assert re.match(expected + r"about \d+ MB needed, \d+ MB free", record["message"]), record["message"]
+    assert "Traceback" not in record["message"] and "MB free" in record["message"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith((".", "step"))) == ["step_000003"]
+    status = json.loads(subprocess.run([FMTRAIN, "status", str(run_dir)], capture_output=True, text=True, check=True).stdout)
+    assert status["state"] == "failed" and "no space left" in status["message"], status
+
+    tmpfs.remount("size=256m")  # room again: the run resumes from its last good checkpoint
+    again = fmtrain([*args, "trainer.max_steps=6"], cache_dir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text() and "step_000003" in again.stdout + again.stderr
+
+
+def test_a_hanging_rank_ends_the_job_named_with_every_stack_and_no_process_left(cache_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["train", f"run_dir={run_dir}", *CKPT, "trainer.max_steps=100", "launcher.nproc=2", "trainer.hang_timeout_s=10"]
+    started = time.monotonic()
+    result = fmtrain(args, cache_dir, FMTRAIN_FAULT="1:7:hang")  # rank 1 never returns from step 7's start
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert elapsed < 10 + 60, f"the hang ended the job only after {elapsed:.0f} s"
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["state"] == "failed" and "made no progress for 1" in record["message"], record
+    assert "did not arrive at step 7 (train): rank 1 at step 7 (start)" in record["message"], record["message"]
+    stacks = {rank: (run_dir / "logs" / f"rank{rank}.stack.txt").read_text() for rank in range(2)}
+    assert "in fault" in stacks[1] and "in fault" not in stacks[0], stacks  # rank 1 sleeps in the fault hook
+    assert "train_step" in stacks[0], stacks[0]  # rank 0 waits in step 7's collectives
+    assert pids_mentioning(run_dir) == []
