@@ -72,6 +72,16 @@ def summary() -> str:
             f"| start-up, 2 ranks, one step | local launcher {rs['median_s']['local']:.1f} s | launcher=ray "
             f"{rs['median_s']['ray']:.1f} s | {rs['ratio']:.2f} | (reported) |"
         )
+    if (RESULTS / "checkpoint_async.json").is_file():
+        ca = load("checkpoint_async")
+        lines.append(
+            f"| training blocked per checkpoint, {ca['checkpoint_mb']:.0f} MB | synchronous save {ca['median_sync_s']:.3f} s "
+            f"| `checkpoint.async=true` {ca['median_async_s']:.3f} s | {ca['ratio']:.3f} | {ca['goal']} |"
+        )
+        lines.append(
+            f"| step time with the hang watchdog | `trainer.hang_timeout_s=0` | default watchdog "
+            f"| overhead {ca['watchdog_overhead']:+.2%} | {ca['watchdog_goal']} |"
+        )
     m = load("mfu")
     for name, row in m["models"].items():
         lines.append(
@@ -106,6 +116,7 @@ def summary() -> str:
 
 def main() -> None:
     scripts = ["throughput.py", "startup.py", "mfu.py", "strategies.py", "accelerate_ddp.py", "zero3_init.py"]
+    scripts += ["checkpoint_async.py"]
     scripts += ["slurm_latency.py", "tune_asha.py", "ray_startup.py"]  # root: a Slurm cluster, network namespaces
     for script in scripts:
         subprocess.run([sys.executable, str(HERE / script)], check=True)

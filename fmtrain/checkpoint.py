@@ -25,8 +25,10 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -62,6 +64,12 @@ def single_process_dcp() -> Iterator[None]:
         yield
 
 
+def _written_digests(write: Future[Any], staging: Path) -> dict[str, str]:
+    """After a background write: the checksum of every file in ``staging`` (on rank 0's checksum thread)."""
+    write.result()
+    return {str(p.relative_to(staging)): sha256(p) for p in files_under(staging)}
+
+
 def _tensors(state: Any) -> Iterator[torch.Tensor]:
     """Every tensor of a (nested) state dict; a sharded one counts whole (what all ranks write)."""
     if isinstance(state, torch.Tensor):
@@ -89,62 +97,167 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@dataclass
+class _InFlight:
+    """A checkpoint whose files are being written in the background (``checkpoint.async``)."""
+
+    step: int
+    staging: Path
+    final: Path
+    future: Future[Any]
+    state: dict[str, Any]  # for the size of a failed write
+    trainer_state: dict[str, Any]
+    blocked_s: float  # how long the training loop waited for this save
+    started: float
+
+
 class Checkpointer:
-    """Saves and restores the whole training state of one run under ``root``."""
+    """Saves and restores the whole training state of one run under ``root``.
+
+    With ``asynchronous``, :meth:`save` returns once the state is copied (DCP's staging) and the files
+    are written by a background thread; :meth:`poll` at each step boundary completes the checkpoint
+    (manifest, rename) once every rank's write has finished, and :meth:`finish` waits for it. At most
+    one save is in flight: the next one waits for the last.
+    """
 
     def __init__(
-        self, root: Path, env: DistEnv, strategy: Strategy, *, keep_last: int, keep_best: bool, identity: dict[str, Any]
+        self,
+        root: Path,
+        env: DistEnv,
+        strategy: Strategy,
+        *,
+        keep_last: int,
+        keep_best: bool,
+        identity: dict[str, Any],
+        asynchronous: bool = False,
     ) -> None:
         self.root, self.env, self.strategy = root, env, strategy
         self.keep_last, self.keep_best = keep_last, keep_best
         self.identity = identity  # strategy, config hash: written into every manifest
+        self.asynchronous = asynchronous
+        self.in_flight: _InFlight | None = None
+        # The background write's own collectives run on a gloo group of their own, never interleaved
+        # with the training's on the default group.
+        self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        self._checksums: ThreadPoolExecutor | None = None  # rank 0's checksums of a background write
 
-    def save(self, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]) -> Path:
+    def save(self, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]) -> Path | None:
+        """Write the checkpoint of ``step``; return its folder, or None while it is written in the background."""
+        started = time.perf_counter()
+        self.finish()
         final = self.root / step_dir_name(step)
         staging = self.root / f".{final.name}.tmp"
-        started = time.perf_counter()
         state = self.strategy.state_dict(wrapped, optimizer)
         try:
-            self._write(step, staging, final, state, trainer_state)
+            self._prepare(staging)
+            if self.asynchronous:
+                import torch.distributed.checkpoint as dcp
+
+                write = dcp.async_save(state, checkpoint_id=staging / "model_optim", process_group=self.group)
+                assert isinstance(write, Future)  # the default stager copies before returning: no staging future
+                # Rank 0's write ends after every rank's (DCP gathers their results to write its metadata):
+                # rank 0 then checksums the files in the background too.
+                future = self._background().submit(_written_digests, write, staging) if self.env.is_main else write
+                blocked = time.perf_counter() - started
+                self.in_flight = _InFlight(step, staging, final, future, state, trainer_state, blocked, started)
+                return None
+            self._write(state, staging)
+            self._complete(step, staging, final, trainer_state)
         except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
-            shutil.rmtree(staging, ignore_errors=True)  # a partial save must not keep the disk full
-            if (full := self._disk_full(final, state, error)) is not None:
-                raise CheckpointError(full) from error
-            raise
+            self._failed(staging, final, state, error)
         if self.env.is_main:
             log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - started)
         self.env.barrier()
         return final
 
-    def _write(self, step: int, staging: Path, final: Path, state: dict[str, Any], trainer_state: dict[str, Any]) -> None:
+    def poll(self) -> Path | None:
+        """At a step boundary (every rank): complete the checkpoint written in the background once
+        every rank's write has finished; its folder, or None."""
+        if self.in_flight is None:
+            return None
+        # On the training's group, from the training's thread: the background write's collectives
+        # have the other group to themselves.
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if self.env.distributed and dist.get_backend() == "nccl" else None
+        )
+        done = torch.tensor([float(self.in_flight.future.done())], device=device)
+        if self.env.distributed:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return self.finish() if done.item() else None
+
+    def finish(self) -> Path | None:
+        """Wait for the checkpoint written in the background and complete it; its folder, or None."""
+        flight, self.in_flight = self.in_flight, None
+        if flight is None:
+            return None
+        waited = time.perf_counter()
+        try:
+            digests = flight.future.result()
+            self._complete(flight.step, flight.staging, flight.final, flight.trainer_state, digests)
+        except (Exception, CheckpointException) as error:
+            self._failed(flight.staging, flight.final, flight.state, error)
+        self.env.barrier()
+        if self.env.is_main:
+            blocked = flight.blocked_s + time.perf_counter() - waited
+            log.info(
+                "saved checkpoint %s in %.2fs, written in the background: training waited %.2fs",
+                flight.final,
+                time.perf_counter() - flight.started,
+                blocked,
+            )
+        return flight.final
+
+    def _prepare(self, staging: Path) -> None:
         if self.env.is_main:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self.env.barrier()
+        (staging / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), staging / "rng" / f"rank{self.env.rank}.pt")
+
+    def _write(self, state: dict[str, Any], staging: Path) -> None:
         import torch.distributed.checkpoint as dcp  # 0.5 s of imports: paid at the first save, not at start-up
 
         with single_process_dcp():
             dcp.save(state, checkpoint_id=staging / "model_optim")
-        (staging / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_state(), staging / "rng" / f"rank{self.env.rank}.pt")
+
+    def _background(self) -> ThreadPoolExecutor:
+        if self._checksums is None:
+            self._checksums = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmtrain-checksums")
+        return self._checksums
+
+    def _complete(self, step: int, staging: Path, final: Path, trainer_state: dict[str, Any], digests: Any = None) -> None:
+        """Every rank's files are written: rank 0 adds the manifest, renames the folder, prunes.
+        ``digests``: the checksums of the files so far, when computed in the background."""
         self.env.barrier()
-        if self.env.is_main:
-            (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-            manifest = {
-                "step": step,
-                "world_size": self.env.world_size,
-                **self.identity,
-                "val_loss": trainer_state.get("val_loss"),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "files": {str(p.relative_to(staging)): sha256(p) for p in files_under(staging)},
-            }
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            if final.exists():
-                log.warning("replacing %s, left by an earlier attempt past the step this run resumed from", final)
-                shutil.rmtree(final)
-            os.rename(staging, final)
-            self._update_best(final, trainer_state.get("val_loss"))
-            self._prune()
+        if not self.env.is_main:
+            return
+        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        files = dict(digests) if isinstance(digests, dict) else {}
+        files |= {
+            str(p.relative_to(staging)): sha256(p) for p in files_under(staging) if str(p.relative_to(staging)) not in files
+        }
+        manifest = {
+            "step": step,
+            "world_size": self.env.world_size,
+            **self.identity,
+            "val_loss": trainer_state.get("val_loss"),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": files,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            log.warning("replacing %s, left by an earlier attempt past the step this run resumed from", final)
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        self._update_best(final, trainer_state.get("val_loss"))
+        self._prune()
+
+    def _failed(self, staging: Path, final: Path, state: dict[str, Any], error: BaseException) -> NoReturn:
+        shutil.rmtree(staging, ignore_errors=True)  # a partial save must not keep the disk full
+        if (full := self._disk_full(final, state, error)) is not None:
+            raise CheckpointError(full) from error
+        raise error
 
     def _disk_full(self, final: Path, state: dict[str, Any], error: BaseException) -> str | None:
         """The message for a save that failed for want of space (None: it failed for another reason).

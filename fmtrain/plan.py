@@ -111,7 +111,27 @@ def zero_bytes(numel: int, dp: int, stage: int, precision: str, offload_optimize
     return held, param_bytes, (part if stage >= 2 else numel) * low, part * FP32 * ADAM_STATES
 
 
-def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
+@dataclass
+class Sizes:
+    """What one rank holds: parameters (all of them, and its own), and bytes by kind."""
+
+    total_params: int
+    params_per_rank: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    micro_batch: int
+    dp: int
+    tp: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+def sizes(cfg: TrainConfig, world_size: int) -> Sizes:
+    """Each rank's share of the model and its training state, from a meta build (nothing allocated)."""
     dims = ParallelDims.from_config(cfg.strategy, world_size)
     recipe = models.recipe(cfg)
     if cfg.strategy.name in TENSOR_PARALLEL:
@@ -129,6 +149,12 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
             num_params, dims.dp, cfg.strategy.zero_stage, cfg.precision.name, cfg.strategy.offload_optimizer
         )
     micro = micro_batch_size(cfg.trainer, dims.dp)
+    activations = activation_bytes(cfg, micro, dims.tp)
+    return Sizes(num_params, local, param_bytes, grad_bytes, optimizer_bytes, activations, micro, dims.dp, dims.tp)
+
+
+def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
+    size = sizes(cfg, world_size)
     if cfg.launcher.name == "local":
         caps = hardware.probe("cuda" if torch.cuda.is_available() else "cpu", engines=cfg.strategy.name == "deepspeed")
         refusal = caps.refusal(cfg.strategy.name, cfg.precision.name)
@@ -140,15 +166,15 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
         strategy=cfg.strategy.name,
         precision=cfg.precision.name,
         world_size=world_size,
-        dp=dims.dp,
-        tp=dims.tp,
-        total_params=num_params,
-        params_per_rank=local,
-        param_bytes=param_bytes,
-        grad_bytes=grad_bytes,
-        optimizer_bytes=optimizer_bytes,
-        activation_bytes=activation_bytes(cfg, micro, dims.tp),
-        micro_batch=micro,
+        dp=size.dp,
+        tp=size.tp,
+        total_params=size.total_params,
+        params_per_rank=size.params_per_rank,
+        param_bytes=size.param_bytes,
+        grad_bytes=size.grad_bytes,
+        optimizer_bytes=size.optimizer_bytes,
+        activation_bytes=size.activation_bytes,
+        micro_batch=size.micro_batch,
         seq_len=cfg.data.seq_len,
         device=device,
         device_check=device_check,

@@ -116,7 +116,8 @@ def run(cfg: TrainConfig, on_eval: EvalHook | None = None, on_step: StepHook | N
     if (problem := run_dir_problem(run_dir)) is not None:  # before training, not at the first save
         raise ConfigError("run_dir", cfg.run_dir, problem)
     setup_logging(run_dir, env.rank)
-    device = env.init(cfg.trainer.device, timeout_s=cfg.trainer.hang_timeout_s + 60)  # the watchdog speaks first
+    # The process group's timeout: past the watchdog's, which speaks first (naming ranks, writing stacks).
+    device = env.init(cfg.trainer.device, timeout_s=(cfg.trainer.hang_timeout_s or 1800) + 60)
     try:
         return _train(cfg, env, device, run_dir, stop, on_eval, on_step)
     finally:
@@ -146,6 +147,7 @@ def _train(
         keep_last=cfg.checkpoint.keep_last,
         keep_best=cfg.checkpoint.keep_best,
         identity={"strategy": cfg.strategy.name, "config_hash": config_hash(cfg)},
+        asynchronous=cfg.checkpoint.async_save,
     )
     watchdog = Watchdog(run_dir / "logs", env.rank, env.world_size, t.hang_timeout_s)
     try:
@@ -169,7 +171,7 @@ def _loop(
     state = _restore(checkpoints, p)
     report = _Report(p, run_dir, start_step=state.step)
 
-    def save() -> Path:
+    def save() -> Path | None:
         watchdog.mark(state.step, "checkpoint")
         state.scaler = p.strategy.scaler_state(p.optimizer)
         return checkpoints.save(state.step, p.wrapped, p.optimizer, state.as_dict())
@@ -178,6 +180,7 @@ def _loop(
     status, loss, last_saved = "completed", None, state.step
     while state.step < t.max_steps:
         watchdog.mark(state.step, "start")
+        checkpoints.poll()  # a checkpoint written in the background: completed once every rank's write is
         if on_step is not None:
             on_step(state.step)
         lr = lr_at(state.step, cfg.optim, t.max_steps)
@@ -199,6 +202,8 @@ def _loop(
         saved = None
         if state.step % cfg.checkpoint.interval == 0 or done or outcome.stop_requested:
             saved, last_saved = save(), state.step
+            if saved is None and on_eval is not None:
+                saved = checkpoints.finish()  # fmtrain tune hands the checkpoint on: complete it now
         if on_eval is not None and env.is_main and state.val_loss is not None:
             on_eval(state.step, state.val_loss, saved)
         if outcome.stop_requested and not done:
@@ -208,6 +213,7 @@ def _loop(
 
     if state.step != last_saved:
         save()
+    checkpoints.finish()  # the last checkpoint is complete before the run says it has ended
     report.close()
     stop_signal = signal.Signals(stop.signum).name if status == "stopped" and stop.signum else ""
     result = RunResult(status, state.step, loss, state.val_loss, str(run_dir), stop_signal)

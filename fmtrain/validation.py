@@ -105,6 +105,8 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     _choice("trainer.device", t.device, DEVICES)
     _choice("trainer.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
     _choice("trainer.on_nonfinite", t.on_nonfinite, NONFINITE)
+    if 0 < t.hang_timeout_s < 5:  # the watchdog looks once a second
+        raise ConfigError("trainer.hang_timeout_s", t.hang_timeout_s, "must be 0 (no watchdog) or at least 5 seconds")
     if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
         raise ConfigError("trainer.resume", t.resume, "must be auto, never, or an existing checkpoint directory")
 

@@ -48,14 +48,16 @@ class Watchdog:
         self.heartbeats.mkdir(parents=True, exist_ok=True)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="fmtrain-watchdog", daemon=True)
-        self._thread.start()
+        if timeout_s > 0:  # 0: no watchdog (trainer.hang_timeout_s=0)
+            self._thread.start()
 
     def mark(self, step: int, phase: str) -> None:
         self.state = (step, phase, time.monotonic())
 
     def stop(self) -> None:
         self._stopped.set()
-        self._thread.join(timeout=5 * self.poll_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5 * self.poll_s)
 
     def _watch(self) -> None:
         written: tuple[int, str] | None = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from fmtrain.trainer import run
 
 def injected_fault() -> Callable[[int], None] | None:
     """``FMTRAIN_FAULT=RANK:STEP``: a step hook that raises in that rank at that step;
-    ``RANK:STEP:hang``: one that never returns there (the watchdog's test)."""
+    ``RANK:STEP:hang``: one that never returns there (the watchdog's test); ``RANK:STEP:kill``: SIGKILL."""
     spec = os.environ.get("FMTRAIN_FAULT", "")
     if not spec:
         return None
@@ -43,6 +44,8 @@ def injected_fault() -> Callable[[int], None] | None:
             if kind == ["hang"]:
                 while True:
                     time.sleep(3600)
+            if kind == ["kill"]:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault (FMTRAIN_FAULT) in rank {rank} at step {step}")
 
     return fault if rank == int(fault_rank) else None

@@ -115,6 +115,7 @@ def compose(
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    overrides = [unalias(o) for o in overrides]
     check_booleans(overrides)
     register_schema()
     GlobalHydra.instance().clear()
@@ -134,6 +135,19 @@ def compose(
     if option_keys:
         check_option_keys(cfg, overrides)
     return cfg
+
+
+# Names users type that are not Python identifiers: `async` is a keyword, so the field is async_save.
+ALIASES = {"checkpoint.async": "checkpoint.async_save"}
+
+
+def unalias(override: str) -> str:
+    """``checkpoint.async=true`` -> ``checkpoint.async_save=true`` (a ``+``/``~`` prefix kept)."""
+    stripped = override.lstrip("+~")
+    key, sep, value = stripped.partition("=")
+    if key not in ALIASES:
+        return override
+    return override[: len(override) - len(stripped)] + ALIASES[key] + sep + value
 
 
 def check_booleans(overrides: list[str]) -> None:

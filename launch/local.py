@@ -25,8 +25,18 @@ from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs
 
-from fmtrain.config import LauncherConfig, usable_cpus
-from launch.spec import RESULT_FILE, ForegroundJob, ForegroundLauncher, JobRecord, RunSpec, command_line, now, run_outcome
+from fmtrain.config import ConfigError, LauncherConfig, TrainConfig, usable_cpus
+from launch.spec import (
+    RESULT_FILE,
+    ForegroundJob,
+    ForegroundLauncher,
+    JobRecord,
+    LaunchError,
+    RunSpec,
+    command_line,
+    now,
+    run_outcome,
+)
 
 log = logging.getLogger("fmtrain.launch")
 
@@ -93,6 +103,38 @@ class LocalLauncher(ForegroundLauncher):
     @staticmethod
     def world_size(lc: LauncherConfig) -> int:
         return lc.nproc
+
+    def preflight(self, cfg: TrainConfig) -> None:
+        """Refuse a run whose ranks' parameters, gradients, optimizer state and activations (``fmtrain
+        plan``'s estimate) cannot fit this machine: its memory on CPU, a GPU's on CUDA."""
+        import torch
+
+        from fmtrain.plan import sizes
+
+        nproc, gib = cfg.launcher.nproc, 1024**3
+        per_rank = sizes(cfg, nproc).total_bytes
+        on_gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+        if on_gpu:
+            need, capacity, what = per_rank, torch.cuda.get_device_properties(0).total_memory, "a GPU's memory"
+        else:
+            need, capacity, what = (
+                per_rank * nproc,
+                os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+                "this machine's memory",
+            )
+        if need > capacity:
+            ranks = f" x {nproc} ranks" if not on_gpu and nproc > 1 else ""
+            raise LaunchError(
+                str(
+                    ConfigError(
+                        "model.name",
+                        cfg.model.name,
+                        f"needs about {per_rank / gib:.1f} GiB per rank{ranks} (parameters, gradients, AdamW state, "
+                        f"activations: fmtrain plan) but {what} is {capacity / gib:.1f} GiB: a smaller model or batch, "
+                        "a sharding strategy with more ranks, or another launcher",
+                    )
+                )
+            )
 
     def launch(self, spec: RunSpec) -> ForegroundJob:
         from torch.distributed.elastic.multiprocessing import SignalException

@@ -246,7 +246,7 @@ class RayLauncher(ForegroundLauncher):
             check_resources(lc, ray.cluster_resources())
             record.job_id = record.job_id or ray.get_runtime_context().get_job_id()
             record.write(spec.run_dir)
-            timeout_s = spec.config.trainer.hang_timeout_s + 60
+            timeout_s = (spec.config.trainer.hang_timeout_s or 1800) + 60
             trainer = torch_trainer(lc, spec.entry, spec.run_dir.resolve() / "ray", timeout_s=timeout_s)
             try:
                 trainer.fit()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FMTRAIN, SMALL, env_with, fmtrain, pids_mentioning, read_metrics
+from conftest import FMTRAIN, SMALL, env_with, fmtrain, pids_mentioning, read_metrics, train_losses
 
 from fmtrain.config import ConfigError
 
@@ -173,3 +173,54 @@ def test_a_hanging_rank_ends_the_job_named_with_every_stack_and_no_process_left(
     assert "in fault" in stacks[1] and "in fault" not in stacks[0], stacks  # rank 1 sleeps in the fault hook
     assert "train_step" in stacks[0], stacks[0]  # rank 0 waits in step 7's collectives
     assert pids_mentioning(run_dir) == []
+
+
+TINY = ["data.seq_len=64", "data.max_bytes=3000000", "trainer.global_batch_size=4", "trainer.eval_batches=1"]
+TINY += ["trainer.plot=false", "trainer.eval_interval=5", "checkpoint.interval=5", "checkpoint.keep_last=5"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_asynchronous_checkpoints_equal_synchronous_ones(strategy: str, cache_dir: Path, tmp_path: Path) -> None:
+    runs = {}
+    for mode in ("sync", "async"):
+        run_dir = tmp_path / mode
+        args = ["train", f"run_dir={run_dir}", *SMALL, *TINY[4:], "trainer.max_steps=15", "launcher.nproc=2"]
+        result = fmtrain([*args, f"strategy={strategy}", f"checkpoint.async={'true' if mode == 'async' else 'false'}"], cache_dir)
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs[mode] = read_metrics(run_dir)
+        steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+        assert steps == ["step_000005", "step_000010", "step_000015"], steps
+        assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+    assert "written in the background: training waited" in (tmp_path / "async" / "logs" / "rank0.log").read_text()
+    losses = {mode: [r["loss"] for r in records if "loss" in r] for mode, records in runs.items()}
+    assert losses["async"] == losses["sync"]
+    # The checkpoint written in the background holds exactly the state of its step.
+    import torch
+    from conftest import final_state
+
+    def flat(tree: object, prefix: str = "") -> dict[str, object]:
+        if isinstance(tree, dict):
+            return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix: tree}
+
+    sync, written = (flat(final_state(tmp_path / mode / "checkpoints" / "step_000010")) for mode in ("sync", "async"))
+    assert sync.keys() == written.keys() and len(sync) > 10
+    for key, value in sync.items():
+        assert torch.equal(value, written[key]) if isinstance(value, torch.Tensor) else value == written[key], key
+
+
+def test_a_kill_during_an_asynchronous_write_resumes_from_the_checkpoint_before(cache_dir: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    assert fmtrain(["train", f"run_dir={reference}", *TINY, "trainer.max_steps=15"], cache_dir).returncode == 0
+    run_dir = tmp_path / "run"
+    args = ["train", f"run_dir={run_dir}", *TINY, "trainer.max_steps=15", "checkpoint.async=true"]
+    # Step 10's checkpoint (~40 MB) is being written when the rank is killed at the start of step 10.
+    killed = fmtrain(args, cache_dir, FMTRAIN_FAULT="0:10:kill")
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "step_000005" / "manifest.json").is_file() and not (checkpoints / "step_000010").exists()
+    assert (checkpoints / ".step_000010.tmp").is_dir()  # the interrupted write: no manifest, never trusted
+    resumed = fmtrain(args, cache_dir)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr and "step_000005 at step 5" in resumed.stdout + resumed.stderr
+    assert train_losses(run_dir) == train_losses(reference)

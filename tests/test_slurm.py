@@ -334,3 +334,7 @@ def test_a_hanging_rank_fails_the_job_with_its_name_and_every_stack(cluster, cac
     assert "in fault" in (run_dir / "logs" / "rank1.stack.txt").read_text()
     assert "train_step" in (run_dir / "logs" / "rank0.stack.txt").read_text()
     assert status(cluster, cache_dir, run_dir)["state"] == "failed"
+    # Submitted again for the same run directory: attempts count on, as a local rerun's do.
+    again = submit(cluster, cache_dir, run_dir, "trainer.max_steps=10", "launcher.nodes=2", "launcher.tasks_per_node=1")[0]
+    assert wait_state(cluster, again, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=180) == "COMPLETED"
+    assert json.loads((run_dir / "job.json").read_text())["attempts"] == 2

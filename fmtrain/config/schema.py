@@ -77,8 +77,9 @@ class TrainerConfig:
     resume: str = field_in("auto", nonempty=True, path=True)
     on_nonfinite: str = "error"
     # a step, evaluation or save that makes no progress this long ends the job, naming the ranks that did
-    # not arrive and writing every rank's Python stack to logs/ (the process group's timeout is a minute longer)
-    hang_timeout_s: float = field_in(1800.0, ge=5, le=7 * 86400)
+    # not arrive and writing every rank's Python stack to logs/ (the process group's timeout is a minute
+    # longer); 0: no watchdog
+    hang_timeout_s: float = field_in(1800.0, ge=0, le=7 * 86400)
     peak_flops: float | None = field_in(None, ge=1e6, le=1e20)
     device: str = "auto"
     activation_checkpointing: str = "none"  # none | full | every_n
@@ -93,6 +94,10 @@ class CheckpointConfig:
     interval: int = field_in(40, gt=0, le=2**40)
     keep_last: int = field_in(2, gt=0, le=10**6)
     keep_best: bool = True
+    # checkpoint.async=true on the command line: the step goes on while the files are written in the
+    # background (DCP's async save from a copy of the state); the manifest and rename come when every
+    # rank's write has finished, so a crash meanwhile leaves the previous checkpoint the newest valid one
+    async_save: bool = False
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from launch.compose import UsageError, group_options
+from launch.compose import UsageError, group_options, unalias
 
 USAGE = """usage: fmtrain <command> [options] [key=value ...]
 
@@ -64,7 +64,7 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
         elif arg.startswith("-"):
             raise UsageError(f"unknown option {arg}; see fmtrain --help")
         else:
-            overrides.append(arg)
+            overrides.append(unalias(arg))
         i += 1
     return flags, overrides
 
