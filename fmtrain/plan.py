@@ -24,13 +24,9 @@ ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32 each
 
 
 @dataclass
-class Plan:
-    model: str
-    strategy: str
-    precision: str
-    world_size: int
-    dp: int
-    tp: int
+class Sizes:
+    """What one rank holds: parameters (all of them, and its own), and bytes by kind."""
+
     total_params: int
     params_per_rank: int
     param_bytes: int
@@ -38,13 +34,25 @@ class Plan:
     optimizer_bytes: int
     activation_bytes: int
     micro_batch: int
-    seq_len: int
-    device: str  # this machine's device, as fmtrain.hardware sees it
-    device_check: str  # "supported", or why this machine's device cannot run the strategy and precision
+    dp: int
+    tp: int
 
     @property
     def total_bytes(self) -> int:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+@dataclass
+class Plan(Sizes):
+    """A plan's :class:`Sizes`, with what it is a plan of and this machine's verdict on it."""
+
+    model: str
+    strategy: str
+    precision: str
+    world_size: int
+    seq_len: int
+    device: str  # this machine's device, as fmtrain.hardware sees it
+    device_check: str  # "supported", or why this machine's device cannot run the strategy and precision
 
     def table(self) -> str:
         gib = 1024**3
@@ -111,25 +119,6 @@ def zero_bytes(numel: int, dp: int, stage: int, precision: str, offload_optimize
     return held, param_bytes, (part if stage >= 2 else numel) * low, part * FP32 * ADAM_STATES
 
 
-@dataclass
-class Sizes:
-    """What one rank holds: parameters (all of them, and its own), and bytes by kind."""
-
-    total_params: int
-    params_per_rank: int
-    param_bytes: int
-    grad_bytes: int
-    optimizer_bytes: int
-    activation_bytes: int
-    micro_batch: int
-    dp: int
-    tp: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
-
-
 def sizes(cfg: TrainConfig, world_size: int) -> Sizes:
     """Each rank's share of the model and its training state, from a meta build (nothing allocated)."""
     dims = ParallelDims.from_config(cfg.strategy, world_size)
@@ -162,19 +151,11 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     else:  # the job's nodes are not this machine (nor is DeepSpeed imported here to ask): each rank asks its own
         device, device_check = f"the {cfg.launcher.name} job's nodes", "checked by each rank on its own device"
     return Plan(
+        **asdict(size),
         model=cfg.model.name,
         strategy=cfg.strategy.name,
         precision=cfg.precision.name,
         world_size=world_size,
-        dp=size.dp,
-        tp=size.tp,
-        total_params=size.total_params,
-        params_per_rank=size.params_per_rank,
-        param_bytes=size.param_bytes,
-        grad_bytes=size.grad_bytes,
-        optimizer_bytes=size.optimizer_bytes,
-        activation_bytes=size.activation_bytes,
-        micro_batch=size.micro_batch,
         seq_len=cfg.data.seq_len,
         device=device,
         device_check=device_check,
