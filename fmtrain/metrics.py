@@ -57,10 +57,15 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float 
     return best
 
 
-def cached_peak_flops(dtype: torch.dtype, device: torch.device, sharing: int) -> tuple[str, float | None]:
-    """The probe's earlier result on this machine, keyed by CPU, threads, ranks sharing it, dtype, torch."""
+def peak_flops_key(dtype: torch.dtype, device: torch.device, sharing: int) -> str:
+    """What a cached probe result is for: the device, threads, ranks sharing it, dtype, torch."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    key = f"{name}|threads={torch.get_num_threads()}|ranks={sharing}|{dtype}|torch={torch.__version__}"
+    return f"{name}|threads={torch.get_num_threads()}|ranks={sharing}|{dtype}|torch={torch.__version__}"
+
+
+def cached_peak_flops(dtype: torch.dtype, device: torch.device, sharing: int) -> tuple[str, float | None]:
+    """The probe's earlier result on this machine (:func:`peak_flops_key`), and its key."""
+    key = peak_flops_key(dtype, device, sharing)
     path = cache_root() / "peak_flops.json"
     try:
         return key, json.loads(path.read_text()).get(key)

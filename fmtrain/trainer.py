@@ -34,7 +34,7 @@ from fmtrain.manifests import run_dir_problem
 from fmtrain.metrics import (
     MetricsWriter,
     NullMetrics,
-    cached_peak_flops,
+    peak_flops_key,
     peak_memory_bytes,
     plot_losses,
     setup_logging,
@@ -283,7 +283,7 @@ class _Report:
             )
             if not self.p.cfg.trainer.peak_flops and self.p.env.local_rank == 0:
                 dtype = compute_dtype(self.p.cfg.precision.name)
-                store_peak_flops(cached_peak_flops(dtype, self.p.device, self.p.env.local_world_size)[0], None)
+                store_peak_flops(peak_flops_key(dtype, self.p.device, self.p.env.local_world_size), None)
         self.peak = achieved
 
     def step(self, step: int, outcome: StepOutcome, lr: float, elapsed: float) -> None:

@@ -16,7 +16,7 @@ import importlib
 from pathlib import Path
 
 from fmtrain.config import ConfigError, LauncherConfig, TrainConfig
-from launch.spec import JobHandle, JobRecord, Launcher, LaunchError
+from launch.spec import JobHandle, JobRecord, Launcher
 
 # name -> "module:class", imported on first use (a launcher's module may import ray or submitit).
 LAUNCHERS = {
@@ -45,11 +45,11 @@ def handle_for(run_dir: Path) -> JobHandle:
 
 
 def check_run_dir(cfg: TrainConfig) -> None:
-    """Refuse, before anything starts, a run directory the run could not use: one it cannot write
-    (a read-only mount), one whose job is still queued or running (two jobs would write the same
-    checkpoints), a ``trainer.resume`` checkpoint that fails its checks, or checkpoints that are all
-    invalid (the run would start over and overwrite them). A directory not visible here (a Slurm
-    cluster's own file system) is left to the job, which checks it again when it starts."""
+    """Refuse (:class:`ConfigError`), before anything starts, a run directory the run could not use:
+    one it cannot write (a read-only mount), one whose job is still queued or running (two jobs would
+    write the same checkpoints), a ``trainer.resume`` checkpoint that fails its checks, or checkpoints
+    that are all invalid (the run would start over and overwrite them). A directory not visible here
+    (a Slurm cluster's own file system) is left to the job, which checks it again when it starts."""
     from fmtrain.manifests import CheckpointError, every_checkpoint_invalid, invalid_checkpoints, run_dir_problem, verify
 
     run_dir = Path(cfg.run_dir).expanduser()
@@ -58,22 +58,17 @@ def check_run_dir(cfg: TrainConfig) -> None:
         try:
             verify(Path(resume).expanduser())
         except CheckpointError as error:
-            raise LaunchError(str(ConfigError("trainer.resume", resume, str(error)))) from error
+            raise ConfigError("trainer.resume", resume, str(error)) from error
     visible = run_dir.exists() or run_dir.parent.exists()
     if visible and (problem := run_dir_problem(run_dir)) is not None:
-        raise LaunchError(str(ConfigError("run_dir", cfg.run_dir, problem)))
-    if (run_dir / "job.json").is_file():
+        raise ConfigError("run_dir", cfg.run_dir, problem)
+    if (run_dir / "job.json").is_file() and handle_for(run_dir).running():
         record = JobRecord.read(run_dir)
-        if handle_for(run_dir).running():
-            raise LaunchError(
-                str(
-                    ConfigError(
-                        "run_dir",
-                        cfg.run_dir,
-                        f"job {record.job_id or record.pid} ({record.launcher}) is still {record.state} in it; "
-                        f"wait for it, or fmtrain cancel {cfg.run_dir}, or choose another run_dir",
-                    )
-                )
-            )
+        raise ConfigError(
+            "run_dir",
+            cfg.run_dir,
+            f"job {record.job_id or record.pid} ({record.launcher}) is still {record.state} in it; "
+            f"wait for it, or fmtrain cancel {cfg.run_dir}, or choose another run_dir",
+        )
     if resume == "auto" and (reasons := invalid_checkpoints(run_dir / "checkpoints")):
-        raise LaunchError(str(ConfigError("trainer.resume", "auto", every_checkpoint_invalid(reasons))))
+        raise ConfigError("trainer.resume", "auto", every_checkpoint_invalid(reasons))

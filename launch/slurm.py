@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fmtrain.compat.submitit import SUBMIT_MODULE, convert_mem, make_sbatch_string
-from fmtrain.config import LauncherConfig, TrainConfig, procs_per_task, tasks_per_node
+from fmtrain.config import LauncherConfig, TrainConfig, procs_per_task, slurm_world_size, tasks_per_node
 from launch.slurm_task import REQUEUES, SlurmTask
 from launch.spec import JobRecord, LaunchError, RunSpec, command_line, now, rank_logs
 
@@ -233,7 +233,7 @@ class SlurmLauncher:
 
     @staticmethod
     def world_size(lc: LauncherConfig) -> int:
-        return lc.nodes * tasks_per_node(lc) * procs_per_task(lc)
+        return slurm_world_size(lc)
 
     def preflight(self, cfg: TrainConfig) -> None:
         check_against_cluster(cfg.launcher)

@@ -41,6 +41,7 @@ from fmtrain.config.schema import (
     TrainerConfig,
     TuneConfig,
     procs_per_task,
+    slurm_world_size,
     tasks_per_node,
     world_size_of,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "register_schema",
     "resolve_data_paths",
     "schema_type",
+    "slurm_world_size",
     "tasks_per_node",
     "to_config",
     "to_yaml",

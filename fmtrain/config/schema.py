@@ -195,10 +195,15 @@ class LauncherConfig:
 def world_size_of(launcher: LauncherConfig) -> int:
     """How many ranks a launcher starts."""
     if launcher.name == "slurm":
-        return launcher.nodes * tasks_per_node(launcher) * procs_per_task(launcher)
+        return slurm_world_size(launcher)
     if launcher.name == "ray":
         return launcher.num_workers
     return launcher.nproc
+
+
+def slurm_world_size(launcher: LauncherConfig) -> int:
+    """Ranks of a Slurm job: nodes x tasks per node x ranks per task."""
+    return launcher.nodes * tasks_per_node(launcher) * procs_per_task(launcher)
 
 
 def procs_per_task(launcher: LauncherConfig) -> int:

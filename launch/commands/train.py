@@ -33,18 +33,15 @@ def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> 
         cfg = compose(job, check=False, option_keys=False)
         if gpus is None and cfg.trainer.device != "cpu":
             gpus = _gpus_available()
-        try:
-            validate(cfg, gpus_available=gpus)
-        except ConfigError as error:
-            raise UsageError(str(error) + (f"  (in run {' '.join(job)})" if len(jobs) > 1 else "")) from error
-        check_option_keys(cfg, job)
         from launch.launchers import check_run_dir, make_launcher
         from launch.spec import LaunchError
 
         try:
+            validate(cfg, gpus_available=gpus)
             check_run_dir(cfg)
-        except LaunchError as error:
-            raise UsageError(str(error)) from error
+        except ConfigError as error:
+            raise UsageError(str(error) + (f"  (in run {' '.join(job)})" if len(jobs) > 1 else "")) from error
+        check_option_keys(cfg, job)
         if not dry_run and repr(cfg.launcher) not in checked:
             try:
                 make_launcher(cfg.launcher).preflight(cfg)  # before Hydra writes run directories

@@ -17,9 +17,6 @@ from typing import Any
 from fmtrain.config import ConfigError, TrainConfig, TuneConfig, typing_hints
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
-SCHEDULERS = ("asha", "pbt", "fifo")
-SEARCHES = ("random", "grid", "optuna")
-METRICS = ("val_loss",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,20 +79,8 @@ def _field_type(key: str) -> Any:
 
 
 def parse_space(tune: TuneConfig) -> dict[str, Distribution]:
-    """Check ``tune`` and its space before Ray starts: keys, distributions, scheduler and search."""
-    for key, value, choices in (
-        ("tune.scheduler", tune.scheduler, SCHEDULERS),
-        ("tune.search", tune.search, SEARCHES),
-        ("tune.metric", tune.metric, METRICS),
-        ("tune.mode", tune.mode, ("min", "max")),
-    ):
-        if value not in choices:
-            raise ConfigError(key, value, f"valid choices are {', '.join(choices)}")
-    for key in ("num_samples", "max_concurrent", "grace_period", "reduction_factor", "perturbation_interval"):
-        if getattr(tune, key) < 1:
-            raise ConfigError(f"tune.{key}", getattr(tune, key), "must be positive")
-    if tune.cpus_per_trial <= 0:
-        raise ConfigError("tune.cpus_per_trial", tune.cpus_per_trial, "must be positive")
+    """Check the space before Ray starts: keys, distributions, and how they suit the search and the
+    scheduler (each ``tune`` field on its own is checked by its domain, in ``validate``)."""
     if not tune.space:
         raise ConfigError(
             "tune.space", {}, "is empty: give at least one key, e.g. tune.space={optim.lr: 'loguniform(1e-4, 1e-2)'}"
