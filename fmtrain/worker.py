@@ -10,7 +10,9 @@ elastic agent gave this process, so the launcher shows the failing rank's own tr
 error (``ConfigError``) is one line and exit 2; the process dies with its agent.
 
 For tests of launchers, ``FMTRAIN_FAULT=RANK:STEP`` makes that rank raise at that step, and
-``RANK:STEP:hang`` makes it hang there (the hook is here, at the boundary, not in the training loop).
+``RANK:STEP:hang`` makes it hang there, ``RANK:STEP:gil`` hang holding the GIL (no thread of the
+process runs again), ``RANK:STEP:kill`` SIGKILL itself (the hook is here, at the boundary, not in the
+training loop).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import re
 import signal
 import sys
 import time
@@ -32,7 +35,8 @@ from fmtrain.trainer import run
 
 def injected_fault() -> Callable[[int], None] | None:
     """``FMTRAIN_FAULT=RANK:STEP``: a step hook that raises in that rank at that step;
-    ``RANK:STEP:hang``: one that never returns there (the watchdog's test); ``RANK:STEP:kill``: SIGKILL."""
+    ``RANK:STEP:hang``: one that never returns there (the watchdog's test); ``RANK:STEP:gil``: one that
+    never returns and never lets another thread run (the sidecar's test); ``RANK:STEP:kill``: SIGKILL."""
     spec = os.environ.get("FMTRAIN_FAULT", "")
     if not spec:
         return None
@@ -44,6 +48,8 @@ def injected_fault() -> Callable[[int], None] | None:
             if kind == ["hang"]:
                 while True:
                     time.sleep(3600)
+            if kind == ["gil"]:  # a regular expression's backtracking holds the GIL: 2**64 steps
+                re.fullmatch(r"(a+)+b", "a" * 64)
             if kind == ["kill"]:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault (FMTRAIN_FAULT) in rank {rank} at step {step}")

@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -173,6 +174,49 @@ def test_a_hanging_rank_ends_the_job_named_with_every_stack_and_no_process_left(
     assert "in fault" in stacks[1] and "in fault" not in stacks[0], stacks  # rank 1 sleeps in the fault hook
     assert "train_step" in stacks[0], stacks[0]  # rank 0 waits in step 7's collectives
     assert pids_mentioning(run_dir) == []
+
+
+def test_a_rank_that_holds_the_gil_is_stopped_by_its_sidecar_with_its_stack(cache_dir: Path, tmp_path: Path) -> None:
+    # No thread of rank 0 runs again (its own watchdog neither): the sidecar process ends it.
+    run_dir = tmp_path / "run"
+    args = ["train", f"run_dir={run_dir}", *CKPT, "trainer.max_steps=100", "trainer.hang_timeout_s=5"]
+    started = time.monotonic()
+    result = fmtrain(args, cache_dir, FMTRAIN_FAULT="0:4:gil")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert elapsed < 5 + 60, f"the hang ended the job only after {elapsed:.0f} s"
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["state"] == "failed" and "rank 0 (pid" in record["message"], record
+    assert "stopped running Python for 1" in record["message"] and "killed" in record["message"], record["message"]
+    stack = (run_dir / "logs" / "rank0.stack.txt").read_text()
+    assert "in fullmatch" in stack and "in fault" in stack, stack  # written while the regex held the GIL
+    assert pids_mentioning(run_dir) == []
+
+
+def test_a_stopped_process_is_killed_by_its_sidecar_and_its_error_recorded(cache_dir: Path, tmp_path: Path) -> None:
+    error_file = tmp_path / "error.json"
+    script = (
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from fmtrain.watchdog import Watchdog\n"
+        "dog = Watchdog(Path(sys.argv[1]), 0, 1, timeout_s=1, poll_s=0.2)\n"
+        "time.sleep(0.5)\n"
+        "os.kill(os.getpid(), signal.SIGSTOP)\n"
+    )
+    started = time.monotonic()
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "logs")],
+        env=env_with(cache_dir, TORCHELASTIC_ERROR_FILE=str(error_file)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert time.monotonic() - started < 1 + 5 + 1 + 10  # the timeout, the grace (5 + 5 polls), slack
+    message = json.loads(error_file.read_text())["message"]["message"]
+    assert message.startswith("HangError: rank 0 (pid ") and "stopped running Python" in message, message
+    assert "fmtrain watchdog: rank 0" in child.stderr
+    assert pids_mentioning(tmp_path / "logs") == []
 
 
 TINY = ["data.seq_len=64", "data.max_bytes=3000000", "trainer.global_batch_size=4", "trainer.eval_batches=1"]
