@@ -1,22 +1,33 @@
-"""Export a run's checkpoint as one consolidated safetensors file plus its config.
+"""Export a run's checkpoint for other tools: a Hugging Face model directory, proven by loading it back.
 
-    fmtrain export RUN_DIR [--step N] [--dtype fp32|bf16] [--out DIR]
+    fmtrain export RUN_DIR [--step N] [--dtype fp32|bf16] [--format hf|fmtrain] [--max-shard-size 5GB] [--out DIR]
 
-The output (``RUN_DIR/export/step_<N>/`` by default) has a Hugging Face-style layout:
-``model.safetensors`` (tensor names as in the model of ``model.arch``; a tied weight is stored once,
-its other names in the file's ``aliases`` metadata) and ``config.json`` (the spec's
-:meth:`~fmtrain.models.spec.ModelSpec.export_config`, Llama-style names for Llama, plus fmtrain's own
-model config). It loads in one process without
+``--format hf`` (the default) writes what ``transformers.AutoModelForCausalLM.from_pretrained`` loads
+as the model's own class with no missing or unexpected keys: tensors named and laid out by the
+model's state-dict adapter (``ModelSpec.adapter``), ``model.safetensors`` (or shards of at most
+``--max-shard-size`` with ``model.safetensors.index.json``), ``config.json`` (the adapter's, plus the
+dtype and fmtrain's own model config), ``generation_config.json`` and the run's tokenizer
+(``tokenizer.json``: fmtrain's byte tokenizer, id = byte value). ``--format fmtrain`` keeps the
+model's own tensor names (a model without an adapter). Both load in one process without
 torch.distributed, whatever strategy and world size wrote the checkpoint:
 
     model = load_exported("outputs/default/run/export/step_000120")
+
+Every export writes ``verification.json``: the largest logit difference, on a fixed batch, between
+the export as its consumer loads it (transformers when installed, else :func:`load_exported`) and
+the checkpoint it came from. An export that loads with missing or unexpected tensors, or whose fp32
+logits differ by more than 1e-4, is an error, not a file left behind.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +37,24 @@ from fmtrain.checkpoint import single_process_dcp
 from fmtrain.config import ModelConfig, load
 from fmtrain.manifests import CheckpointError, newest_valid, step_dir_name, verify
 from fmtrain.strategies import DTYPES
+
+FORMATS = ("hf", "fmtrain")
+INDEX = "model.safetensors.index.json"
+FP32_TOLERANCE = 1e-4  # logits of an fp32 export as loaded vs the checkpoint's (measured: ~1e-6)
+SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?", re.IGNORECASE)
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class ExportError(CheckpointError):
+    """The export could not be written, or does not load back as it must."""
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB``, ``1000`` (bytes) -> bytes; ``--max-shard-size``'s values."""
+    match = SIZE.fullmatch(text.strip())
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a size: a positive number with an optional unit B, KB, MB, GB, KiB, MiB, GiB")
+    return int(float(match.group(1)) * UNITS[(match.group(2) or "b").lower()])
 
 
 def _plain_model(cfg: ModelConfig) -> nn.Module:
@@ -50,15 +79,6 @@ def load_checkpoint_model(checkpoint: Path, cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def export_config(cfg: ModelConfig, dtype: str, step: int) -> dict:
-    spec = models.get(cfg.arch)
-    return spec.export_config(cfg) | {
-        "torch_dtype": str(DTYPES[dtype]).removeprefix("torch."),
-        "tokenizer": "bytes",
-        "fmtrain": {"model": asdict(cfg), "step": step},
-    }
-
-
 def _aliases(model: nn.Module) -> dict[str, str]:
     """Tied weights: each later name of a tensor -> its first name (safetensors stores a tensor once)."""
     first: dict[int, str] = {}
@@ -71,41 +91,201 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def export(run_dir: Path, step: int | None = None, dtype: str = "fp32", out: Path | None = None) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` for one checkpoint of ``run_dir``; return the folder."""
-    from safetensors.torch import save_file
-
+def _checkpoint(run_dir: Path, step: int | None) -> Path:
     if step is None:
         checkpoint = newest_valid(run_dir / "checkpoints")
         if checkpoint is None:
             raise CheckpointError(f"{run_dir}/checkpoints: no valid checkpoint to export")
-    else:
-        checkpoint = run_dir / "checkpoints" / step_dir_name(step)
-        if not checkpoint.is_dir():
-            raise CheckpointError(f"{checkpoint}: no such checkpoint")
+        return checkpoint
+    checkpoint = run_dir / "checkpoints" / step_dir_name(step)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint")
+    return checkpoint
+
+
+def export(
+    run_dir: Path,
+    step: int | None = None,
+    dtype: str = "fp32",
+    out: Path | None = None,
+    format: str = "hf",
+    max_shard_bytes: int = 5 * 10**9,
+) -> Path:
+    """Write one checkpoint of ``run_dir`` in ``format`` and verify it loads back; return the folder."""
+    checkpoint = _checkpoint(run_dir, step)
     manifest = verify(checkpoint)
     run_cfg = load(run_dir / "config.yaml")
     models.import_modules(run_cfg.imports)
     cfg = run_cfg.model
+    spec = models.get(cfg.arch)
+    adapter = spec.adapter(cfg)
+    if format == "hf" and adapter is None:
+        raise ExportError(
+            f"--format hf: model.arch={cfg.arch} has no Hugging Face adapter (ModelSpec.adapter); use --format fmtrain"
+        )
     model = load_checkpoint_model(checkpoint, cfg)
-    aliases = _aliases(model)
-    tensors = {name: t.to(DTYPES[dtype]).contiguous() for name, t in model.state_dict().items() if name not in aliases}
     out = out or run_dir / "export" / checkpoint.name
-    out.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "step": str(manifest["step"]), "aliases": json.dumps(aliases)}
-    save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
-    (out / "config.json").write_text(json.dumps(export_config(cfg, dtype, manifest["step"]), indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)  # an export is all one version: no shard of an earlier one left beside it
+    out.mkdir(parents=True)
+    torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    fmtrain_section = {"model": asdict(cfg), "step": manifest["step"], "format": format, "tokenizer": run_cfg.data.tokenizer}
+    if format == "hf":
+        assert adapter is not None
+        tensors = adapter.to_external(model.state_dict())
+        config: dict[str, Any] = adapter.external_config() | {"torch_dtype": torch_dtype, "dtype": torch_dtype}
+        config |= {"bos_token_id": None, "eos_token_id": None}  # the byte tokenizer has neither
+        (out / "generation_config.json").write_text(json.dumps({"bos_token_id": None, "eos_token_id": None}, indent=1) + "\n")
+        _write_byte_tokenizer(out, cfg.vocab_size)
+    else:
+        aliases = _aliases(model)
+        tensors = {name: t for name, t in model.state_dict().items() if name not in aliases}
+        config = spec.export_config(cfg) | {"torch_dtype": torch_dtype}
+        fmtrain_section["aliases"] = aliases
+    config["fmtrain"] = fmtrain_section
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    _save_sharded({k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}, out, max_shard_bytes, manifest["step"])
+    verification = verify_export(out, model, cfg, dtype)
+    (out / "verification.json").write_text(json.dumps(verification, indent=1) + "\n")
     return out
 
 
-def load_exported(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The plain model of an exported folder (a model of your own: import its module first)."""
+def _save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, step: int) -> None:
+    """``model.safetensors``, or ``model-0000K-of-0000N.safetensors`` + the index when over the limit
+    (transformers' names and index format; a tensor larger than the limit gets a shard of its own)."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata_ = {"format": "pt", "step": str(step)}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=metadata_)
+        return
+    weight_map: dict[str, str] = {}
+    for index, shard in enumerate(shards, start=1):
+        name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata=metadata_)
+        weight_map |= dict.fromkeys(shard, name)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors model directory: one file, or the shards its index names."""
     from safetensors.torch import load_file
 
+    index = directory / INDEX
+    if not index.is_file():
+        return load_file(str(directory / "model.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        tensors |= load_file(str(directory / shard))
+    return tensors
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which ``tokenizers``' ByteLevel pre-tokenizer uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
+
+
+def _write_byte_tokenizer(out: Path, vocab_size: int) -> None:
+    """fmtrain's byte tokenizer (id = the byte's value) as ``tokenizer.json``: a byte-level BPE
+    without merges, so ``AutoTokenizer`` encodes text to the ids the model was trained on."""
+    try:
+        from tokenizers import Tokenizer, decoders, pre_tokenizers
+        from tokenizers import models as tokenizer_models
+    except ImportError:  # pip install 'fmtrain[hf]'; the model itself is still exported
+        return
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    tokenizer = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(out / "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 10**30, "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def verify_export(out: Path, checkpoint_model: nn.Module, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    """Load the export as its consumer does and compare logits with the checkpoint's, on a fixed batch."""
+    seq = min(64, cfg.max_seq_len)
+    ids = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
+    config = json.loads((out / "config.json").read_text())
+    missing: list[str] = []
+    unexpected: list[str] = []
+    transformers = _quiet_transformers()
+    with torch.no_grad():
+        expected = checkpoint_model.eval()(ids).float()
+        if config["fmtrain"]["format"] == "hf" and transformers is not None:
+            loaded, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+            missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+            got = loaded.eval()(input_ids=ids).logits.float()
+            loader = f"transformers {transformers.__version__} {type(loaded).__name__}"
+        else:
+            got = load_exported(out).eval()(ids).float()
+            loader = f"fmtrain {metadata.version('fmtrain')} load_exported"
+    difference = (got - expected).abs().max().item()
+    result = {
+        "loader": loader,
+        "batch": list(ids.shape),
+        "max_abs_logit_diff": difference,
+        "max_abs_logit": expected.abs().max().item(),
+        "export_dtype": dtype,
+        "missing_keys": missing,
+        "unexpected_keys": unexpected,
+    }
+    problems = []
+    if missing or unexpected:
+        problems.append(f"missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    if not difference < (FP32_TOLERANCE if dtype == "fp32" else float("inf")):  # nan fails too
+        problems.append(f"logits differ from the checkpoint's by {difference:.3g} (tolerance {FP32_TOLERANCE:g})")
+    if problems:
+        (out / "verification.json").write_text(json.dumps(result, indent=1) + "\n")
+        raise ExportError(f"{out} does not load back as the checkpoint ({loader}): {'; '.join(problems)}")
+    return result
+
+
+def _quiet_transformers() -> Any:
+    """transformers, if installed, without its progress bars and its optional backends' import noise."""
+    import logging
+
+    for noisy in ("torchao", "torch.utils._pytree"):  # e.g. torchao's CUDA kernels on a CPU machine
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        import transformers
+    except ImportError:
+        return None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def load_exported(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The plain fmtrain model of an exported folder, either format (a model of your own: import its module first)."""
     directory = Path(directory)
-    cfg = ModelConfig(**json.loads((directory / "config.json").read_text())["fmtrain"]["model"])
+    section = json.loads((directory / "config.json").read_text())["fmtrain"]
+    cfg = ModelConfig(**section["model"])
     model = _plain_model(cfg)
-    tensors = load_file(str(directory / "model.safetensors"))
-    tensors |= {alias: tensors[name] for alias, name in _aliases(model).items() if alias not in tensors}
+    tensors = read_tensors(directory)
+    if section.get("format", "fmtrain") == "hf":
+        adapter = models.get(cfg.arch).adapter(cfg)
+        assert adapter is not None, f"{directory}: a Hugging Face export of model.arch={cfg.arch}, which has no adapter"
+        tensors = adapter.from_external(tensors)
+    else:
+        tensors |= {alias: tensors[name] for alias, name in _aliases(model).items() if alias not in tensors}
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
     return model.to(dtype)

@@ -217,7 +217,7 @@ class LlamaSpec(ModelSpec):
 
     def adapter(self, cfg: ModelConfig) -> LlamaHFAdapter:
         """Hugging Face's ``LlamaForCausalLM`` layout (:mod:`fmtrain.models.llama_hf`)."""
-        return LlamaHFAdapter(cfg)
+        return LlamaHFAdapter(cfg, ffn_hidden_dim(cfg))
 
     def check(self, cfg: ModelConfig) -> None:
         if (cfg.dim // cfg.n_heads) % 2:

@@ -3,6 +3,7 @@
     adapter = models.get("llama").adapter(cfg.model)
     hf_state = adapter.to_external(model.state_dict())       # names and q/k layout transformers loads
     state = adapter.from_external(hf_state)                  # back, bit for bit
+    adapter.external_config()                                # config.json for LlamaForCausalLM
 
 Besides the names, one layout differs: fmtrain rotates interleaved pairs (x[2i], x[2i+1]) of each
 query and key head (Meta's original layout), Hugging Face rotates halves (x[i], x[i + head_dim/2]).
@@ -56,9 +57,34 @@ def halves_to_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
 class LlamaHFAdapter:
     """fmtrain's Llama state dict <-> ``LlamaForCausalLM``'s, for the model config ``cfg``."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, ffn_dim: int) -> None:
+        self.cfg, self.ffn_dim = cfg, ffn_dim  # the SwiGLU hidden size (llama.ffn_hidden_dim)
         self.heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads or cfg.n_heads}
+
+    def external_config(self) -> dict[str, object]:
+        """``config.json`` for ``LlamaForCausalLM`` (transformers 4.4x and 5.x read it alike)."""
+        cfg = self.cfg
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": cfg.dim,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+            "head_dim": cfg.dim // cfg.n_heads,
+            "intermediate_size": self.ffn_dim,
+            "hidden_act": "silu",
+            "vocab_size": cfg.vocab_size,
+            "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta,  # transformers 4.x
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 5.x
+            "max_position_embeddings": cfg.max_seq_len,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "initializer_range": cfg.init_std,
+        }
 
     def to_external(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}

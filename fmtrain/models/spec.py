@@ -66,11 +66,14 @@ def truncated_normal(shape: torch.Size, std: float, generator: torch.Generator) 
 
 
 class StateDictAdapter(Protocol):
-    """Names and layouts of another format (Hugging Face's) to and from fmtrain's state dict."""
+    """Names and layouts of another format (Hugging Face's) to and from fmtrain's state dict, and the
+    config that format's loader reads (``config.json``: its class, sizes, rotary settings)."""
 
     def to_external(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
     def from_external(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def external_config(self) -> dict[str, object]: ...
 
 
 class Converter(Protocol):
