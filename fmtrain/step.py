@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fmtrain import pretrained
 from fmtrain.config import TrainConfig, accumulation_steps, micro_batch_size
 from fmtrain.data import Corpus, GlobalBatches, eval_windows, prepare
 from fmtrain.distributed import DistEnv
@@ -92,6 +93,8 @@ def build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
     recipe = model_recipe(cfg)
     num_params, flops_per_token = recipe.sizes(cfg.data.seq_len)
     wrapped = strategy.build(recipe, cfg.seed)
+    if (source := pretrained.initial_weights(cfg)) is not None:
+        pretrained.load(wrapped, recipe, source)  # over the seeded init (weights only; a resume comes later)
     built = getattr(wrapped, "module", wrapped)  # evaluation runs the model itself, outside DDP's hooks
     accum = accumulation_steps(t, strategy.dp_size)
     wrapped, optimizer = strategy.attach_optimizer(

@@ -15,7 +15,7 @@ import importlib.util
 import re
 from pathlib import Path
 
-from fmtrain import hardware, models
+from fmtrain import hardware, models, pretrained
 from fmtrain.config import (
     ConfigError,
     LauncherConfig,
@@ -83,6 +83,7 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     models.import_modules(cfg.imports)  # a user's own model registers itself on import
     spec = models.get(m.arch)
     spec.check(m)  # what this architecture cannot build (Llama: odd rotary head dims, kv heads)
+    pretrained.check(cfg)  # trainer.init_from / model.path: the files, the architecture, every tensor
 
     _choice("data.tokenizer", d.tokenizer, tuple(TOKENIZERS))
     if m.vocab_size < TOKENIZERS[d.tokenizer]:

@@ -73,6 +73,8 @@ def _explain(error: BaseException, overrides: list[str]) -> str:
         cause = cause.__cause__ or cause.__context__
     values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     for exc in chain:
+        if isinstance(exc, ConfigError):  # raised by a resolver (${hf:...}): it names its field itself
+            return str(exc)
         if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
             group = exc.missing_cfg_file.rsplit("/", 1)[0] if "/" in exc.missing_cfg_file else ""
             if group in group_options():

@@ -24,8 +24,8 @@ ZERO_OK = {
     "launcher.max_restarts", "launcher.gpus_per_node", "launcher.signal_delay_s", "launcher.max_requeues",
     "launcher.gpus_per_worker", "launcher.max_failures", "trainer.hang_timeout_s",
 }  # fmt: skip
-# Free-form strings where an empty value means something (the default cache folder).
-EMPTY_OK = {"data.cache_dir", "model.name"}
+# Free-form strings where an empty value means something (the default cache folder; no pretrained weights).
+EMPTY_OK = {"data.cache_dir", "model.name", "model.path", "trainer.init_from"}
 # Free-form strings: no list of choices to leave ("nosuchvalue" is a valid name).
 FREE_TEXT = {
     "experiment", "run_dir", "model.name", "model.arch", "data.name", "data.cache_dir", "trainer.resume",

@@ -16,6 +16,14 @@ def test_every_option_of_every_group_composes(group: str, option: str, tmp_path)
     extra = {("data", "text_files"): [f"data.paths=[{__file__}]"], ("strategy", "fsdp_tp"): ["launcher.nproc=4"]}.get(
         (group, option), []
     )
+    if (group, option) == ("model", "hf"):  # a Hugging Face model directory, made here
+        import transformers
+
+        config = transformers.LlamaConfig(
+            vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+        extra = [f"model.path={tmp_path / 'hf'}", "data.seq_len=64"]
     cfg = compose([f"{group}={option}", *extra], check=False)
     if group == "cluster":  # site profiles fill in launcher fields
         assert option == "none" or cfg.launcher.partition
@@ -57,7 +65,7 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
         (["launcher=ray", "launcher.submit=later"], r"launcher.submit='later' is invalid: valid choices are foreground, jobs"),
         (["launcher=ray", "launcher.submit=jobs"], r"launcher.address=None is invalid: launcher.submit=jobs needs the dashboard"),
         (["trainer.max_steps=abc"], r"trainer.max_steps='abc' is invalid: expected integer"),
-        (["model=huge"], r"model=huge: no such option; valid choices are 1b, 8b, small, tiny"),
+        (["model=huge"], r"model=huge: no such option; valid choices are 1b, 8b, hf, small, tiny"),
         (["trainer.max_steps=0"], r"trainer.max_steps=0 is invalid: must be positive"),
         (["optim.schedule=step"], r"optim.schedule='step' is invalid: valid choices are cosine, linear, constant"),
         (["optim.implementation=apex"], r"optim.implementation='apex' is invalid: valid choices are fused, foreach, for_loop"),
@@ -212,7 +220,7 @@ def test_cli_help_lists_subcommands_and_groups(cache_dir) -> None:
     result = fmtrain(["--help"], cache_dir, timeout=60)
     assert result.returncode == 0
     assert "train" in result.stdout and "status" in result.stdout
-    assert "model      1b, 8b, small, tiny" in result.stdout
+    assert "model      1b, 8b, hf, small, tiny" in result.stdout
     assert "launcher   local" in result.stdout
 
 

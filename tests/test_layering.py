@@ -26,6 +26,7 @@ LAYERS = [
     ["fmtrain.models.llama", "fmtrain.models.converters"],  # the first model; fp8 and later converters
     ["fmtrain.models"],  # the model registry: model.arch -> spec
     ["fmtrain.optim", "fmtrain.metrics", "fmtrain.data", "fmtrain.losses"],
+    ["fmtrain.pretrained"],  # a run's first weights: Hugging Face directories, fmtrain checkpoints
     ["fmtrain.validation", "fmtrain.strategies.base"],
     ["fmtrain.strategies.ddp", "fmtrain.strategies.fsdp", "fmtrain.strategies.tp", "fmtrain.strategies.zero"],
     ["fmtrain.strategies.fsdp_tp"],

@@ -14,10 +14,55 @@ from fmtrain.config.schema import TrainConfig, TrainerConfig
 
 
 def register_schema() -> None:
-    """Register the schema in Hydra's ConfigStore as ``train_schema`` (the first default)."""
+    """Register the schema in Hydra's ConfigStore as ``train_schema`` (the first default), and the
+    ``${hf:...}`` resolver that ``conf/model/hf.yaml`` reads a model directory's config.json with."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    register_resolvers()
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("hf", hf_config_value, replace=True)
+
+
+_MISSING = object()
+
+
+def hf_config_value(path: str, keys: str, default: Any = _MISSING) -> Any:
+    """``${hf:DIR,KEY|OTHER.KEY,DEFAULT}``: the first of ``keys`` (dotted paths) in ``DIR/config.json``."""
+    data = hf_config(path)
+    for key in keys.split("|"):
+        value: Any = data
+        for part in key.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is not _MISSING and value is not None:
+            return value
+    if default is _MISSING:
+        raise ConfigError("model.path", path, f"its config.json has no {' or '.join(keys.split('|'))}")
+    return default
+
+
+def hf_config(path: str) -> dict[str, Any]:
+    """A Hugging Face model directory's ``config.json``, checked to be one."""
+    import json
+
+    file = Path(path) / "config.json"
+    if not path:
+        raise ConfigError("model.path", path, "required with model=hf: a Hugging Face model directory, model.path=DIR")
+    if not Path(path).is_dir():
+        raise ConfigError("model.path", path, "no such directory: a Hugging Face model directory (config.json, safetensors)")
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError("model.path", path, "has no config.json: not a Hugging Face model directory") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError("model.path", path, f"its config.json cannot be read: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("model.path", path, "its config.json is not a JSON object")
+    return data
 
 
 def unknown_keys(data: Any, cls: Any = TrainConfig, prefix: str = "") -> list[str]:
@@ -40,6 +85,7 @@ def to_config(node: Any) -> TrainConfig:
     """
     from omegaconf import OmegaConf
 
+    register_resolvers()
     container: Any = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
     if unknown := unknown_keys({k: v for k, v in container.items() if k != "hydra"}):
         key = unknown[0]

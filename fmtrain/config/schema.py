@@ -27,6 +27,10 @@ class ModelConfig:
     max_seq_len: int = field_in(2048, gt=0, le=2**22)
     tie_embeddings: bool = True
     init_std: float = field_in(0.02, gt=0, le=1)
+    ffn_dim: int | None = field_in(None, gt=0, le=2**20)  # the SwiGLU hidden size; None: from dim (Llama's rule)
+    # A Hugging Face model directory (config.json, safetensors): model=hf reads the sizes above from its
+    # config.json, and the run starts from its weights (unless trainer.init_from names others).
+    path: str = field_in("", path=True)
 
 
 @dataclass
@@ -75,6 +79,10 @@ class TrainerConfig:
     eval_batches: int = field_in(4, gt=0, le=2**20)
     log_interval: int = field_in(10, gt=0, le=2**40)
     resume: str = field_in("auto", nonempty=True, path=True)
+    # Start from these weights only (fresh optimizer, step 0): a Hugging Face model directory or an
+    # fmtrain checkpoint (any strategy, any world size). "": model.path's weights, else a random init.
+    # Checkpoints of this run still come first (trainer.resume): an interrupted fine-tune resumes.
+    init_from: str = field_in("", path=True)
     on_nonfinite: str = "error"
     # a step, evaluation or save that makes no progress this long ends the job, naming the ranks that did
     # not arrive and writing every rank's Python stack to logs/ (the process group's timeout is a minute

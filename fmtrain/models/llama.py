@@ -26,7 +26,10 @@ from fmtrain.models.spec import Assign, ModelSpec, copy_value, draw_weights, tru
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
-    """Llama's rule: 2/3 of 4*dim, scaled, rounded up to a multiple of ``multiple_of``."""
+    """``ffn_dim`` when set (a Hugging Face config's ``intermediate_size``); else Llama's rule: 2/3 of
+    4*dim, scaled, rounded up to a multiple of ``multiple_of``."""
+    if cfg.ffn_dim is not None:
+        return cfg.ffn_dim
     hidden = int(cfg.ffn_dim_multiplier * int(2 * 4 * cfg.dim / 3))
     return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
 

@@ -120,6 +120,6 @@ class LlamaHFAdapter:
                 unknown.append(name)
         if unknown:
             raise ValueError(f"tensors LlamaForCausalLM does not have: {', '.join(sorted(unknown)[:5])}")
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and "tok_embeddings.weight" in out:  # (a part of the state: one file's)
             out["output.weight"] = out["tok_embeddings.weight"]
         return out

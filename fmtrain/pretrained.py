@@ -1,0 +1,203 @@
+"""Where a run's first weights come from: a random init, a Hugging Face model directory, or an
+fmtrain checkpoint of any strategy and world size (weights only: fresh optimizer, step 0).
+
+    source = initial_weights(cfg)            # trainer.init_from, else model.path, else None (random)
+    check(cfg)                               # before launch: the files, the architecture, every tensor
+    load(wrapped, recipe, source)            # on every rank, once the strategy has built the model
+
+A Hugging Face directory is read one tensor at a time (safetensors, memory-mapped), mapped by the
+model's state-dict adapter (names, the q/k rotary layout) and copied into each rank's part of the
+parameter: under fsdp, tp and fsdp_tp no rank holds more than its shards plus one whole tensor.
+An fmtrain checkpoint is resharded by ``torch.distributed.checkpoint``. The run's own checkpoints
+still come first (``trainer.resume``): a fine-tune that is interrupted resumes from its own
+checkpoint, never from the base again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fmtrain.config import ConfigError, TrainConfig
+from fmtrain.manifests import MANIFEST, CheckpointError, verify
+from fmtrain.models import recipe as model_recipe
+from fmtrain.models.spec import Recipe
+
+log = logging.getLogger("fmtrain")
+
+# config.json's architecture -> the fmtrain spec whose adapter maps it
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+INDEX = "model.safetensors.index.json"
+SKIPPED = ("rotary_emb.inv_freq",)  # buffers some checkpoints store; computed from the config
+
+
+def initial_weights(cfg: TrainConfig) -> tuple[str, Path] | None:
+    """The field that names the run's first weights and its path; None: a random init from the seed."""
+    if cfg.trainer.init_from:
+        return "trainer.init_from", Path(cfg.trainer.init_from)
+    if cfg.model.path:
+        return "model.path", Path(cfg.model.path)
+    return None
+
+
+def check(cfg: TrainConfig) -> None:
+    """Refuse, before launch, initial weights that cannot load: named with the field and the path."""
+    source = initial_weights(cfg)
+    if source is None:
+        return
+    field, path = source
+    if not path.exists():
+        raise ConfigError(field, str(path), "no such file or directory")
+    if cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 3 and cfg.strategy.zero_init:
+        raise ConfigError(
+            field,
+            str(path),
+            "cannot load into ZeRO-3's partitioned init (strategy.zero_init=true): set it false, or strategy=fsdp",
+        )
+    if (path / MANIFEST).is_file():
+        try:
+            verify(path)
+        except CheckpointError as error:
+            raise ConfigError(field, str(path), str(error)) from None
+        return
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            field, str(path), "neither a Hugging Face model directory (config.json) nor an fmtrain checkpoint (manifest.json)"
+        )
+    check_hf_config(field, path, cfg)
+    recipe = model_recipe(cfg)
+    adapter = recipe.spec.adapter(recipe.cfg)
+    if adapter is None:
+        raise ConfigError(field, str(path), f"model.arch={cfg.model.arch} has no Hugging Face adapter (ModelSpec.adapter)")
+    with torch.device("meta"):
+        expected = {name: list(t.shape) for name, t in adapter.to_external(recipe.build().state_dict()).items()}
+    found = header_shapes(field, path)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(n for n in set(found) - set(expected) if not n.endswith(SKIPPED) and n != "lm_head.weight")
+    wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
+    if missing or unexpected:
+        what = [
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+        ]
+        raise ConfigError(
+            field, str(path), f"its tensors do not match model.arch={cfg.model.arch}: {'; '.join(w for w in what if w)}"
+        )
+    if wrong:
+        name = wrong[0]
+        raise ConfigError(field, str(path), f"tensor {name} has shape {found[name]}, the model needs {expected[name]}")
+
+
+def check_hf_config(field: str, path: Path, cfg: TrainConfig) -> None:
+    """What of a Llama-family config.json fmtrain's decoder cannot compute the same way."""
+    hf = json.loads((path / "config.json").read_text())
+    architecture = (hf.get("architectures") or ["?"])[0]
+    if architecture not in SUPPORTED:
+        raise ConfigError(field, str(path), f"architecture {architecture} is not supported; supported: {', '.join(SUPPORTED)}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    unsupported = {
+        f"rope scaling {rope.get('rope_type') or rope.get('type')}": (rope.get("rope_type") or rope.get("type") or "default")
+        != "default",
+        "attention biases": bool(hf.get("attention_bias")),
+        "MLP biases": bool(hf.get("mlp_bias")),
+        f"activation {hf.get('hidden_act')}": hf.get("hidden_act", "silu") != "silu",
+        f"head_dim {hf.get('head_dim')} != hidden_size / num_attention_heads": hf.get("head_dim")
+        not in (
+            None,
+            cfg.model.dim // cfg.model.n_heads,
+        ),
+        f"a sliding window of {hf.get('sliding_window')} tokens shorter than data.seq_len={cfg.data.seq_len}": (
+            hf.get("sliding_window") or cfg.data.seq_len
+        )
+        < cfg.data.seq_len,
+    }
+    if problems := [what for what, present in unsupported.items() if present]:
+        raise ConfigError(field, str(path), f"{architecture} with {', '.join(problems)} is not supported yet")
+
+
+def weight_files(field: str, path: Path) -> list[Path]:
+    """The safetensors files of a model directory (one, or the shards its index names)."""
+    if (path / INDEX).is_file():
+        return [path / name for name in sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise ConfigError(field, str(path), "has only pickle weights (.bin): convert them to safetensors (pickle can run code)")
+    raise ConfigError(field, str(path), "has no weights: model.safetensors or model.safetensors.index.json")
+
+
+def header_shapes(field: str, path: Path) -> dict[str, list[int]]:
+    """Every tensor's shape, from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for file in weight_files(field, path):
+        if not file.is_file():
+            raise ConfigError(field, str(path), f"{file.name}, named by its index, is missing")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes |= {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+        except Exception as error:  # safetensors raises its own error types for a corrupt header
+            raise ConfigError(field, str(path), f"{file.name} is not a readable safetensors file: {error}") from None
+    return shapes
+
+
+def load(wrapped: nn.Module, recipe: Recipe, source: tuple[str, Path]) -> None:
+    """Copy the source's weights into the built (and sharded) model ``wrapped``, on every rank."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    field, path = source
+    state = get_model_state_dict(wrapped)
+    if (path / MANIFEST).is_file():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+        holder = {"model": state}
+        dcp.load(
+            holder,
+            checkpoint_id=path / "model_optim",
+            planner=DefaultLoadPlanner(allow_partial_load=True),
+            no_dist=not dist.is_initialized(),
+        )
+    else:
+        _load_hf(state, recipe, field, path)
+    set_model_state_dict(wrapped, state)
+    log.info("initialized the model's weights from %s (%s)", path, field)
+
+
+def _load_hf(state: dict[str, Any], recipe: Recipe, field: str, path: Path) -> None:
+    from safetensors import safe_open
+
+    adapter = recipe.spec.adapter(recipe.cfg)
+    assert adapter is not None  # check() refused it before launch
+    loaded: set[str] = set()
+    for file in weight_files(field, path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                if name.endswith(SKIPPED) or (name == "lm_head.weight" and recipe.cfg.tie_embeddings):
+                    continue
+                for ours, value in adapter.from_external({name: f.get_tensor(name)}).items():
+                    _copy_into(state[ours], value)
+                    loaded.add(ours)
+    if missing := sorted(set(state) - loaded):
+        raise CheckpointError(f"{path}: no weights for {', '.join(missing[:5])}")
+
+
+def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """A whole tensor into a parameter: a DTensor keeps only its own shard (every rank read the same value)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if target.shape != value.shape:
+        raise CheckpointError(f"tensor of shape {list(value.shape)} for a parameter of shape {list(target.shape)}")
+    value = value.to(device=target.device, dtype=target.dtype)
+    if isinstance(target, DTensor):
+        local = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None).to_local()
+        target.to_local().copy_(local)
+    else:
+        target.copy_(value)

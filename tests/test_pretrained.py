@@ -1,0 +1,239 @@
+"""Starting from a pretrained model: ``model=hf model.path=DIR`` and ``trainer.init_from=PATH``.
+
+The Hugging Face models are tiny random ones that transformers itself builds and saves here
+(``save_pretrained``, safetensors, also sharded); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import SMALL, fmtrain, train_losses
+
+from fmtrain import models, pretrained
+from fmtrain.export import load_checkpoint_model
+from launch.compose import UsageError, compose
+
+ARCHS = {
+    "llama-gqa-untied": transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "llama-tied": transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        rms_norm_eps=1e-6,
+    ),
+    "mistral": transformers.MistralConfig(
+        vocab_size=256,
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=None,
+    ),
+}
+for _config in ARCHS.values():
+    _config.max_position_embeddings = 256
+
+
+def save_hf(config: transformers.PretrainedConfig, directory: Path, seed: int = 0, **save: object) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms start at 1: draw them too, so a swapped norm shows in the logits
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory, **save)
+    return model
+
+
+def fmtrain_from(directory: Path, *overrides: str) -> tuple[torch.nn.Module, object]:
+    cfg = compose(["model=hf", f"model.path={directory}", "data.seq_len=64", *overrides])
+    recipe = models.recipe(cfg)
+    model = recipe.meta()
+    model.to_empty(device="cpu")
+    recipe.spec.init_buffers(model)
+    source = pretrained.initial_weights(cfg)
+    assert source is not None
+    pretrained.load(model, recipe, source)
+    return model.eval(), cfg
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sharded", [False, True])
+def test_fmtrain_computes_the_logits_transformers_computes(arch: str, sharded: bool, tmp_path: Path) -> None:
+    theirs = save_hf(ARCHS[arch], tmp_path / "hf", **({"max_shard_size": "100KB"} if sharded else {}))
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == sharded
+    ours, cfg = fmtrain_from(tmp_path / "hf")
+    assert cfg.model.ffn_dim == ARCHS[arch].intermediate_size and cfg.model.tie_embeddings == ARCHS[arch].tie_word_embeddings
+    ids = torch.randint(0, ARCHS[arch].vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(input_ids=ids).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.slow
+def test_an_fmtrain_checkpoint_of_another_strategy_and_world_size_initializes_a_run(cache_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "fsdp"
+    args = ["train", f"run_dir={source}", *SMALL, "trainer.max_steps=4", "checkpoint.interval=4", "trainer.eval_interval=4"]
+    result = fmtrain([*args, "strategy=fsdp", "launcher.nproc=2"], cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checkpoint = source / "checkpoints" / "step_000004"
+    cfg = compose([*SMALL, f"trainer.init_from={checkpoint}"])
+    recipe = models.recipe(cfg)
+    model = recipe.meta()
+    model.to_empty(device="cpu")
+    recipe.spec.init_buffers(model)
+    pretrained.load(model, recipe, ("trainer.init_from", checkpoint))
+    expected = load_checkpoint_model(checkpoint, cfg.model).state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
+
+    # As a run: step 0, a fresh optimizer, the checkpoint's weights (its first loss is the trained one's, not ln 256).
+    again = fmtrain(
+        ["train", f"run_dir={tmp_path / 'again'}", *SMALL, "trainer.max_steps=2", f"trainer.init_from={checkpoint}"], cache_dir
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(train_losses(tmp_path / "again")) == [1, 2]
+    assert train_losses(tmp_path / "again")[1] < train_losses(source)[1] - 0.05
+
+
+BAD: dict[str, tuple[str, str]] = {
+    # case: (what to do to a saved Llama directory, what the one line says)
+    "no config.json": ("rm config.json", "has no config.json: not a Hugging Face model directory"),
+    "unsupported architecture": (
+        "arch GPT2LMHeadModel",
+        "architecture GPT2LMHeadModel is not supported; supported: LlamaForCausalLM",
+    ),
+    "rope scaling": ("rope llama3", "LlamaForCausalLM with rope scaling llama3 is not supported yet"),
+    "missing tensor": ("drop model.layers.1.mlp.up_proj.weight", "missing model.layers.1.mlp.up_proj.weight"),
+    "mis-shaped tensor": ("reshape model.norm.weight", "tensor model.norm.weight has shape [32], the model needs [64]"),
+    "pickle weights": ("pickle", "has only pickle weights (.bin)"),
+    "corrupt weights": ("truncate", "model.safetensors is not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_model_directory_that_cannot_load_is_refused_before_launch(case: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path / "hf"
+    save_hf(ARCHS["llama-gqa-untied"], directory)
+    action, expected = BAD[case]
+    config = json.loads((directory / "config.json").read_text())
+    weights = directory / "model.safetensors"
+    if action == "rm config.json":
+        (directory / "config.json").unlink()
+    elif action.startswith("arch "):
+        (directory / "config.json").write_text(json.dumps(config | {"architectures": [action.split()[1]]}))
+    elif action == "rope llama3":
+        rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        (directory / "config.json").write_text(
+            json.dumps(config | {"rope_parameters": rope | {"original_max_position_embeddings": 64}})
+        )
+    elif action.startswith("drop "):
+        tensors = load_file(str(weights))
+        del tensors[action.split()[1]]
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    elif action.startswith("reshape "):
+        tensors = load_file(str(weights))
+        tensors[action.split()[1]] = tensors[action.split()[1]][:32].clone()
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    elif action == "pickle":
+        torch.save(load_file(str(weights)), directory / "pytorch_model.bin")
+        weights.unlink()
+    elif action == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UsageError) as error:
+        compose(["model=hf", f"model.path={directory}", "data.seq_len=64"])
+    message = str(error.value)
+    assert "model.path=" in message and expected in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model=hf"], "model.path='' is invalid: required with model=hf"),
+        (["model=hf", "model.path=/no/such/dir"], "model.path='/no/such/dir' is invalid: no such directory"),
+        (["trainer.init_from=/no/such/dir"], "trainer.init_from='/no/such/dir' is invalid: no such file or directory"),
+    ],
+)
+def test_a_missing_source_is_named(overrides: list[str], expected: str) -> None:
+    with pytest.raises(UsageError) as error:
+        compose(overrides)
+    assert expected in str(error.value), str(error.value)
+
+
+FINE_TUNE = ["data.seq_len=64", "data.max_bytes=3000000", "trainer.global_batch_size=8", "trainer.eval_batches=2"]
+FINE_TUNE += ["trainer.plot=false", "trainer.eval_interval=3", "checkpoint.interval=3", "checkpoint.keep_last=5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "tp"])
+def test_a_fine_tune_on_two_ranks_equals_one_process(strategy: str, cache_dir: Path, tmp_path: Path) -> None:
+    save_hf(ARCHS["llama-gqa-untied"], tmp_path / "hf")
+    base = ["train", "model=hf", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=10"]
+    one = fmtrain([*base, f"run_dir={tmp_path / 'one'}"], cache_dir)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = fmtrain([*base, f"run_dir={tmp_path / 'two'}", f"strategy={strategy}", "launcher.nproc=2"], cache_dir)
+    assert two.returncode == 0, two.stdout + two.stderr
+    expected, got = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert expected.keys() == got.keys() == set(range(1, 11))
+    for step, loss in expected.items():
+        assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
+
+
+@pytest.mark.slow
+def test_fine_tune_export_and_transformers_reloads_it(cache_dir: Path, tmp_path: Path) -> None:
+    save_hf(ARCHS["llama-gqa-untied"], tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    result = fmtrain(
+        ["train", "model=hf", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=6", f"run_dir={run_dir}"], cache_dir
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    exported = subprocess.run(
+        [os.path.join(os.path.dirname(__import__("sys").executable), "fmtrain"), "export", str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
+    assert exported.returncode == 0, exported.stderr
+    out = Path(exported.stdout.strip())
+    verification = json.loads((out / "verification.json").read_text())
+    assert verification["max_abs_logit_diff"] < 1e-5 and verification["missing_keys"] == verification["unexpected_keys"] == []
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert type(theirs).__name__ == "LlamaForCausalLM" and not any(info[k] for k in ("missing_keys", "unexpected_keys"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    trained = load_checkpoint_model(
+        run_dir / "checkpoints" / "step_000006", compose(["model=hf", f"model.path={tmp_path / 'hf'}", "data.seq_len=64"]).model
+    )
+    with torch.no_grad():
+        assert (theirs(input_ids=ids).logits - trained(ids)).abs().max().item() < 1e-5
+        assert (theirs(input_ids=ids).logits - base(input_ids=ids).logits).abs().max().item() > 1e-3, "fine-tuned, not the base"
+
+
+@pytest.mark.slow
+def test_an_interrupted_fine_tune_resumes_from_its_own_checkpoint(cache_dir: Path, tmp_path: Path) -> None:
+    save_hf(ARCHS["llama-tied"], tmp_path / "hf")
+    base = ["train", "model=hf", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=9"]
+    reference = fmtrain([*base, f"run_dir={tmp_path / 'reference'}"], cache_dir)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    run_dir = tmp_path / "run"
+    killed = fmtrain([*base, f"run_dir={run_dir}"], cache_dir, FMTRAIN_FAULT="0:5:kill")
+    assert killed.returncode != 0
+    again = fmtrain([*base, f"run_dir={run_dir}"], cache_dir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "resumed from" in log and "step_000003" in log
+    assert train_losses(run_dir) == train_losses(tmp_path / "reference")
