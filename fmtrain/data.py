@@ -6,7 +6,9 @@
     batch["input_ids"], batch["labels"]                     # (4, seq_len) each: labels are inputs shifted by one
 
 The default corpus is the Python standard library's own source, present wherever Python is, so
-nothing is downloaded. Tokens are bytes (vocab 256; a 0 byte separates documents).
+nothing is downloaded. Tokens are bytes (vocab 256; a 0 byte separates documents), or, with a
+Hugging Face tokenizer (``data.tokenizer``: ``auto`` takes ``model.path``'s ``tokenizer.json``), its
+ids with the tokenizer's own special tokens (BOS from its post-processor) and EOS after each document.
 
 The sampler has no hidden position: sample ``g`` of the run is window ``perm_epoch[g % n]`` with
 ``epoch = g // n``, and a step takes the next ``B`` samples after the ``consumed`` ones. So its whole
@@ -23,14 +25,16 @@ import shutil
 import sysconfig
 import tempfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from fmtrain.config import DataConfig, cache_root, resolve_data_paths
+from fmtrain.config import ConfigError, DataConfig, TrainConfig, cache_root, resolve_data_paths
 
 EOS = 0
 FORMAT_VERSION = 1
@@ -59,9 +63,89 @@ def encode_bytes(text: bytes) -> np.ndarray:
     return np.frombuffer(text, dtype=np.uint8)
 
 
-def _cache_key(cfg: DataConfig, files: list[Path], vocab_size: int) -> str:
+@dataclass(frozen=True)
+class Tokenizer:
+    """How text becomes token ids: fmtrain's bytes, or a Hugging Face ``tokenizer.json``."""
+
+    file: Path | None = None  # None: the byte tokenizer
+
+    @cached_property
+    def _hf(self) -> Any:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return HFTokenizer.from_file(str(self.file))
+
+    @property
+    def identity(self) -> str:
+        """What the cache key holds: a changed tokenizer file is a new corpus."""
+        if self.file is None:
+            return "bytes"
+        return f"{self.file}:{hashlib.sha256(self.file.read_bytes()).hexdigest()[:16]}"
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 if self.file is None else int(self._hf.get_vocab_size(with_added_tokens=True))
+
+    @cached_property
+    def eos(self) -> int | None:
+        """The id that ends a document: tokenizer_config.json's eos_token, else the model's eos_token_id."""
+        if self.file is None:
+            return EOS
+        folder = self.file.parent
+        settings = _json_or_empty(folder / "tokenizer_config.json")
+        token = settings.get("eos_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and (found := self._hf.token_to_id(token)) is not None:
+            return int(found)
+        for name in ("generation_config.json", "config.json"):
+            ids = _json_or_empty(folder / name).get("eos_token_id")
+            ids = ids[0] if isinstance(ids, list) and ids else ids
+            if isinstance(ids, int):
+                return ids
+        return None
+
+    def encode(self, documents: Sequence[bytes]) -> np.ndarray:
+        """One stream: every document's ids, each followed by the end-of-document id."""
+        if self.file is None:
+            return encode_bytes(bytes([EOS]).join(documents))
+        ids: list[int] = []
+        for encoding in self._hf.encode_batch([d.decode("utf-8", errors="replace") for d in documents]):
+            ids += encoding.ids
+            if self.eos is not None:
+                ids.append(self.eos)
+        return np.asarray(ids, dtype=np.int64)
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def tokenizer_of(cfg: TrainConfig) -> Tokenizer:
+    """``data.tokenizer``: ``bytes``; ``auto`` (model.path's tokenizer.json if it has one, else bytes);
+    or a ``tokenizer.json`` file, or a folder holding one."""
+    choice = cfg.data.tokenizer
+    if choice == "bytes" or (choice == "auto" and not cfg.model.path):
+        return Tokenizer()
+    folder = Path(cfg.model.path if choice == "auto" else choice)
+    file = folder if folder.is_file() else folder / "tokenizer.json"
+    if file.is_file():
+        return Tokenizer(file)
+    if choice == "auto" and not (folder / "tokenizer.model").is_file():
+        return Tokenizer()  # a model directory without a tokenizer: bytes
+    if (folder / "tokenizer.model").is_file():
+        raise ConfigError(
+            "data.tokenizer", choice, f"{folder}/tokenizer.model (SentencePiece) is not supported yet: give a tokenizer.json"
+        )
+    raise ConfigError("data.tokenizer", choice, "neither bytes, auto, a tokenizer.json nor a folder holding one")
+
+
+def _cache_key(cfg: DataConfig, files: list[Path], vocab_size: int, tokenizer: Tokenizer) -> str:
     digest = hashlib.sha256()
-    settings = [FORMAT_VERSION, cfg.tokenizer, vocab_size, cfg.val_fraction, cfg.max_bytes, cfg.shard_tokens]
+    settings = [FORMAT_VERSION, tokenizer.identity, vocab_size, cfg.val_fraction, cfg.max_bytes, cfg.shard_tokens]
     digest.update(json.dumps(settings).encode())
     for path in files:
         stat = path.stat()
@@ -69,7 +153,7 @@ def _cache_key(cfg: DataConfig, files: list[Path], vocab_size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_corpus(files: list[Path], max_bytes: int) -> bytes:
+def _read_corpus(files: list[Path], max_bytes: int) -> list[bytes]:
     parts, total = [], 0
     for path in files:
         if total >= max_bytes:
@@ -77,7 +161,7 @@ def _read_corpus(files: list[Path], max_bytes: int) -> bytes:
         text = path.read_bytes()[: max_bytes - total]
         parts.append(text)
         total += len(text) + 1
-    return bytes([EOS]).join(parts)
+    return parts
 
 
 def _split_blocks(n_tokens: int, val_fraction: float) -> tuple[int, set[int]]:
@@ -102,8 +186,8 @@ def _write_shards(tokens: np.ndarray, directory: Path, split: str, shard_tokens:
     return names
 
 
-def _build(cfg: DataConfig, files: list[Path], vocab_size: int, target: Path) -> None:
-    stream = encode_bytes(_read_corpus(files, cfg.max_bytes)).astype(token_dtype(vocab_size))
+def _build(cfg: DataConfig, files: list[Path], vocab_size: int, target: Path, tokenizer: Tokenizer) -> None:
+    stream = tokenizer.encode(_read_corpus(files, cfg.max_bytes)).astype(token_dtype(vocab_size))
     block, val_blocks = _split_blocks(len(stream), cfg.val_fraction)
     is_val = np.zeros(len(stream), dtype=bool)
     for b in val_blocks:
@@ -116,6 +200,7 @@ def _build(cfg: DataConfig, files: list[Path], vocab_size: int, target: Path) ->
             "dtype": np.dtype(token_dtype(vocab_size)).name,
             "vocab_size": vocab_size,
             "files": len(files),
+            "tokenizer": tokenizer.identity,
             "train": _write_shards(stream[~is_val], staging, "train", cfg.shard_tokens),
             "val": _write_shards(stream[is_val], staging, "val", cfg.shard_tokens),
         }
@@ -166,23 +251,23 @@ class Corpus:
         return TokenShards(self.directory, self.meta["val"], self.meta["dtype"])
 
 
-def cache_path(cfg: DataConfig, vocab_size: int) -> Path:
+def cache_path(cfg: DataConfig, vocab_size: int, tokenizer: Tokenizer = Tokenizer()) -> Path:
     files = corpus_files(cfg)
     if not files:
         raise FileNotFoundError(f"data.paths={cfg.paths!r} matches no file")
     root = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else cache_root() / "data"
-    return root / _cache_key(cfg, files, vocab_size)
+    return root / _cache_key(cfg, files, vocab_size, tokenizer)
 
 
-def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:
+def prepare(cfg: DataConfig, vocab_size: int, tokenizer: Tokenizer = Tokenizer()) -> Corpus:
     """Tokenize the corpus into shards unless an identical cache exists; return it opened.
 
     Safe to call from several processes at once: each builds in a private staging folder and the
     first atomic rename wins.
     """
-    target = cache_path(cfg, vocab_size)
+    target = cache_path(cfg, vocab_size, tokenizer)
     if not (target / "meta.json").exists():
-        _build(cfg, corpus_files(cfg), vocab_size, target)
+        _build(cfg, corpus_files(cfg), vocab_size, target, tokenizer)
     return Corpus(target, json.loads((target / "meta.json").read_text()))
 
 

@@ -6,8 +6,9 @@
 as the model's own class with no missing or unexpected keys: tensors named and laid out by the
 model's state-dict adapter (``ModelSpec.adapter``), ``model.safetensors`` (or shards of at most
 ``--max-shard-size`` with ``model.safetensors.index.json``), ``config.json`` (the adapter's, plus the
-dtype and fmtrain's own model config), ``generation_config.json`` and the run's tokenizer
-(``tokenizer.json``: fmtrain's byte tokenizer, id = byte value). ``--format fmtrain`` keeps the
+dtype and fmtrain's own model config), ``generation_config.json`` and the run's tokenizer (the
+model directory's ``tokenizer.json`` and settings, or fmtrain's byte tokenizer as a
+``tokenizer.json``: id = byte value). ``--format fmtrain`` keeps the
 model's own tensor names (a model without an adapter). Both load in one process without
 torch.distributed, whatever strategy and world size wrote the checkpoint:
 
@@ -34,7 +35,8 @@ from torch import nn
 
 from fmtrain import models
 from fmtrain.checkpoint import single_process_dcp
-from fmtrain.config import ModelConfig, load
+from fmtrain.config import ConfigError, ModelConfig, TrainConfig, load
+from fmtrain.data import tokenizer_of
 from fmtrain.manifests import CheckpointError, newest_valid, step_dir_name, verify
 from fmtrain.strategies import DTYPES
 
@@ -134,9 +136,7 @@ def export(
         assert adapter is not None
         tensors = adapter.to_external(model.state_dict())
         config: dict[str, Any] = adapter.external_config() | {"torch_dtype": torch_dtype, "dtype": torch_dtype}
-        config |= {"bos_token_id": None, "eos_token_id": None}  # the byte tokenizer has neither
-        (out / "generation_config.json").write_text(json.dumps({"bos_token_id": None, "eos_token_id": None}, indent=1) + "\n")
-        _write_byte_tokenizer(out, cfg.vocab_size)
+        config |= _write_tokenizer(out, run_cfg)
     else:
         aliases = _aliases(model)
         tensors = {name: t for name, t in model.state_dict().items() if name not in aliases}
@@ -203,7 +203,39 @@ def bytes_to_unicode() -> dict[int, str]:
     return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
 
 
-def _write_byte_tokenizer(out: Path, vocab_size: int) -> None:
+def _write_tokenizer(out: Path, run_cfg: TrainConfig) -> dict[str, Any]:
+    """The run's tokenizer beside the model, and generation_config.json; the special ids for config.json."""
+    try:
+        tokenizer = tokenizer_of(run_cfg)
+    except ConfigError as error:
+        raise ExportError(f"the run's tokenizer cannot be read: {error}") from None
+    if tokenizer.file is None:
+        _write_byte_tokenizer(out)
+        ids: dict[str, Any] = {"bos_token_id": None, "eos_token_id": None}  # the byte tokenizer has neither
+    else:
+        shutil.copyfile(tokenizer.file, out / "tokenizer.json")
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (tokenizer.file.parent / name).is_file():
+                shutil.copyfile(tokenizer.file.parent / name, out / name)
+        source = _json_file(Path(run_cfg.model.path) / "config.json") if run_cfg.model.path else {}
+        ids = {"bos_token_id": source.get("bos_token_id"), "eos_token_id": tokenizer.eos}
+    generation = Path(run_cfg.model.path) / "generation_config.json" if run_cfg.model.path else None
+    if generation is not None and generation.is_file():
+        shutil.copyfile(generation, out / "generation_config.json")
+    else:
+        (out / "generation_config.json").write_text(json.dumps(ids, indent=1) + "\n")
+    return ids
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_byte_tokenizer(out: Path) -> None:
     """fmtrain's byte tokenizer (id = the byte's value) as ``tokenizer.json``: a byte-level BPE
     without merges, so ``AutoTokenizer`` encodes text to the ids the model was trained on."""
     try:

@@ -24,7 +24,7 @@ from torch import nn
 
 from fmtrain import pretrained
 from fmtrain.config import TrainConfig, accumulation_steps, micro_batch_size
-from fmtrain.data import Corpus, GlobalBatches, eval_windows, prepare
+from fmtrain.data import Corpus, GlobalBatches, eval_windows, prepare, tokenizer_of
 from fmtrain.distributed import DistEnv
 from fmtrain.losses import LossFn, cross_entropy, cross_entropy_sum
 from fmtrain.models import recipe as model_recipe
@@ -44,11 +44,12 @@ class NonFiniteLossError(FloatingPointError):
 
 def prepare_data(cfg: TrainConfig, env: DistEnv) -> Corpus:
     """Local rank 0 tokenizes (once per node, cached); the others wait, then open the cache."""
+    tokenizer = tokenizer_of(cfg)
     if env.local_rank == 0:
-        corpus = prepare(cfg.data, cfg.model.vocab_size)
+        corpus = prepare(cfg.data, cfg.model.vocab_size, tokenizer)
     env.barrier()
     if env.local_rank != 0:
-        corpus = prepare(cfg.data, cfg.model.vocab_size)
+        corpus = prepare(cfg.data, cfg.model.vocab_size, tokenizer)
     return corpus
 
 

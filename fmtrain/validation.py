@@ -27,6 +27,7 @@ from fmtrain.config import (
     usable_cpus,
     world_size_of,
 )
+from fmtrain.data import tokenizer_of
 from fmtrain.parallel import TENSOR_PARALLEL, ParallelDims
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,7 +41,6 @@ ZERO_STAGES = (1, 2, 3)
 FP8_STRATEGIES = ("ddp", "fsdp")
 LAUNCHERS = ("local", "slurm", "ray")
 RAY_SUBMIT = ("foreground", "jobs")
-TOKENIZERS = {"bytes": 256}
 
 
 RAY_ADDRESS = re.compile(r"(ray://)?[\w.-]+:\d{1,5}")
@@ -85,12 +85,14 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     spec.check(m)  # what this architecture cannot build (Llama: odd rotary head dims, kv heads)
     pretrained.check(cfg)  # trainer.init_from / model.path: the files, the architecture, every tensor
 
-    _choice("data.tokenizer", d.tokenizer, tuple(TOKENIZERS))
-    if m.vocab_size < TOKENIZERS[d.tokenizer]:
+    tokenizer = tokenizer_of(cfg)  # data.tokenizer: bytes, or a Hugging Face tokenizer.json
+    if m.vocab_size < tokenizer.vocab_size:
+        what = "the byte tokenizer" if tokenizer.file is None else str(tokenizer.file)
         raise ConfigError(
             "model.vocab_size",
             m.vocab_size,
-            f"must be >= {TOKENIZERS[d.tokenizer]}, the vocabulary of data.tokenizer={d.tokenizer}",
+            f"must be >= {tokenizer.vocab_size}, the vocabulary of {what} (data.tokenizer={d.tokenizer}): "
+            "each token needs a row of the embedding",
         )
     if d.seq_len > m.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")

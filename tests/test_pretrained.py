@@ -60,6 +60,29 @@ def save_hf(config: transformers.PretrainedConfig, directory: Path, seed: int = 
     return model
 
 
+def save_tokenizer(directory: Path, vocab_size: int = 300) -> None:
+    """A byte-level BPE trained here on the standard library's text, with <s> added in front of each
+    document by its post-processor and </s> as the end of a document: the layout of a Llama tokenizer."""
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+
+    texts = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]]
+    tokenizer = Tokenizer(BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+
+
 def fmtrain_from(directory: Path, *overrides: str) -> tuple[torch.nn.Module, object]:
     cfg = compose(["model=hf", f"model.path={directory}", "data.seq_len=64", *overrides])
     recipe = models.recipe(cfg)
@@ -161,6 +184,36 @@ def test_a_model_directory_that_cannot_load_is_refused_before_launch(case: str, 
     assert "model.path=" in message and expected in message and "\n" not in message, message
 
 
+def test_the_model_directorys_tokenizer_tokenizes_the_data(tmp_path: Path) -> None:
+    from fmtrain.data import prepare, tokenizer_of
+
+    save_hf(ARCHS["llama-gqa-untied"], tmp_path / "hf")
+    save_tokenizer(tmp_path / "hf")
+    text = tmp_path / "notes.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 200)
+    data = ["data=text_files", f"data.paths=[{text}]", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.1"]
+    cfg = compose(["model=hf", f"model.path={tmp_path / 'hf'}", "data.seq_len=64", *data])
+    tokenizer = tokenizer_of(cfg)
+    assert tokenizer.file == tmp_path / "hf" / "tokenizer.json" and tokenizer.vocab_size == 300 and tokenizer.eos == 1
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    expected = [*theirs(text.read_text())["input_ids"], theirs.eos_token_id]
+    assert expected[0] == theirs.bos_token_id == 0
+    assert tokenizer.encode([text.read_bytes()]).tolist() == expected
+    corpus = prepare(cfg.data, cfg.model.vocab_size, tokenizer)
+    assert corpus.train.num_tokens + corpus.val.num_tokens == len(expected)
+    assert corpus.meta["tokenizer"].startswith(str(tokenizer.file))
+
+    # A tokenizer larger than the embedding is refused before launch; bytes stays available.
+    save_hf(ARCHS["llama-tied"], tmp_path / "small")  # 256 rows
+    save_tokenizer(tmp_path / "small")
+    with pytest.raises(UsageError, match=r"model.vocab_size=256 is invalid: must be >= 300, the vocabulary of .*tokenizer.json"):
+        compose(["model=hf", f"model.path={tmp_path / 'small'}", "data.seq_len=64"])
+    assert (
+        tokenizer_of(compose(["model=hf", f"model.path={tmp_path / 'small'}", "data.seq_len=64", "data.tokenizer=bytes"])).file
+        is None
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -197,6 +250,7 @@ def test_a_fine_tune_on_two_ranks_equals_one_process(strategy: str, cache_dir: P
 @pytest.mark.slow
 def test_fine_tune_export_and_transformers_reloads_it(cache_dir: Path, tmp_path: Path) -> None:
     save_hf(ARCHS["llama-gqa-untied"], tmp_path / "hf")
+    save_tokenizer(tmp_path / "hf")
     run_dir = tmp_path / "run"
     result = fmtrain(
         ["train", "model=hf", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=6", f"run_dir={run_dir}"], cache_dir
@@ -213,6 +267,10 @@ def test_fine_tune_export_and_transformers_reloads_it(cache_dir: Path, tmp_path:
     assert verification["max_abs_logit_diff"] < 1e-5 and verification["missing_keys"] == verification["unexpected_keys"] == []
     theirs, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert type(theirs).__name__ == "LlamaForCausalLM" and not any(info[k] for k in ("missing_keys", "unexpected_keys"))
+    assert (json.loads((out / "config.json").read_text())["eos_token_id"], theirs.config.eos_token_id) == (1, 1)
+    text = "def main(argv):\n    return 0\n"
+    exported_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert exported_tokenizer(text)["input_ids"] == transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"]
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
     trained = load_checkpoint_model(

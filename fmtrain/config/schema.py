@@ -43,7 +43,8 @@ class DataConfig:
 
     name: str = field_in("stdlib", nonempty=True)
     paths: list[str] = field_in(list, items=Domain(nonempty=True, path=True))
-    tokenizer: str = "bytes"
+    # bytes; auto: model.path's tokenizer.json when it has one, else bytes; or a tokenizer.json (or its folder)
+    tokenizer: str = field_in("auto", nonempty=True, path=True)
     seq_len: int = field_in(256, gt=0, le=2**22)
     val_fraction: float = field_in(0.02, gt=0, lt=1)
     max_bytes: int = field_in(64_000_000, gt=0, le=2**50)
