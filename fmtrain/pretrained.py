@@ -32,7 +32,7 @@ from fmtrain.models.spec import Recipe
 log = logging.getLogger("fmtrain")
 
 # config.json's architecture -> the fmtrain spec whose adapter maps it
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+SUPPORTED = {name: "llama" for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")}
 INDEX = "model.safetensors.index.json"
 SKIPPED = ("rotary_emb.inv_freq",)  # buffers some checkpoints store; computed from the config
 
@@ -101,24 +101,25 @@ def check_hf_config(field: str, path: Path, cfg: TrainConfig) -> None:
     if architecture not in SUPPORTED:
         raise ConfigError(field, str(path), f"architecture {architecture} is not supported; supported: {', '.join(SUPPORTED)}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     unsupported = {
-        f"rope scaling {rope.get('rope_type') or rope.get('type')}": (rope.get("rope_type") or rope.get("type") or "default")
-        != "default",
-        "attention biases": bool(hf.get("attention_bias")),
+        f"rope scaling {rope_type}": rope_type not in ("default", "llama3"),
+        "biases on every attention projection": bool(hf.get("attention_bias")) and architecture != "Qwen2ForCausalLM",
         "MLP biases": bool(hf.get("mlp_bias")),
         f"activation {hf.get('hidden_act')}": hf.get("hidden_act", "silu") != "silu",
-        f"head_dim {hf.get('head_dim')} != hidden_size / num_attention_heads": hf.get("head_dim")
-        not in (
-            None,
-            cfg.model.dim // cfg.model.n_heads,
-        ),
-        f"a sliding window of {hf.get('sliding_window')} tokens shorter than data.seq_len={cfg.data.seq_len}": (
-            hf.get("sliding_window") or cfg.data.seq_len
-        )
+        f"a sliding window of {window} tokens shorter than data.seq_len={cfg.data.seq_len}": (window or cfg.data.seq_len)
         < cfg.data.seq_len,
     }
     if problems := [what for what, present in unsupported.items() if present]:
         raise ConfigError(field, str(path), f"{architecture} with {', '.join(problems)} is not supported yet")
+    if cfg.model.qk_norm != (architecture == "Qwen3ForCausalLM") or cfg.model.qkv_bias != (architecture == "Qwen2ForCausalLM"):
+        raise ConfigError(
+            field,
+            str(path),
+            f"{architecture} needs model.qkv_bias={architecture == 'Qwen2ForCausalLM'} and "
+            f"model.qk_norm={architecture == 'Qwen3ForCausalLM'} (model=hf sets them)",
+        )
 
 
 def weight_files(field: str, path: Path) -> list[Path]:

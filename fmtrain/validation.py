@@ -78,7 +78,7 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     """
     check_domains(cfg)  # each field on its own: type, range, finiteness, non-empty, choices
     m, d, o, t, lnch = cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.launcher
-    if m.dim % m.n_heads:
+    if m.head_dim is None and m.dim % m.n_heads:
         raise ConfigError("model.n_heads", m.n_heads, f"must divide model.dim={m.dim}")
     models.import_modules(cfg.imports)  # a user's own model registers itself on import
     spec = models.get(m.arch)

@@ -26,6 +26,7 @@ def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("hf", hf_config_value, replace=True)
+    OmegaConf.register_new_resolver("hf_is", hf_architecture_is, replace=True)
 
 
 _MISSING = object()
@@ -37,12 +38,20 @@ def hf_config_value(path: str, keys: str, default: Any = _MISSING) -> Any:
     for key in keys.split("|"):
         value: Any = data
         for part in key.split("."):
-            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+            if isinstance(value, list) and part.isdigit():
+                value = value[int(part)] if int(part) < len(value) else _MISSING
+            else:
+                value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
         if value is not _MISSING and value is not None:
             return value
     if default is _MISSING:
         raise ConfigError("model.path", path, f"its config.json has no {' or '.join(keys.split('|'))}")
     return default
+
+
+def hf_architecture_is(path: str, architecture: str) -> bool:
+    """``${hf_is:DIR,Qwen2ForCausalLM}``: whether config.json's architecture is this one."""
+    return (hf_config(path).get("architectures") or [None])[0] == architecture
 
 
 def hf_config(path: str) -> dict[str, Any]:

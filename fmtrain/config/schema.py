@@ -28,6 +28,18 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = field_in(0.02, gt=0, le=1)
     ffn_dim: int | None = field_in(None, gt=0, le=2**20)  # the SwiGLU hidden size; None: from dim (Llama's rule)
+    head_dim: int | None = field_in(None, gt=0, le=2**12)  # None: dim / n_heads (Qwen3 sets its own)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys before the rotation (Qwen3)
+    # Rotary frequencies: default (theta only), or llama3 (Llama 3.1+: long wavelengths divided by rope_factor,
+    # a smooth blend between rope_low_freq_factor and rope_high_freq_factor, for rope_original_max_seq_len)
+    rope_type: str = field_in("default", choices=("default", "llama3"))
+    rope_factor: float = field_in(8.0, ge=1, le=1024)
+    rope_low_freq_factor: float = field_in(1.0, gt=0, le=1024)
+    rope_high_freq_factor: float = field_in(4.0, gt=0, le=1024)
+    rope_original_max_seq_len: int = field_in(8192, gt=0, le=2**22)
+    # The Hugging Face class an export hands back (model=hf: the source's); "": the one the features imply
+    hf_architecture: str = ""
     # A Hugging Face model directory (config.json, safetensors): model=hf reads the sizes above from its
     # config.json, and the run starts from its weights (unless trainer.init_from names others).
     path: str = field_in("", path=True)

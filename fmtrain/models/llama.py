@@ -48,9 +48,32 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rotary_tables(head_dim: int, seq_len: int, theta: float, device: torch.device) -> torch.Tensor:
-    """cos and sin of the rotary angles, shape (2, seq_len, head_dim // 2), in fp32."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+def head_dim_of(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.dim // cfg.n_heads
+
+
+def rotary_frequencies(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
+    """The rotary frequency of each pair of a head, in fp32: theta's, rescaled for ``rope_type=llama3``
+    (long wavelengths divided by ``rope_factor``, a smooth blend in between: Llama 3.1's rule, as
+    transformers' ``_compute_llama3_parameters``)."""
+    head_dim = head_dim_of(cfg)
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if cfg.rope_type == "default":
+        return freqs
+    context, factor = cfg.rope_original_max_seq_len, cfg.rope_factor
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelength = 2 * math.pi / freqs
+    scaled = torch.where(wavelength > context / low, freqs / factor, freqs)
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rotary_tables(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
+    """cos and sin of the rotary angles, shape (2, max_seq_len, head_dim // 2), in fp32."""
+    freqs = rotary_frequencies(cfg, device)
+    seq_len = cfg.max_seq_len
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), freqs)
     return torch.stack((angles.cos(), angles.sin()))
 
@@ -69,16 +92,22 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.head_dim = head_dim_of(cfg)
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        # Qwen3: each head's queries and keys normalized (over head_dim) before the rotation
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -124,7 +153,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # Not persistent: derived from the config, so checkpoints hold only learned state.
         self.rope: torch.Tensor
-        self.register_buffer("rope", torch.empty(2, cfg.max_seq_len, cfg.dim // cfg.n_heads // 2), persistent=False)
+        self.register_buffer("rope", torch.empty(2, cfg.max_seq_len, head_dim_of(cfg) // 2), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
@@ -140,8 +169,7 @@ class Transformer(nn.Module):
         """
         if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
             self.output.weight = self.tok_embeddings.weight  # to_empty() untied plain tensors
-        head_dim = self.cfg.dim // self.cfg.n_heads
-        self.rope.copy_(rotary_tables(head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device))
+        self.rope.copy_(rotary_tables(self.cfg, self.rope.device))
 
     @torch.no_grad()
     def init_weights(
@@ -164,6 +192,8 @@ class Transformer(nn.Module):
         def value(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
             if name.endswith("norm.weight"):
                 return torch.ones(shape)
+            if name.endswith(".bias"):
+                return torch.zeros(shape)
             scaled = name.endswith(("wo.weight", "w2.weight"))
             return truncated_normal(shape, std / math.sqrt(2 * self.cfg.n_layers) if scaled else std, generator)
 
@@ -219,12 +249,13 @@ class LlamaSpec(ModelSpec):
         return Transformer(cfg)
 
     def adapter(self, cfg: ModelConfig) -> LlamaHFAdapter:
-        """Hugging Face's ``LlamaForCausalLM`` layout (:mod:`fmtrain.models.llama_hf`)."""
+        """Hugging Face's Llama layout (:mod:`fmtrain.models.llama_hf`): Llama, Mistral, Qwen2, Qwen3."""
         return LlamaHFAdapter(cfg, ffn_hidden_dim(cfg))
 
     def check(self, cfg: ModelConfig) -> None:
-        if (cfg.dim // cfg.n_heads) % 2:
-            raise ConfigError("model.n_heads", cfg.n_heads, "head dim (dim/n_heads) must be even for rotary embeddings")
+        if head_dim_of(cfg) % 2:
+            field, value = ("model.head_dim", cfg.head_dim) if cfg.head_dim else ("model.n_heads", cfg.n_heads)
+            raise ConfigError(field, value, "the head dim (model.head_dim, else dim/n_heads) must be even for rotary embeddings")
         n_kv = cfg.n_kv_heads or cfg.n_heads
         if n_kv <= 0 or cfg.n_heads % n_kv:
             raise ConfigError("model.n_kv_heads", cfg.n_kv_heads, f"must be positive and divide model.n_heads={cfg.n_heads}")
