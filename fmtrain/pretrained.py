@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -135,17 +136,15 @@ def weight_files(field: str, path: Path) -> list[Path]:
 
 def header_shapes(field: str, path: Path) -> dict[str, list[int]]:
     """Every tensor's shape, from the safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
-
     shapes: dict[str, list[int]] = {}
     for file in weight_files(field, path):
         if not file.is_file():
             raise ConfigError(field, str(path), f"{file.name}, named by its index, is missing")
         try:
-            with safe_open(str(file), framework="pt") as f:
-                shapes |= {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
-        except Exception as error:  # safetensors raises its own error types for a corrupt header
-            raise ConfigError(field, str(path), f"{file.name} is not a readable safetensors file: {error}") from None
+            with SafetensorsFile(file) as f:
+                shapes |= {name: shape for name, (_, shape) in f.tensors.items()}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ConfigError(field, str(path), f"{file.name} is not a readable safetensors file ({error!r})") from None
     return shapes
 
 
@@ -154,6 +153,7 @@ def load(wrapped: nn.Module, recipe: Recipe, source: tuple[str, Path]) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     field, path = source
+    before = _reset_peak_rss()
     state = get_model_state_dict(wrapped)
     if (path / MANIFEST).is_file():
         import torch.distributed.checkpoint as dcp
@@ -169,25 +169,134 @@ def load(wrapped: nn.Module, recipe: Recipe, source: tuple[str, Path]) -> None:
     else:
         _load_hf(state, recipe, field, path)
     set_model_state_dict(wrapped, state)
-    log.info("initialized the model's weights from %s (%s)", path, field)
+    whole = sum(p.numel() * p.element_size() for p in recipe.meta().parameters()) / 2**20
+    if before is not None and (peak := _peak_rss()) is not None:
+        log.info(
+            "initialized the model's weights from %s (%s): loading held at most %.0f MB above the built model "
+            "(the whole model: %.0f MB)",
+            path,
+            field,
+            (peak - before) / 2**20,
+            whole,
+        )
+    else:
+        log.info("initialized the model's weights from %s (%s)", path, field)
 
 
 def _load_hf(state: dict[str, Any], recipe: Recipe, field: str, path: Path) -> None:
-    from safetensors import safe_open
-
+    """Each tensor of the files into this rank's part of its parameter. A tensor the adapter only
+    renames, for a parameter split by rows (fsdp's Shard(0)), is read for this rank's rows alone; the
+    others (q/k, permuted; tp's column splits) are read whole, one at a time, and distributed."""
     adapter = recipe.spec.adapter(recipe.cfg)
     assert adapter is not None  # check() refused it before launch
     loaded: set[str] = set()
     for file in weight_files(field, path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118
+        with SafetensorsFile(file) as f:
+            for name, (dtype, shape) in f.tensors.items():
                 if name.endswith(SKIPPED) or (name == "lm_head.weight" and recipe.cfg.tie_embeddings):
                     continue
-                for ours, value in adapter.from_external({name: f.get_tensor(name)}).items():
-                    _copy_into(state[ours], value)
+                placeholder = torch.empty(shape, dtype=dtype, device="meta")
+                mapped = adapter.from_external({name: placeholder})
+                for ours, value in mapped.items():
+                    rows = _local_rows(state[ours]) if value is placeholder else None
+                    if rows is not None:
+                        state[ours].to_local().copy_(f.read(name, rows))
+                    else:
+                        _copy_into(state[ours], adapter.from_external({name: f.read(name)})[ours])
                     loaded.add(ours)
     if missing := sorted(set(state) - loaded):
         raise CheckpointError(f"{path}: no weights for {', '.join(missing[:5])}")
+
+
+def _local_rows(target: torch.Tensor) -> tuple[int, int] | None:
+    """The rows [start, stop) of the whole tensor that this rank's shard of ``target`` holds, when the
+    shard is exactly a block of rows (a DTensor split on dim 0 only); else None."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(target, DTensor) or not all(p == Shard(0) or isinstance(p, Replicate) for p in target.placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+    if any(offset[1:]) or tuple(shape[1:]) != tuple(target.shape[1:]):
+        return None
+    return offset[0], offset[0] + shape[0]
+
+
+class SafetensorsFile:
+    """A safetensors file read with plain reads, not a memory map: a tensor's bytes, or a block of its
+    rows, land in memory of their own, and nothing else of the file stays resident.
+
+    Format: 8 bytes (little-endian header length), a JSON header {name: {dtype, shape, data_offsets}},
+    then the data (https://github.com/huggingface/safetensors#format)."""
+
+    DTYPES: ClassVar[dict[str, torch.dtype]] = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115  (closed by __exit__)
+        length = int.from_bytes(self._file.read(8), "little")
+        header = json.loads(self._file.read(length))
+        self._data = 8 + length
+        header.pop("__metadata__", None)
+        self._entries = header
+        self.tensors = {name: (self.DTYPES[e["dtype"]], list(e["shape"])) for name, e in header.items()}
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if (size := os.fstat(self._file.fileno()).st_size) < self._data + end:
+            self._file.close()
+            raise ValueError(f"truncated: {size} bytes, its header describes {self._data + end}")
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        dtype, shape = self.tensors[name]
+        start, stop = self._entries[name]["data_offsets"]
+        if rows is not None and shape:
+            row_bytes = (stop - start) // max(shape[0], 1)
+            start, stop, shape = start + rows[0] * row_bytes, start + rows[1] * row_bytes, [rows[1] - rows[0], *shape[1:]]
+        buffer = bytearray(stop - start)
+        self._file.seek(self._data + start)
+        self._file.readinto(buffer)
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _reset_peak_rss() -> int | None:
+    """This process's resident bytes now, its high-water mark reset to it (Linux); None elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+        return _status_kb("VmRSS") * 1024
+    except (OSError, ValueError):
+        return None
+
+
+def _peak_rss() -> int | None:
+    try:
+        return _status_kb("VmHWM") * 1024
+    except (OSError, ValueError):
+        return None
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise ValueError(key)
 
 
 def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:

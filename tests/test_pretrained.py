@@ -212,6 +212,7 @@ BAD: dict[str, tuple[str, str]] = {
     "mis-shaped tensor": ("reshape model.norm.weight", "tensor model.norm.weight has shape [32], the model needs [64]"),
     "pickle weights": ("pickle", "has only pickle weights (.bin)"),
     "corrupt weights": ("truncate", "model.safetensors is not a readable safetensors file"),
+    "truncated weights": ("truncate data", "model.safetensors is not a readable safetensors file (ValueError('truncated"),
 }
 
 
@@ -246,6 +247,8 @@ def test_a_model_directory_that_cannot_load_is_refused_before_launch(case: str, 
         weights.unlink()
     elif action == "truncate":
         weights.write_bytes(weights.read_bytes()[:100])
+    elif action == "truncate data":
+        weights.write_bytes(weights.read_bytes()[:-1000])
     with pytest.raises(UsageError) as error:
         compose(["model=hf", f"model.path={directory}", "data.seq_len=64"])
     message = str(error.value)
@@ -363,3 +366,27 @@ def test_an_interrupted_fine_tune_resumes_from_its_own_checkpoint(cache_dir: Pat
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "resumed from" in log and "step_000003" in log
     assert train_losses(run_dir) == train_losses(tmp_path / "reference")
+
+
+@pytest.mark.slow
+def test_loading_under_fsdp_holds_less_than_the_whole_model_per_rank(cache_dir: Path, tmp_path: Path) -> None:
+    """A 230 MB model loaded by 2 FSDP ranks: what loading adds to each rank's resident memory (its
+    peak, reset before loading) stays below the whole model's size, and so does that plus the rank's shard."""
+    import re
+
+    config = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8
+    )
+    config.max_position_embeddings = 256
+    save_hf(config, tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    args = ["train", "model=hf", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=1", f"run_dir={run_dir}"]
+    result = fmtrain([*args, "strategy=fsdp", "launcher.nproc=2", "trainer.global_batch_size=2"], cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        match = re.search(r"loading held at most (\d+) MB above the built model \(the whole model: (\d+) MB\)", log)
+        assert match, log
+        held, whole = int(match.group(1)), int(match.group(2))
+        print(f"rank {rank}: loading held {held} MB at most, beside its {whole // 2} MB shard; the whole model is {whole} MB")
+        assert whole > 200 and held + whole // 2 < whole, (held, whole)
