@@ -83,6 +83,19 @@ def summary() -> str:
             f"| overhead {ca['watchdog_overhead']:.3%} measured directly (end to end {ca['watchdog_overhead_end_to_end']:+.1%}, "
             f"runs spread {ca['end_to_end_noise']:.1%}) | {ca['watchdog_goal']} |"
         )
+    if (RESULTS / "hf_import.json").is_file():
+        hf = load("hf_import")
+        memory, tune = hf["import_memory"], hf["fine_tune"]
+        lines.append(
+            "| peak memory per rank importing a 1.06 GB Llama "
+            f"| from_pretrained + a forward {memory['from_pretrained_peak_mb']} MB "
+            f"| fsdp, 2 ranks {max(memory['fmtrain_fsdp_rank_peak_mb'])} MB | {memory['ratio']:.2f} | {memory['goal']} |"
+        )
+        lines.append(
+            "| fine-tuning a Hugging Face Llama (tiny shape) "
+            f"| transformers' loop {common_median(tune['transformers_tokens_per_s']):,.0f} tok/s "
+            f"| model=hf {common_median(tune['fmtrain_tokens_per_s']):,.0f} tok/s | {tune['ratio']:.2f} | {tune['goal']} |"
+        )
     m = load("mfu")
     for name, row in m["models"].items():
         lines.append(
@@ -115,9 +128,15 @@ def summary() -> str:
     return "\n".join(lines) + "\n"
 
 
+def common_median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
 def main() -> None:
     scripts = ["throughput.py", "startup.py", "mfu.py", "strategies.py", "accelerate_ddp.py", "zero3_init.py"]
-    scripts += ["checkpoint_async.py"]
+    scripts += ["checkpoint_async.py", "hf_import.py"]
     scripts += ["slurm_latency.py", "tune_asha.py", "ray_startup.py"]  # root: a Slurm cluster, network namespaces
     for script in scripts:
         subprocess.run([sys.executable, str(HERE / script)], check=True)

@@ -173,11 +173,12 @@ def load(wrapped: nn.Module, recipe: Recipe, source: tuple[str, Path]) -> None:
     if before is not None and (peak := _peak_rss()) is not None:
         log.info(
             "initialized the model's weights from %s (%s): loading held at most %.0f MB above the built model "
-            "(the whole model: %.0f MB)",
+            "(the whole model: %.0f MB; this process's peak resident memory while loading: %.0f MB)",
             path,
             field,
             (peak - before) / 2**20,
             whole,
+            peak / 2**20,
         )
     else:
         log.info("initialized the model's weights from %s (%s)", path, field)

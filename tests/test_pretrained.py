@@ -385,7 +385,7 @@ def test_loading_under_fsdp_holds_less_than_the_whole_model_per_rank(cache_dir: 
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in (0, 1):
         log = (run_dir / "logs" / f"rank{rank}.log").read_text()
-        match = re.search(r"loading held at most (\d+) MB above the built model \(the whole model: (\d+) MB\)", log)
+        match = re.search(r"loading held at most (\d+) MB above the built model \(the whole model: (\d+) MB;", log)
         assert match, log
         held, whole = int(match.group(1)), int(match.group(2))
         print(f"rank {rank}: loading held {held} MB at most, beside its {whole // 2} MB shard; the whole model is {whole} MB")
