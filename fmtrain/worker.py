@@ -36,15 +36,19 @@ from fmtrain.trainer import run
 def injected_fault() -> Callable[[int], None] | None:
     """``FMTRAIN_FAULT=RANK:STEP``: a step hook that raises in that rank at that step;
     ``RANK:STEP:hang``: one that never returns there (the watchdog's test); ``RANK:STEP:gil``: one that
-    never returns and never lets another thread run (the sidecar's test); ``RANK:STEP:kill``: SIGKILL."""
+    never returns and never lets another thread run (the sidecar's test); ``RANK:STEP:kill``: SIGKILL.
+    ``FMTRAIN_STEP_DELAY_S=S``: every step of every rank takes S seconds longer (a run whose length
+    does not depend on the machine's speed: the time-limit test)."""
     spec = os.environ.get("FMTRAIN_FAULT", "")
-    if not spec:
+    delay = float(os.environ.get("FMTRAIN_STEP_DELAY_S", "0") or 0)
+    if not spec and not delay:
         return None
-    fault_rank, fault_step, *kind = spec.split(":")
+    fault_rank, fault_step, *kind = spec.split(":") if spec else ("-1", "-1")
     rank = int(os.environ.get("RANK", "0"))
 
     def fault(step: int) -> None:
-        if step == int(fault_step):
+        time.sleep(delay)
+        if rank == int(fault_rank) and step == int(fault_step):
             if kind == ["hang"]:
                 while True:
                     time.sleep(3600)
@@ -54,7 +58,7 @@ def injected_fault() -> Callable[[int], None] | None:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault (FMTRAIN_FAULT) in rank {rank} at step {step}")
 
-    return fault if rank == int(fault_rank) else None
+    return fault
 
 
 def main(argv: list[str]) -> int:

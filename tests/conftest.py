@@ -99,6 +99,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def env_with(cache: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, FMTRAIN_CACHE=str(cache), PYTHONUNBUFFERED="1")
     env.pop("FMTRAIN_FAULT", None)
+    env.pop("FMTRAIN_STEP_DELAY_S", None)
     env.update(extra)
     return env
 

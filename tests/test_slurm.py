@@ -228,7 +228,8 @@ def test_a_preempted_job_saves_requeues_and_resumes_exactly(cluster, cache_dir: 
 def test_a_job_at_its_time_limit_saves_requeues_and_resumes_exactly(cluster, cache_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "timed"
     # A 1-minute limit, warned 40 s ahead; Slurm checks about every 30 s, so USR2 comes 20-50 s in.
-    # ~60 s of work on an idle machine: one or two requeues; a busy one needs more (10 allowed).
+    # 2000 steps of at least 40 ms (FMTRAIN_STEP_DELAY_S: however fast the machine): 80 s or more of
+    # work, so at least one requeue; a busy machine needs more (10 allowed).
     overrides = [
         *LONG,
         "launcher.tasks_per_node=1",
@@ -236,9 +237,9 @@ def test_a_job_at_its_time_limit_saves_requeues_and_resumes_exactly(cluster, cac
         "launcher.signal_delay_s=40",
         "launcher.max_requeues=10",
     ]
-    job_id = submit(cluster, cache_dir, run_dir, *overrides)[0]
+    job_id = submit(cluster, cache_dir, run_dir, *overrides, env={"FMTRAIN_STEP_DELAY_S": "0.04"})[0]
     reference = local_reference_1proc(cache_dir, tmp_path / "local")
-    assert wait_state(cluster, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=700) == "COMPLETED"
+    assert wait_state(cluster, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=540) == "COMPLETED"
     requeues = [json.loads(line) for line in (run_dir / "requeues.jsonl").read_text().splitlines()]
     assert requeues and all(r["reason"] == "time_limit" and r["requeued"] for r in requeues)
     assert train_losses(run_dir) == pytest.approx(reference, rel=1e-6)
