@@ -92,13 +92,13 @@ class Tokenizer:
         if self.file is None:
             return EOS
         folder = self.file.parent
-        settings = _json_or_empty(folder / "tokenizer_config.json")
+        settings = json_or_empty(folder / "tokenizer_config.json")
         token = settings.get("eos_token")
         token = token.get("content") if isinstance(token, dict) else token
         if isinstance(token, str) and (found := self._hf.token_to_id(token)) is not None:
             return int(found)
         for name in ("generation_config.json", "config.json"):
-            ids = _json_or_empty(folder / name).get("eos_token_id")
+            ids = json_or_empty(folder / name).get("eos_token_id")
             ids = ids[0] if isinstance(ids, list) and ids else ids
             if isinstance(ids, int):
                 return ids
@@ -116,7 +116,8 @@ class Tokenizer:
         return np.asarray(ids, dtype=np.int64)
 
 
-def _json_or_empty(path: Path) -> dict[str, Any]:
+def json_or_empty(path: Path) -> dict[str, Any]:
+    """A JSON object file (a model directory's settings), or {} if it is missing or not one."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -36,7 +36,7 @@ from torch import nn
 from fmtrain import models
 from fmtrain.checkpoint import single_process_dcp
 from fmtrain.config import ConfigError, ModelConfig, TrainConfig, load
-from fmtrain.data import tokenizer_of
+from fmtrain.data import json_or_empty, tokenizer_of
 from fmtrain.manifests import CheckpointError, newest_valid, step_dir_name, verify
 from fmtrain.strategies import DTYPES
 
@@ -217,7 +217,7 @@ def _write_tokenizer(out: Path, run_cfg: TrainConfig) -> dict[str, Any]:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (tokenizer.file.parent / name).is_file():
                 shutil.copyfile(tokenizer.file.parent / name, out / name)
-        source = _json_file(Path(run_cfg.model.path) / "config.json") if run_cfg.model.path else {}
+        source = json_or_empty(Path(run_cfg.model.path) / "config.json") if run_cfg.model.path else {}
         ids = {"bos_token_id": source.get("bos_token_id"), "eos_token_id": tokenizer.eos}
     generation = Path(run_cfg.model.path) / "generation_config.json" if run_cfg.model.path else None
     if generation is not None and generation.is_file():
@@ -225,14 +225,6 @@ def _write_tokenizer(out: Path, run_cfg: TrainConfig) -> dict[str, Any]:
     else:
         (out / "generation_config.json").write_text(json.dumps(ids, indent=1) + "\n")
     return ids
-
-
-def _json_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _write_byte_tokenizer(out: Path) -> None:
