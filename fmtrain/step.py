@@ -97,6 +97,13 @@ def build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
     if (source := pretrained.initial_weights(cfg)) is not None:
         pretrained.load(wrapped, recipe, source)  # over the seeded init (weights only; a resume comes later)
     built = getattr(wrapped, "module", wrapped)  # evaluation runs the model itself, outside DDP's hooks
+    if cfg.trainer.freeze:
+        fixed = [name for name, param in built.named_parameters() if not param.requires_grad]
+        log.info(
+            "trainer.freeze keeps %d parameter tensors fixed (%s)",
+            len(fixed),
+            ", ".join(fixed[:4]) + (", ..." if len(fixed) > 4 else ""),
+        )
     accum = accumulation_steps(t, strategy.dp_size)
     wrapped, optimizer = strategy.attach_optimizer(
         wrapped, build_optimizer(wrapped, cfg.optim), micro=micro, accum=accum, grad_clip=cfg.optim.grad_clip

@@ -83,6 +83,10 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     models.import_modules(cfg.imports)  # a user's own model registers itself on import
     spec = models.get(m.arch)
     spec.check(m)  # what this architecture cannot build (Llama: odd rotary head dims, kv heads)
+    if t.freeze:
+        from fmtrain.models.converters import check_freeze
+
+        check_freeze(cfg, models.recipe(cfg).meta())
     pretrained.check(cfg)  # trainer.init_from / model.path: the files, the architecture, every tensor
 
     tokenizer = tokenizer_of(cfg)  # data.tokenizer: bytes, or a Hugging Face tokenizer.json

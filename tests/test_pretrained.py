@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -390,3 +391,31 @@ def test_loading_under_fsdp_holds_less_than_the_whole_model_per_rank(cache_dir: 
         held, whole = int(match.group(1)), int(match.group(2))
         print(f"rank {rank}: loading held {held} MB at most, beside its {whole // 2} MB shard; the whole model is {whole} MB")
         assert whole > 200 and held + whole // 2 < whole, (held, whole)
+
+
+@pytest.mark.slow
+def test_frozen_parameters_keep_the_base_weights_under_fsdp(cache_dir: Path, tmp_path: Path) -> None:
+    save_hf(ARCHS["llama-gqa-untied"], tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    freeze = "trainer.freeze=[tok_embeddings.weight,blocks.0.*]"
+    args = ["train", "model=hf", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=3", f"run_dir={run_dir}"]
+    result = fmtrain([*args, freeze, "strategy=fsdp", "launcher.nproc=2"], cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    base, cfg = fmtrain_from(tmp_path / "hf")
+    trained = load_checkpoint_model(run_dir / "checkpoints" / "step_000003", cfg.model).state_dict()
+    for name, value in base.state_dict().items():
+        same = torch.equal(trained[name], value)
+        assert same == (name == "tok_embeddings.weight" or name.startswith("blocks.0.")), name
+    assert "trainer.freeze keeps 10 parameter tensors fixed" in (run_dir / "logs" / "rank0.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("patterns", "expected"),
+    [
+        ("[blocks.9.*]", "trainer.freeze='blocks.9.*' is invalid: matches no parameter of model.arch=llama"),
+        ("['*']", "trainer.freeze=['*'] is invalid: freezes every parameter: nothing would train"),
+    ],
+)
+def test_a_freeze_pattern_that_cannot_be_meant_is_refused(patterns: str, expected: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(expected)):
+        compose(["model=tiny", f"trainer.freeze={patterns}"])

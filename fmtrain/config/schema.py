@@ -96,6 +96,9 @@ class TrainerConfig:
     # fmtrain checkpoint (any strategy, any world size). "": model.path's weights, else a random init.
     # Checkpoints of this run still come first (trainer.resume): an interrupted fine-tune resumes.
     init_from: str = field_in("", path=True)
+    # parameters to keep fixed (out of the optimizer): shell patterns over the model's parameter
+    # names, e.g. trainer.freeze=[tok_embeddings.weight,'blocks.[0-3].*']; each must match one
+    freeze: list[str] = field_in(list, items=Domain(nonempty=True))
     on_nonfinite: str = "error"
     # a step, evaluation or save that makes no progress this long ends the job, naming the ranks that did
     # not arrive and writing every rank's Python stack to logs/ (the process group's timeout is a minute
