@@ -137,6 +137,9 @@ def export(
         tensors = adapter.to_external(model.state_dict())
         config: dict[str, Any] = adapter.external_config() | {"torch_dtype": torch_dtype, "dtype": torch_dtype}
         config |= _write_tokenizer(out, run_cfg)
+        if cfg.trust_remote_code:  # the model's own code (config.json's auto_map) goes with it
+            for code in Path(cfg.path).glob("*.py"):
+                shutil.copyfile(code, out / code.name)
     else:
         aliases = _aliases(model)
         tensors = {name: t for name, t in model.state_dict().items() if name not in aliases}
@@ -255,7 +258,9 @@ def verify_export(out: Path, checkpoint_model: nn.Module, cfg: ModelConfig, dtyp
     with torch.no_grad():
         expected = checkpoint_model.eval()(ids).float()
         if config["fmtrain"]["format"] == "hf" and transformers is not None:
-            loaded, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+            loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+                out, dtype=torch.float32, output_loading_info=True, trust_remote_code=cfg.trust_remote_code
+            )
             missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
             got = loaded.eval()(input_ids=ids).logits.float()
             loader = f"transformers {transformers.__version__} {type(loaded).__name__}"

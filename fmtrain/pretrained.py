@@ -35,6 +35,7 @@ log = logging.getLogger("fmtrain")
 # config.json's architecture -> the fmtrain spec whose adapter maps it
 SUPPORTED = {name: "llama" for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")}
 INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 SKIPPED = ("rotary_emb.inv_freq",)  # buffers some checkpoints store; computed from the config
 
 
@@ -71,16 +72,17 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(
             field, str(path), "neither a Hugging Face model directory (config.json) nor an fmtrain checkpoint (manifest.json)"
         )
-    check_hf_config(field, path, cfg)
+    if cfg.model.arch == "llama":
+        check_hf_config(field, path, cfg)
     recipe = model_recipe(cfg)
     adapter = recipe.spec.adapter(recipe.cfg)
     if adapter is None:
         raise ConfigError(field, str(path), f"model.arch={cfg.model.arch} has no Hugging Face adapter (ModelSpec.adapter)")
     with torch.device("meta"):
         expected = {name: list(t.shape) for name, t in adapter.to_external(recipe.build().state_dict()).items()}
-    found = header_shapes(field, path)
+    found = header_shapes(field, path, cfg.model.allow_pickle)
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(n for n in set(found) - set(expected) if not n.endswith(SKIPPED) and n != "lm_head.weight")
+    unexpected = sorted(n for n in set(found) - set(expected) if not _skipped(n, adapter, cfg.model.tie_embeddings))
     wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
     if missing or unexpected:
         what = [
@@ -100,7 +102,12 @@ def check_hf_config(field: str, path: Path, cfg: TrainConfig) -> None:
     hf = json.loads((path / "config.json").read_text())
     architecture = (hf.get("architectures") or ["?"])[0]
     if architecture not in SUPPORTED:
-        raise ConfigError(field, str(path), f"architecture {architecture} is not supported; supported: {', '.join(SUPPORTED)}")
+        raise ConfigError(
+            field,
+            str(path),
+            f"architecture {architecture} is not supported by model=hf (fmtrain's own decoder); supported: "
+            f"{', '.join(SUPPORTED)}; any other transformers causal LM: model=hf_auto",
+        )
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
@@ -123,28 +130,50 @@ def check_hf_config(field: str, path: Path, cfg: TrainConfig) -> None:
         )
 
 
-def weight_files(field: str, path: Path) -> list[Path]:
-    """The safetensors files of a model directory (one, or the shards its index names)."""
+def _skipped(name: str, adapter: Any, tied: bool) -> bool:
+    """A tensor of the files that loading leaves out: buffers computed from the config, a tied head
+    (its weights are the embeddings'), what the adapter says the model ignores."""
+    ignored = getattr(adapter, "ignored", None)
+    return name.endswith(SKIPPED) or (tied and name == "lm_head.weight") or (ignored is not None and ignored(name))
+
+
+def weight_files(field: str, path: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a model directory: safetensors (one, or the shards its index names), or,
+    with ``model.allow_pickle``, ``pytorch_model.bin`` (one, or the shards of its index)."""
     if (path / INDEX).is_file():
         return [path / name for name in sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
+    if allow_pickle and (path / PICKLE_INDEX).is_file():
+        return [path / name for name in sorted(set(json.loads((path / PICKLE_INDEX).read_text())["weight_map"].values()))]
+    if allow_pickle and (path / "pytorch_model.bin").is_file():
+        return [path / "pytorch_model.bin"]
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
-        raise ConfigError(field, str(path), "has only pickle weights (.bin): convert them to safetensors (pickle can run code)")
+        raise ConfigError(
+            field,
+            str(path),
+            "has only pickle weights (.bin): convert them to safetensors, or set model.allow_pickle=true "
+            "(read with torch.load(weights_only=True))",
+        )
     raise ConfigError(field, str(path), "has no weights: model.safetensors or model.safetensors.index.json")
 
 
-def header_shapes(field: str, path: Path) -> dict[str, list[int]]:
-    """Every tensor's shape, from the safetensors headers (no tensor is read)."""
+def open_weights(file: Path) -> SafetensorsFile | PickleFile:
+    return PickleFile(file) if file.suffix == ".bin" else SafetensorsFile(file)
+
+
+def header_shapes(field: str, path: Path, allow_pickle: bool = False) -> dict[str, list[int]]:
+    """Every tensor's shape, from the safetensors headers (no tensor is read; pickle files are mapped)."""
     shapes: dict[str, list[int]] = {}
-    for file in weight_files(field, path):
+    for file in weight_files(field, path, allow_pickle):
         if not file.is_file():
             raise ConfigError(field, str(path), f"{file.name}, named by its index, is missing")
         try:
-            with SafetensorsFile(file) as f:
+            with open_weights(file) as f:
                 shapes |= {name: shape for name, (_, shape) in f.tensors.items()}
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ConfigError(field, str(path), f"{file.name} is not a readable safetensors file ({error!r})") from None
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+            kind = "pickle" if file.suffix == ".bin" else "safetensors"
+            raise ConfigError(field, str(path), f"{file.name} is not a readable {kind} file ({error!r})") from None
     return shapes
 
 
@@ -191,13 +220,15 @@ def _load_hf(state: dict[str, Any], recipe: Recipe, field: str, path: Path) -> N
     adapter = recipe.spec.adapter(recipe.cfg)
     assert adapter is not None  # check() refused it before launch
     loaded: set[str] = set()
-    for file in weight_files(field, path):
-        with SafetensorsFile(file) as f:
+    for file in weight_files(field, path, recipe.cfg.allow_pickle):
+        with open_weights(file) as f:
             for name, (dtype, shape) in f.tensors.items():
                 if name.endswith(SKIPPED) or (name == "lm_head.weight" and recipe.cfg.tie_embeddings):
                     continue
                 placeholder = torch.empty(shape, dtype=dtype, device="meta")
                 mapped = adapter.from_external({name: placeholder})
+                if not mapped.keys() <= state.keys() and _skipped(name, adapter, recipe.cfg.tie_embeddings):
+                    continue  # one the model ignores (check() refused any other the model has no place for)
                 for ours, value in mapped.items():
                     rows = _local_rows(state[ours]) if value is placeholder else None
                     if rows is not None:
@@ -205,8 +236,12 @@ def _load_hf(state: dict[str, Any], recipe: Recipe, field: str, path: Path) -> N
                     else:
                         _copy_into(state[ours], adapter.from_external({name: f.read(name)})[ours])
                     loaded.add(ours)
-    if missing := sorted(set(state) - loaded):
+    tied = getattr(adapter, "tied", {})  # later name -> first name of a parameter two modules share
+    if missing := sorted(name for name in set(state) - loaded if tied.get(name) not in loaded):
         raise CheckpointError(f"{path}: no weights for {', '.join(missing[:5])}")
+    for name, first in tied.items():  # the state dict may hold a copy for each name: the loaded one wins
+        if name in state and name not in loaded:
+            state[name] = state[first]
 
 
 def _local_rows(target: torch.Tensor) -> tuple[int, int] | None:
@@ -275,6 +310,29 @@ class SafetensorsFile:
         if not buffer:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+class PickleFile:
+    """``pytorch_model.bin`` read as :class:`SafetensorsFile` is (``model.allow_pickle``): loaded with
+    ``torch.load(weights_only=True)`` (tensors and plain containers only, no code) and memory-mapped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if not isinstance(self._state, dict):
+            raise ValueError(f"holds a {type(self._state).__name__}, not a state dict")
+        self._state = {name: t for name, t in self._state.items() if isinstance(t, torch.Tensor)}
+        self.tensors = {name: (t.dtype, list(t.shape)) for name, t in self._state.items()}
+
+    def __enter__(self) -> PickleFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._state = {}
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        tensor = self._state[name]
+        return (tensor[rows[0] : rows[1]] if rows is not None else tensor).clone()
 
 
 def _reset_peak_rss() -> int | None:

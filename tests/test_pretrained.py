@@ -205,7 +205,7 @@ BAD: dict[str, tuple[str, str]] = {
     "no config.json": ("rm config.json", "has no config.json: not a Hugging Face model directory"),
     "unsupported architecture": (
         "arch GPT2LMHeadModel",
-        "architecture GPT2LMHeadModel is not supported; supported: LlamaForCausalLM",
+        "architecture GPT2LMHeadModel is not supported by model=hf (fmtrain's own decoder); supported: LlamaForCausalLM",
     ),
     "rope scaling": ("rope yarn", "model.rope_type='yarn' is invalid: valid choices are default, llama3"),
     "attention biases": ("attention_bias", "LlamaForCausalLM with biases on every attention projection is not supported yet"),

@@ -59,9 +59,11 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 def _builtin() -> None:
     if "llama" not in _SPECS:
+        from fmtrain.models.hf_auto import HFAutoSpec
         from fmtrain.models.llama import LlamaSpec
 
         register(LlamaSpec())
+        register(HFAutoSpec())
 
 
 def names() -> list[str]:
