@@ -50,7 +50,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def importable_here() -> None:
+    """The current directory on ``sys.path``, as ``python -m`` has it, for this process and every
+    process it starts (the ranks): ``imports=[my_models]`` and ``model.target=my_models.gpt.build``
+    find the user's own modules where the command runs."""
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if here not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([here, *filter(None, paths)])
+
+
 def entry() -> None:
+    importable_here()
     try:
         code = main()
         sys.stdout.flush()

@@ -39,6 +39,10 @@ def group_options() -> dict[str, list[str]]:
     return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir()) if d.is_dir()}
 
 
+# mappings of free keys: strategy.deepspeed's JSON, launcher.sbatch's flags, a custom model's arguments
+FREE_MAPS = ("model.options", "strategy.deepspeed", "launcher.sbatch", "tune.space")
+
+
 def _schema_fields(key: str) -> list[str] | None:
     """Field names of the dataclass at dotted ``key`` (``""`` is the root), if it is one."""
     node: Any = TrainConfig
@@ -97,6 +101,9 @@ def _explain(error: BaseException, overrides: list[str]) -> str:
         if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
             parent = key.rpartition(".")[0]
             fields = _schema_fields(parent)
+            if parent in FREE_MAPS:  # any key goes, but Hydra adds a key only when asked to
+                name = key.rpartition(".")[2]
+                return f"{parent} takes any key, added with a leading +: +{key}=VALUE, or ++{parent}={{{name}: VALUE, ...}}"
             where = f"under '{parent}'" if parent else "at the top level"
             valid = f"; valid keys {where}: {', '.join(fields)}" if fields else ""
             return f"unknown key '{key}'{valid}"

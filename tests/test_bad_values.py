@@ -25,12 +25,12 @@ ZERO_OK = {
     "launcher.gpus_per_worker", "launcher.max_failures", "trainer.hang_timeout_s",
 }  # fmt: skip
 # Free-form strings where an empty value means something (the default cache folder; no pretrained weights).
-EMPTY_OK = {"data.cache_dir", "model.name", "model.path", "trainer.init_from", "model.hf_architecture"}
+EMPTY_OK = {"data.cache_dir", "model.name", "model.path", "trainer.init_from", "model.hf_architecture", "model.target"}
 # Free-form strings: no list of choices to leave ("nosuchvalue" is a valid name).
 FREE_TEXT = {
     "experiment", "run_dir", "model.name", "model.arch", "data.name", "data.cache_dir", "trainer.resume",
     "launcher.partition", "launcher.account", "launcher.qos", "launcher.constraint", "launcher.exclude",
-    "launcher.job_name", "tune.name", "model.hf_architecture",
+    "launcher.job_name", "tune.name", "model.hf_architecture", "model.target",
 }  # fmt: skip
 # Maps of free keys (strategy.deepspeed, launcher.sbatch, tune.space): checked by their own tests.
 SKIPPED_TYPES = (dict,)

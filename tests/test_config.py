@@ -24,6 +24,14 @@ def test_every_option_of_every_group_composes(group: str, option: str, tmp_path)
         )
         transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
         extra = [f"model.path={tmp_path / 'hf'}", "data.seq_len=64"]
+    if (group, option) == ("model", "hf_auto"):  # any transformers causal LM: a GPT-2 here
+        import transformers
+
+        config = transformers.GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=128)
+        transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+        extra = [f"model.path={tmp_path / 'hf'}", "data.seq_len=64"]
+    if (group, option) == ("model", "custom"):  # the example module users copy
+        extra = ["model.target=examples.custom_model.tiny_gpt.build", "data.seq_len=64"]
     cfg = compose([f"{group}={option}", *extra], check=False)
     if group == "cluster":  # site profiles fill in launcher fields
         assert option == "none" or cfg.launcher.partition
@@ -65,7 +73,7 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
         (["launcher=ray", "launcher.submit=later"], r"launcher.submit='later' is invalid: valid choices are foreground, jobs"),
         (["launcher=ray", "launcher.submit=jobs"], r"launcher.address=None is invalid: launcher.submit=jobs needs the dashboard"),
         (["trainer.max_steps=abc"], r"trainer.max_steps='abc' is invalid: expected integer"),
-        (["model=huge"], r"model=huge: no such option; valid choices are 1b, 8b, hf, small, tiny"),
+        (["model=huge"], r"model=huge: no such option; valid choices are 1b, 8b, custom, hf, hf_auto, small, tiny"),
         (["trainer.max_steps=0"], r"trainer.max_steps=0 is invalid: must be positive"),
         (["optim.schedule=step"], r"optim.schedule='step' is invalid: valid choices are cosine, linear, constant"),
         (["optim.implementation=apex"], r"optim.implementation='apex' is invalid: valid choices are fused, foreach, for_loop"),
@@ -220,7 +228,7 @@ def test_cli_help_lists_subcommands_and_groups(cache_dir) -> None:
     result = fmtrain(["--help"], cache_dir, timeout=60)
     assert result.returncode == 0
     assert "train" in result.stdout and "status" in result.stdout
-    assert "model      1b, 8b, hf, small, tiny" in result.stdout
+    assert "model      1b, 8b, custom, hf, hf_auto, small, tiny" in result.stdout
     assert "launcher   local" in result.stdout
 
 

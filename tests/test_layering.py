@@ -23,7 +23,7 @@ LAYERS = [
     ["fmtrain.distributed", "fmtrain.hardware", "fmtrain.models.spec", "fmtrain.parallel", "fmtrain.signals"],
     ["fmtrain.manifests", "fmtrain.watchdog"],  # a run's checkpoint files, without torch; hang detection
     ["fmtrain.models.llama_hf"],  # Hugging Face's Llama layout
-    ["fmtrain.models.llama", "fmtrain.models.hf_auto", "fmtrain.models.converters"],  # the models; fp8, freeze, later converters
+    ["fmtrain.models.llama", "fmtrain.models.hf_auto", "fmtrain.models.custom", "fmtrain.models.converters"],
     ["fmtrain.models"],  # the model registry: model.arch -> spec
     ["fmtrain.optim", "fmtrain.metrics", "fmtrain.data", "fmtrain.losses"],
     ["fmtrain.pretrained"],  # a run's first weights: Hugging Face directories, fmtrain checkpoints

@@ -253,8 +253,8 @@ def test_an_unknown_arch_and_an_unimportable_module_are_refused_naming_them(cach
     )
     assert unknown.returncode == 2
     assert (
-        "model.arch='gpt3' is invalid: one of llama (a model of your own: imports=[your_module] that registers it)"
-        in unknown.stderr
+        "model.arch='gpt3' is invalid: one of custom, hf_auto, llama "
+        "(a model of your own: imports=[your_module] that registers it)" in unknown.stderr
     )
     missing = subprocess.run(
         [FMTRAIN, "train", f"run_dir={tmp_path}", "imports=[no_such_module_here]"],

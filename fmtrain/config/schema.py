@@ -43,6 +43,9 @@ class ModelConfig:
     # A Hugging Face model directory (config.json, safetensors): model=hf reads the sizes above from its
     # config.json, and the run starts from its weights (unless trainer.init_from names others).
     path: str = field_in("", path=True)
+    # model=custom: the callable that builds your nn.Module (package.module.builder), and its keyword arguments
+    target: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
     # model=hf_auto: run the Python code a model directory names (auto_map in its config.json)
     trust_remote_code: bool = False
     # read pickle weights (pytorch_model.bin; torch.load with weights_only) where a directory has no safetensors

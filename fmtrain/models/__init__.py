@@ -59,11 +59,13 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 def _builtin() -> None:
     if "llama" not in _SPECS:
+        from fmtrain.models.custom import CustomSpec
         from fmtrain.models.hf_auto import HFAutoSpec
         from fmtrain.models.llama import LlamaSpec
 
         register(LlamaSpec())
         register(HFAutoSpec())
+        register(CustomSpec())
 
 
 def names() -> list[str]:
