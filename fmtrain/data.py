@@ -65,15 +65,30 @@ def encode_bytes(text: bytes) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """How text becomes token ids: fmtrain's bytes, or a Hugging Face ``tokenizer.json``."""
+    """How text becomes token ids: fmtrain's bytes, a Hugging Face ``tokenizer.json`` (the
+    ``tokenizers`` library) or a SentencePiece ``tokenizer.model`` (the ``sentencepiece`` library)."""
 
     file: Path | None = None  # None: the byte tokenizer
+
+    @property
+    def sentencepiece(self) -> bool:
+        return self.file is not None and self.file.suffix == ".model"
 
     @cached_property
     def _hf(self) -> Any:
         from tokenizers import Tokenizer as HFTokenizer
 
         return HFTokenizer.from_file(str(self.file))
+
+    @cached_property
+    def _sp(self) -> Any:
+        import sentencepiece
+
+        return sentencepiece.SentencePieceProcessor(model_file=str(self.file))
+
+    @cached_property
+    def _settings(self) -> dict[str, Any]:
+        return json_or_empty(self.file.parent / "tokenizer_config.json") if self.file is not None else {}
 
     @property
     def identity(self) -> str:
@@ -84,7 +99,27 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return 256 if self.file is None else int(self._hf.get_vocab_size(with_added_tokens=True))
+        if self.file is None:
+            return 256
+        return int(self._sp.get_piece_size()) if self.sentencepiece else int(self._hf.get_vocab_size(with_added_tokens=True))
+
+    def token_id(self, token: str) -> int | None:
+        if self.sentencepiece:
+            found = int(self._sp.piece_to_id(token))
+            return found if self._sp.id_to_piece(found) == token else None  # an unknown piece maps to <unk>
+        found = self._hf.token_to_id(token)
+        return None if found is None else int(found)
+
+    @cached_property
+    def bos(self) -> int | None:
+        """SentencePiece's id put before each document (tokenizer_config.json's add_bos_token, true
+        unless it says otherwise, as Llama's tokenizer does); a tokenizer.json's own post-processor adds its own."""
+        if not self.sentencepiece or not self._settings.get("add_bos_token", True):
+            return None
+        token = self._settings.get("bos_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        found = self.token_id(token) if isinstance(token, str) else None
+        return found if found is not None else (int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None)
 
     @cached_property
     def eos(self) -> int | None:
@@ -92,25 +127,30 @@ class Tokenizer:
         if self.file is None:
             return EOS
         folder = self.file.parent
-        settings = json_or_empty(folder / "tokenizer_config.json")
-        token = settings.get("eos_token")
+        token = self._settings.get("eos_token")
         token = token.get("content") if isinstance(token, dict) else token
-        if isinstance(token, str) and (found := self._hf.token_to_id(token)) is not None:
-            return int(found)
+        if isinstance(token, str) and (found := self.token_id(token)) is not None:
+            return found
         for name in ("generation_config.json", "config.json"):
             ids = json_or_empty(folder / name).get("eos_token_id")
             ids = ids[0] if isinstance(ids, list) and ids else ids
             if isinstance(ids, int):
                 return ids
+        if self.sentencepiece and self._sp.eos_id() >= 0:
+            return int(self._sp.eos_id())
         return None
 
     def encode(self, documents: Sequence[bytes]) -> np.ndarray:
         """One stream: every document's ids, each followed by the end-of-document id."""
         if self.file is None:
             return encode_bytes(bytes([EOS]).join(documents))
+        texts = [d.decode("utf-8", errors="replace") for d in documents]
+        encoded = self._sp.encode(texts) if self.sentencepiece else [e.ids for e in self._hf.encode_batch(texts)]
         ids: list[int] = []
-        for encoding in self._hf.encode_batch([d.decode("utf-8", errors="replace") for d in documents]):
-            ids += encoding.ids
+        for document in encoded:
+            if self.bos is not None:
+                ids.append(self.bos)
+            ids += document
             if self.eos is not None:
                 ids.append(self.eos)
         return np.asarray(ids, dtype=np.int64)
@@ -126,22 +166,27 @@ def json_or_empty(path: Path) -> dict[str, Any]:
 
 
 def tokenizer_of(cfg: TrainConfig) -> Tokenizer:
-    """``data.tokenizer``: ``bytes``; ``auto`` (model.path's tokenizer.json if it has one, else bytes);
-    or a ``tokenizer.json`` file, or a folder holding one."""
+    """``data.tokenizer``: ``bytes``; ``auto`` (model.path's tokenizer.json or SentencePiece
+    tokenizer.model if it has one, else bytes); or such a file, or a folder holding one."""
     choice = cfg.data.tokenizer
     if choice == "bytes" or (choice == "auto" and not cfg.model.path):
         return Tokenizer()
     folder = Path(cfg.model.path if choice == "auto" else choice)
-    file = folder if folder.is_file() else folder / "tokenizer.json"
-    if file.is_file():
-        return Tokenizer(file)
-    if choice == "auto" and not (folder / "tokenizer.model").is_file():
-        return Tokenizer()  # a model directory without a tokenizer: bytes
-    if (folder / "tokenizer.model").is_file():
+    found = [folder] if folder.is_file() else [f for f in (folder / "tokenizer.json", folder / "tokenizer.model") if f.is_file()]
+    if not found:
+        if choice == "auto":
+            return Tokenizer()  # a model directory without a tokenizer: bytes
         raise ConfigError(
-            "data.tokenizer", choice, f"{folder}/tokenizer.model (SentencePiece) is not supported yet: give a tokenizer.json"
+            "data.tokenizer", choice, "neither bytes, auto, a tokenizer.json, a tokenizer.model nor a folder holding one"
         )
-    raise ConfigError("data.tokenizer", choice, "neither bytes, auto, a tokenizer.json nor a folder holding one")
+    tokenizer = Tokenizer(found[0])  # tokenizer.json first, as transformers' fast tokenizers do
+    try:
+        tokenizer.vocab_size  # noqa: B018  (reads the file)
+    except ImportError:
+        raise ConfigError("data.tokenizer", str(found[0]), "needs the sentencepiece package: pip install 'fmtrain[hf]'") from None
+    except Exception as error:  # the tokenizer libraries' own errors: a file they cannot read
+        raise ConfigError("data.tokenizer", str(found[0]), f"cannot be read: {type(error).__name__}: {error}") from None
+    return tokenizer
 
 
 def _cache_key(cfg: DataConfig, files: list[Path], vocab_size: int, tokenizer: Tokenizer) -> str:

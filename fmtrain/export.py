@@ -7,7 +7,7 @@ as the model's own class with no missing or unexpected keys: tensors named and l
 model's state-dict adapter (``ModelSpec.adapter``), ``model.safetensors`` (or shards of at most
 ``--max-shard-size`` with ``model.safetensors.index.json``), ``config.json`` (the adapter's, plus the
 dtype and fmtrain's own model config), ``generation_config.json`` and the run's tokenizer (the
-model directory's ``tokenizer.json`` and settings, or fmtrain's byte tokenizer as a
+model directory's ``tokenizer.json`` (or SentencePiece ``tokenizer.model``) and settings, or fmtrain's byte tokenizer as a
 ``tokenizer.json``: id = byte value). ``--format fmtrain`` keeps the
 model's own tensor names (a model without an adapter). Both load in one process without
 torch.distributed, whatever strategy and world size wrote the checkpoint:
@@ -216,7 +216,7 @@ def _write_tokenizer(out: Path, run_cfg: TrainConfig) -> dict[str, Any]:
         _write_byte_tokenizer(out)
         ids: dict[str, Any] = {"bos_token_id": None, "eos_token_id": None}  # the byte tokenizer has neither
     else:
-        shutil.copyfile(tokenizer.file, out / "tokenizer.json")
+        shutil.copyfile(tokenizer.file, out / ("tokenizer.model" if tokenizer.sentencepiece else "tokenizer.json"))
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (tokenizer.file.parent / name).is_file():
                 shutil.copyfile(tokenizer.file.parent / name, out / name)

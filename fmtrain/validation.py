@@ -89,7 +89,7 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
         check_freeze(cfg, models.recipe(cfg).meta())
     pretrained.check(cfg)  # trainer.init_from / model.path: the files, the architecture, every tensor
 
-    tokenizer = tokenizer_of(cfg)  # data.tokenizer: bytes, or a Hugging Face tokenizer.json
+    tokenizer = tokenizer_of(cfg)  # data.tokenizer: bytes, a tokenizer.json or a SentencePiece tokenizer.model
     if m.vocab_size < tokenizer.vocab_size:
         what = "the byte tokenizer" if tokenizer.file is None else str(tokenizer.file)
         raise ConfigError(

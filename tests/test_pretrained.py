@@ -122,6 +122,39 @@ def save_tokenizer(directory: Path, vocab_size: int = 300) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(settings))
 
 
+def save_sentencepiece(directory: Path, vocab_size: int) -> None:
+    """A SentencePiece BPE trained here as Llama's is (identity normalization, byte fallback, <s> and
+    </s> at ids 1 and 2), with the tokenizer_config.json of a Llama tokenizer."""
+    import io
+    import sysconfig
+
+    import sentencepiece
+
+    texts = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=0.995,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+
+
 def fmtrain_from(directory: Path, *overrides: str) -> tuple[torch.nn.Module, object]:
     cfg = compose(["model=hf", f"model.path={directory}", "data.seq_len=64", *overrides])
     recipe = models.recipe(cfg)
@@ -286,6 +319,32 @@ def test_the_model_directorys_tokenizer_tokenizes_the_data(tmp_path: Path) -> No
     )
 
 
+def test_a_sentencepiece_tokenizer_model_tokenizes_as_transformers_llama_tokenizer(tmp_path: Path) -> None:
+    from fmtrain.data import tokenizer_of
+
+    config = transformers.LlamaConfig(**(ARCHS["llama-gqa-untied"].to_dict() | {"vocab_size": 400}))
+    save_hf(config, tmp_path / "hf")
+    save_sentencepiece(tmp_path / "hf", vocab_size=400)
+    cfg = compose(["model=hf", f"model.path={tmp_path / 'hf'}", "data.seq_len=64"])
+    tokenizer = tokenizer_of(cfg)
+    assert tokenizer.file == tmp_path / "hf" / "tokenizer.model" and tokenizer.vocab_size == 400
+    assert (tokenizer.bos, tokenizer.eos) == (1, 2)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(theirs).__name__ == "LlamaTokenizer"
+    documents = ["def main(argv):\n    return 0\n", "x = [1, 22, 333]  # ünïcode ✓\n\tTabs\n"]
+    expected = [i for text in documents for i in [*theirs(text)["input_ids"], theirs.eos_token_id]]
+    assert tokenizer.encode([d.encode() for d in documents]).tolist() == expected
+    # a vocabulary larger than the embedding is refused before launch
+    (tmp_path / "small").mkdir()
+    save_hf(ARCHS["llama-gqa-untied"], tmp_path / "small")  # 300 rows
+    save_sentencepiece(tmp_path / "small", vocab_size=400)
+    with pytest.raises(UsageError, match=r"model.vocab_size=300 is invalid: must be >= 400, the vocabulary of .*tokenizer.model"):
+        compose(["model=hf", f"model.path={tmp_path / 'small'}", "data.seq_len=64"])
+    (tmp_path / "small" / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(UsageError, match=r"data.tokenizer='.*tokenizer.model' is invalid: cannot be read"):
+        compose(["model=hf", f"model.path={tmp_path / 'small'}", "data.seq_len=64"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -320,9 +379,15 @@ def test_a_fine_tune_on_two_ranks_equals_one_process(strategy: str, cache_dir: P
 
 
 @pytest.mark.slow
-def test_fine_tune_export_and_transformers_reloads_it(cache_dir: Path, tmp_path: Path) -> None:
-    save_hf(ARCHS["llama-gqa-untied"], tmp_path / "hf")
-    save_tokenizer(tmp_path / "hf")
+@pytest.mark.parametrize("tokenizer", ["tokenizer.json", "tokenizer.model"])
+def test_fine_tune_export_and_transformers_reloads_it(tokenizer: str, cache_dir: Path, tmp_path: Path) -> None:
+    if tokenizer == "tokenizer.json":
+        save_hf(ARCHS["llama-gqa-untied"], tmp_path / "hf")
+        save_tokenizer(tmp_path / "hf")
+    else:  # byte fallback takes 256 pieces: a larger vocabulary
+        save_hf(transformers.LlamaConfig(**(ARCHS["llama-gqa-untied"].to_dict() | {"vocab_size": 400})), tmp_path / "hf")
+        save_sentencepiece(tmp_path / "hf", vocab_size=400)
+    eos = 1 if tokenizer == "tokenizer.json" else 2
     run_dir = tmp_path / "run"
     result = fmtrain(
         ["train", "model=hf", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=6", f"run_dir={run_dir}"], cache_dir
@@ -339,7 +404,8 @@ def test_fine_tune_export_and_transformers_reloads_it(cache_dir: Path, tmp_path:
     assert verification["max_abs_logit_diff"] < 1e-5 and verification["missing_keys"] == verification["unexpected_keys"] == []
     theirs, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert type(theirs).__name__ == "LlamaForCausalLM" and not any(info[k] for k in ("missing_keys", "unexpected_keys"))
-    assert (json.loads((out / "config.json").read_text())["eos_token_id"], theirs.config.eos_token_id) == (1, 1)
+    assert (json.loads((out / "config.json").read_text())["eos_token_id"], theirs.config.eos_token_id) == (eos, eos)
+    assert (out / tokenizer).read_bytes() == (tmp_path / "hf" / tokenizer).read_bytes()
     text = "def main(argv):\n    return 0\n"
     exported_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert exported_tokenizer(text)["input_ids"] == transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"]
