@@ -48,6 +48,13 @@ def initial_weights(cfg: TrainConfig) -> tuple[str, Path] | None:
     return None
 
 
+def sets_every_weight(source: tuple[str, Path] | None) -> bool:
+    """Whether loading ``source`` writes every parameter (a Hugging Face directory: a missing tensor
+    is an error), so that a seeded init before it would be wasted. An fmtrain checkpoint may lack
+    some (its model is loaded partially, e.g. before new layers): the seeded init stays under it."""
+    return source is not None and not (source[1] / MANIFEST).is_file()
+
+
 def check(cfg: TrainConfig) -> None:
     """Refuse, before launch, initial weights that cannot load: named with the field and the path."""
     source = initial_weights(cfg)
@@ -201,8 +208,9 @@ def load(wrapped: nn.Module, recipe: Recipe, source: tuple[str, Path]) -> None:
     whole = sum(p.numel() * p.element_size() for p in recipe.meta().parameters()) / 2**20
     if before is not None and (peak := _peak_rss()) is not None:
         log.info(
-            "initialized the model's weights from %s (%s): loading held at most %.0f MB above the built model "
-            "(the whole model: %.0f MB; this process's peak resident memory while loading: %.0f MB)",
+            "initialized the model's weights from %s (%s): loading added at most %.0f MB to this process's "
+            "resident memory, its own part of the model included (the whole model: %.0f MB; this process's "
+            "peak resident memory while loading: %.0f MB)",
             path,
             field,
             (peak - before) / 2**20,

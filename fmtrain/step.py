@@ -93,9 +93,11 @@ def build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
     corpus = prepare_data(cfg, env)
     recipe = model_recipe(cfg)
     num_params, flops_per_token = recipe.sizes(cfg.data.seq_len)
-    wrapped = strategy.build(recipe, cfg.seed)
-    if (source := pretrained.initial_weights(cfg)) is not None:
-        pretrained.load(wrapped, recipe, source)  # over the seeded init (weights only; a resume comes later)
+    source = pretrained.initial_weights(cfg)
+    # A Hugging Face directory sets every weight (a missing one is an error): no seeded draw before it.
+    wrapped = strategy.build(recipe, None if pretrained.sets_every_weight(source) else cfg.seed)
+    if source is not None:
+        pretrained.load(wrapped, recipe, source)  # weights only; a resume comes later
     built = getattr(wrapped, "module", wrapped)  # evaluation runs the model itself, outside DDP's hooks
     if cfg.trainer.freeze:
         fixed = [name for name, param in built.named_parameters() if not param.requires_grad]

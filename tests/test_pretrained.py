@@ -438,7 +438,8 @@ def test_an_interrupted_fine_tune_resumes_from_its_own_checkpoint(cache_dir: Pat
 @pytest.mark.slow
 def test_loading_under_fsdp_holds_less_than_the_whole_model_per_rank(cache_dir: Path, tmp_path: Path) -> None:
     """A 230 MB model loaded by 2 FSDP ranks: what loading adds to each rank's resident memory (its
-    peak, reset before loading) stays below the whole model's size, and so does that plus the rank's shard."""
+    peak, reset before loading; the rank's shard is first written then, no seeded init comes before a
+    Hugging Face directory) stays below the whole model's size."""
     import re
 
     config = transformers.LlamaConfig(
@@ -452,11 +453,11 @@ def test_loading_under_fsdp_holds_less_than_the_whole_model_per_rank(cache_dir: 
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in (0, 1):
         log = (run_dir / "logs" / f"rank{rank}.log").read_text()
-        match = re.search(r"loading held at most (\d+) MB above the built model \(the whole model: (\d+) MB;", log)
+        match = re.search(r"loading added at most (\d+) MB .* included \(the whole model: (\d+) MB;", log)
         assert match, log
         held, whole = int(match.group(1)), int(match.group(2))
-        print(f"rank {rank}: loading held {held} MB at most, beside its {whole // 2} MB shard; the whole model is {whole} MB")
-        assert whole > 200 and held + whole // 2 < whole, (held, whole)
+        print(f"rank {rank}: loading added {held} MB at most, its {whole // 2} MB shard included; the whole model is {whole} MB")
+        assert whole > 200 and held < whole, (held, whole)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from fmtrain import hardware
 from fmtrain.compat.torch import local_tensor_grad_scaler
 from fmtrain.config import StrategyConfig, TrainerConfig
 from fmtrain.distributed import DistEnv
-from fmtrain.models.spec import Recipe
+from fmtrain.models.spec import Assign, Recipe, copy_value
 from fmtrain.parallel import ParallelDims
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,6 +45,15 @@ def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
     if isinstance(param, DTensor):
         value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
     param.copy_(value)
+
+
+def initialize(recipe: Recipe, model: nn.Module, seed: int | None, assign: Assign = copy_value) -> None:
+    """The weights drawn from ``seed``; with None, only what loading a state dict does not set
+    (buffers, tied weights): drawing weights that are overwritten next would only cost time."""
+    if seed is None:
+        recipe.spec.init_buffers(model)
+    else:
+        recipe.spec.init_weights(model, seed, assign)
 
 
 def prepare_blocks(blocks: Sequence[nn.Module], cfg: TrainerConfig) -> None:
@@ -136,16 +145,17 @@ class Strategy:
     def dp_size(self) -> int:
         return self.dims.dp
 
-    def build(self, recipe: Recipe, seed: int) -> nn.Module:
+    def build(self, recipe: Recipe, seed: int | None) -> nn.Module:
         """Build the recipe's model on the meta device, parallelize it, materialize it on this rank,
-        initialize it from ``seed``, wrap it.
+        initialize it from ``seed`` (None: every weight is loaded next, so only buffers and ties are
+        set), wrap it.
 
         Returns the model to train: the model itself, or a wrapper that holds it as ``.module`` (DDP).
         """
         model = recipe.meta()
         prepare_blocks(recipe.blocks(model), self.trainer)
         model.to_empty(device=self.device)
-        recipe.spec.init_weights(model, seed)
+        initialize(recipe, model, seed)
         return self.wrap(model)
 
     def wrap(self, model: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fmtrain.models.spec import Recipe
-from fmtrain.strategies.base import Strategy, assign_full, compute_dtype, prepare_blocks, sharded_grad_scaler
+from fmtrain.strategies.base import Strategy, assign_full, compute_dtype, initialize, prepare_blocks, sharded_grad_scaler
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -47,7 +47,7 @@ def fully_shard_model(
 class FSDPStrategy(Strategy):
     needs_process_group = True
 
-    def build(self, recipe: Recipe, seed: int) -> nn.Module:
+    def build(self, recipe: Recipe, seed: int | None) -> nn.Module:
         mesh = self.dims.build_mesh(self.device.type)
         model = recipe.meta()
         self.apply_tensor_parallel(recipe, model, mesh)
@@ -62,7 +62,7 @@ class FSDPStrategy(Strategy):
             cpu_offload=self.cfg.cpu_offload,
         )
         model.to_empty(device="cpu" if self.cfg.cpu_offload else self.device)
-        recipe.spec.init_weights(model, seed, assign_full)
+        initialize(recipe, model, seed, assign_full)
         return model
 
     def apply_tensor_parallel(self, recipe: Recipe, model: nn.Module, mesh: DeviceMesh) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fmtrain.models.spec import Recipe
-from fmtrain.strategies.base import Strategy, assign_full, prepare_blocks, sharded_grad_scaler
+from fmtrain.strategies.base import Strategy, assign_full, initialize, prepare_blocks, sharded_grad_scaler
 
 
 def apply_tensor_parallel(recipe: Recipe, model: nn.Module, tp_mesh, *, sequence_parallel: bool = False) -> None:
@@ -61,11 +61,11 @@ class TPStrategy(Strategy):
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         return sharded_grad_scaler(self)
 
-    def build(self, recipe: Recipe, seed: int) -> nn.Module:
+    def build(self, recipe: Recipe, seed: int | None) -> nn.Module:
         mesh = self.dims.build_mesh(self.device.type)["tp"]
         model = recipe.meta()
         apply_tensor_parallel(recipe, model, mesh, sequence_parallel=self.cfg.sequence_parallel)
         prepare_blocks(recipe.blocks(model), self.trainer)
         model.to_empty(device=self.device)
-        recipe.spec.init_weights(model, seed, assign_full)
+        initialize(recipe, model, seed, assign_full)
         return model

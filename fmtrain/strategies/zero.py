@@ -38,7 +38,7 @@ from fmtrain.compat.deepspeed import (
 from fmtrain.config import accumulation_steps, micro_batch_size
 from fmtrain.models.spec import Recipe
 from fmtrain.optim import decays
-from fmtrain.strategies.base import StepStats, Strategy, prepare_blocks
+from fmtrain.strategies.base import StepStats, Strategy, initialize, prepare_blocks
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -119,7 +119,7 @@ class DeepSpeedStrategy(Strategy):
     def stage(self) -> int:
         return self.cfg.zero_stage
 
-    def build(self, recipe: Recipe, seed: int) -> nn.Module:
+    def build(self, recipe: Recipe, seed: int | None) -> nn.Module:
         if self.stage == 3 and self.cfg.zero_init:
             # Each layer is partitioned as soon as it is made, and each parameter is gathered alone
             # to take its seeded value: no rank holds more than one whole parameter at a time.
@@ -130,13 +130,14 @@ class DeepSpeedStrategy(Strategy):
             with contextlib.redirect_stdout(io.StringIO()), deepspeed.zero.Init(config_dict_or_path=config):
                 model = recipe.build()
             prepare_blocks(recipe.blocks(model), self.trainer)
-            recipe.spec.init_weights(model, seed, parameters=_gathered_one_at_a_time(model))
+            # (a Hugging Face directory cannot load into it: refused before launch)
+            recipe.spec.init_weights(model, seed if seed is not None else 0, parameters=_gathered_one_at_a_time(model))
             return model
         # Materialized whole on every rank, then partitioned by the engine (attach_optimizer).
         model = recipe.meta()
         prepare_blocks(recipe.blocks(model), self.trainer)
         model.to_empty(device=self.device)
-        recipe.spec.init_weights(model, seed)
+        initialize(recipe, model, seed)
         return model
 
     def attach_optimizer(
