@@ -85,12 +85,13 @@ def summary() -> str:
         )
     if (RESULTS / "hf_import.json").is_file():
         hf = load("hf_import")
-        memory, tune = hf["import_memory"], hf["fine_tune"]
-        lines.append(
-            "| peak memory per rank importing a 1.06 GB Llama "
-            f"| from_pretrained + a forward {memory['from_pretrained_peak_mb']} MB "
-            f"| fsdp, 2 ranks {max(memory['fmtrain_fsdp_rank_peak_mb'])} MB | {memory['ratio']:.2f} | {memory['goal']} |"
-        )
+        tune = hf["fine_tune"]
+        for memory in hf["import_memory"]:
+            lines.append(
+                f"| peak memory per rank importing a {memory['model_mb'] / 1024:.2f} GB Llama "
+                f"| from_pretrained + a forward {memory['from_pretrained_peak_mb']} MB "
+                f"| fsdp, 2 ranks {max(memory['fmtrain_fsdp_rank_peak_mb'])} MB | {memory['ratio']:.2f} | {memory['goal']} |"
+            )
         lines.append(
             "| fine-tuning a Hugging Face Llama (tiny shape) "
             f"| transformers' loop {common_median(tune['transformers_tokens_per_s']):,.0f} tok/s "

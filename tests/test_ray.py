@@ -167,3 +167,20 @@ def test_a_ray_jobs_submission_returns_an_id_that_status_logs_and_cancel_work_on
         down = subprocess.run([str(script), "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stderr
     assert pids_mentioning((tmp_path / "state" / "tmp").read_text().strip()) == []
+
+
+def test_a_hugging_face_model_fine_tunes_on_two_ray_workers_as_it_does_locally(
+    netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """model=hf (a Llama saved here by transformers, fmtrain's decoder) under fsdp on two Ray workers."""
+    from test_pretrained import ARCHS, save_hf
+
+    save_hf(ARCHS["llama-gqa-untied"], tmp_path / "hf")
+    model = ["model=hf", f"model.path={tmp_path / 'hf'}", "strategy=fsdp", "trainer.max_steps=10"]
+    job = ray_train(netns, cache_dir, ray_tmp, tmp_path / "ray", *model, "launcher.num_workers=2")
+    local = fmtrain(["train", f"run_dir={tmp_path / 'local'}", *SMALL, *STEPS, *model, "launcher.nproc=2"], cache_dir)
+    assert local.returncode == 0, local.stdout + local.stderr
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output
+    assert train_losses(tmp_path / "ray") == pytest.approx(train_losses(tmp_path / "local"), rel=1e-6)
+    assert sorted(train_losses(tmp_path / "ray")) == list(range(1, 11))

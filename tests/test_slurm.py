@@ -339,3 +339,20 @@ def test_a_hanging_rank_fails_the_job_with_its_name_and_every_stack(cluster, cac
     again = submit(cluster, cache_dir, run_dir, "trainer.max_steps=10", "launcher.nodes=2", "launcher.tasks_per_node=1")[0]
     assert wait_state(cluster, again, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=180) == "COMPLETED"
     assert json.loads((run_dir / "job.json").read_text())["attempts"] == 2
+
+
+@pytest.mark.slow
+def test_a_hugging_face_model_fine_tunes_on_two_nodes_as_it_does_locally(cluster, cache_dir: Path, tmp_path: Path) -> None:
+    """model=hf_auto (a GPT-2 saved here by transformers) under fsdp, one rank on each node: the
+    job reads the model directory from the shared filesystem and computes the local run's losses."""
+    from test_hf_auto import save
+
+    save("gpt2", tmp_path / "hf")
+    model = ["model=hf_auto", f"model.path={tmp_path / 'hf'}", "strategy=fsdp", "trainer.max_steps=10"]
+    job = submit(cluster, cache_dir, tmp_path / "slurm", *model, "launcher.nodes=2", "launcher.tasks_per_node=1")[0]
+    local = fmtrain(["train", f"run_dir={tmp_path / 'local'}", *SMALL, *STEPS, *model, "launcher.nproc=2"], cache_dir)
+    assert local.returncode == 0, local.stdout + local.stderr
+    state = wait_state(cluster, job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert state == "COMPLETED", (tmp_path / "slurm" / "job.json").read_text()
+    assert train_losses(tmp_path / "slurm") == pytest.approx(train_losses(tmp_path / "local"), rel=1e-6)
+    assert sorted(train_losses(tmp_path / "slurm")) == list(range(1, 11))
