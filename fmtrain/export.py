@@ -7,10 +7,12 @@ as the model's own class with no missing or unexpected keys: tensors named and l
 model's state-dict adapter (``ModelSpec.adapter``), ``model.safetensors`` (or shards of at most
 ``--max-shard-size`` with ``model.safetensors.index.json``), ``config.json`` (the adapter's, plus the
 dtype and fmtrain's own model config), ``generation_config.json`` and the run's tokenizer (the
-model directory's ``tokenizer.json`` (or SentencePiece ``tokenizer.model``) and settings, or fmtrain's byte tokenizer as a
-``tokenizer.json``: id = byte value). ``--format fmtrain`` keeps the
-model's own tensor names (a model without an adapter). Both load in one process without
-torch.distributed, whatever strategy and world size wrote the checkpoint:
+model directory's ``tokenizer.json`` or SentencePiece ``tokenizer.model`` and settings, or fmtrain's
+byte tokenizer as a ``tokenizer.json``: id = byte value). ``--format fmtrain`` keeps the model's own
+tensor names (a model without an adapter). The files are written one tensor at a time, each read
+alone from the DCP checkpoint whatever strategy and world size wrote it (:func:`write_streamed`): the
+whole model is never gathered in memory to write them. Both formats load in one process without
+torch.distributed:
 
     model = load_exported("outputs/default/run/export/step_000120")
 
@@ -23,8 +25,10 @@ logits differ by more than 1e-4, is an error, not a file left behind.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +42,7 @@ from fmtrain.checkpoint import single_process_dcp
 from fmtrain.config import ConfigError, ModelConfig, TrainConfig, load
 from fmtrain.data import json_or_empty, tokenizer_of
 from fmtrain.manifests import CheckpointError, newest_valid, step_dir_name, verify
+from fmtrain.pretrained import SafetensorsFile
 from fmtrain.strategies import DTYPES
 
 FORMATS = ("hf", "fmtrain")
@@ -125,59 +130,117 @@ def export(
         raise ExportError(
             f"--format hf: model.arch={cfg.arch} has no Hugging Face adapter (ModelSpec.adapter); use --format fmtrain"
         )
-    model = load_checkpoint_model(checkpoint, cfg)
     out = out or run_dir / "export" / checkpoint.name
     if out.exists():
         shutil.rmtree(out)  # an export is all one version: no shard of an earlier one left beside it
     out.mkdir(parents=True)
     torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    aliases: dict[str, str] = {}
     fmtrain_section = {"model": asdict(cfg), "step": manifest["step"], "format": format, "tokenizer": run_cfg.data.tokenizer}
     if format == "hf":
         assert adapter is not None
-        tensors = adapter.to_external(model.state_dict())
         config: dict[str, Any] = adapter.external_config() | {"torch_dtype": torch_dtype, "dtype": torch_dtype}
         config |= _write_tokenizer(out, run_cfg)
         if cfg.trust_remote_code:  # the model's own code (config.json's auto_map) goes with it
             for code in Path(cfg.path).glob("*.py"):
                 shutil.copyfile(code, out / code.name)
     else:
-        aliases = _aliases(model)
-        tensors = {name: t for name, t in model.state_dict().items() if name not in aliases}
+        with torch.device("meta"):
+            aliases = _aliases(spec.build(cfg))
         config = spec.export_config(cfg) | {"torch_dtype": torch_dtype}
         fmtrain_section["aliases"] = aliases
     config["fmtrain"] = fmtrain_section
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    _save_sharded({k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}, out, max_shard_bytes, manifest["step"])
-    verification = verify_export(out, model, cfg, dtype)
+    convert = adapter.to_external if format == "hf" and adapter is not None else _Unaliased(aliases)
+    write_streamed(checkpoint, cfg, convert, out, DTYPES[dtype], max_shard_bytes, manifest["step"])
+    verification = verify_export(out, checkpoint, cfg, dtype)
     (out / "verification.json").write_text(json.dumps(verification, indent=1) + "\n")
     return out
 
 
-def _save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, step: int) -> None:
-    """``model.safetensors``, or ``model-0000K-of-0000N.safetensors`` + the index when over the limit
-    (transformers' names and index format; a tensor larger than the limit gets a shard of its own)."""
-    from safetensors.torch import save_file
+class _Unaliased:
+    """fmtrain's own names, each tied tensor once (its later names are recorded as aliases)."""
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    def __init__(self, aliases: dict[str, str]) -> None:
+        self.aliases = aliases
+
+    def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: t for name, t in state.items() if name not in self.aliases}
+
+
+SAFETENSORS_DTYPES = {dtype: code for code, dtype in SafetensorsFile.DTYPES.items()}
+
+
+def write_streamed(
+    checkpoint: Path,
+    cfg: ModelConfig,
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    out: Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    step: int,
+) -> None:
+    """The checkpoint's model as safetensors files, one tensor at a time: each is read alone from the
+    DCP checkpoint (whatever strategy and world size wrote it: DCP assembles its shards), converted
+    (``convert``: an adapter's ``to_external``, per tensor), and written at its place in its file,
+    whose header is computed first from the model's shapes. The whole model is never in memory.
+
+    The files are ``model.safetensors``, or ``model-0000K-of-0000N.safetensors`` + the index when over
+    ``max_shard_bytes`` (transformers' names and index format; a tensor larger than the limit gets a
+    file of its own)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    with torch.device("meta"):
+        names = models.get(cfg.arch).build(cfg).state_dict()
+    stored = dcp.FileSystemReader(str(checkpoint / "model_optim")).read_metadata().state_dict_metadata
+    plan: list[tuple[str, str, list[int]]] = []  # (our name, its name in the files, shape)
+    for ours, meta in names.items():
+        for theirs, value in convert({ours: meta}).items():
+            plan.append((ours, theirs, list(value.shape)))
+    shards: list[list[tuple[str, str, list[int]]]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for entry in plan:
+        nbytes = math.prod(entry[2]) * dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
+        shards[-1].append(entry)
         size += nbytes
-    metadata_ = {"format": "pt", "step": str(step)}
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata=metadata_)
-        return
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
     weight_map: dict[str, str] = {}
-    for index, shard in enumerate(shards, start=1):
-        name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata=metadata_)
-        weight_map |= dict.fromkeys(shard, name)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
+    for file, shard in zip(files, shards, strict=True):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt", "step": str(step)}}
+        offset = 0
+        for _, theirs, shape in shard:
+            end = offset + math.prod(shape) * dtype.itemsize
+            header[theirs] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, end]}
+            offset = end
+            weight_map[theirs] = file
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(out / file, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for ours, theirs, shape in shard:
+                held = stored[f"model.{ours}"]
+                value = torch.empty(list(held.size), dtype=held.properties.dtype)  # type: ignore[union-attr]
+                with single_process_dcp():
+                    dcp.load(
+                        {"model": {ours: value}},
+                        checkpoint_id=checkpoint / "model_optim",
+                        planner=DefaultLoadPlanner(allow_partial_load=True),
+                    )
+                tensor = convert({ours: value})[theirs].to(dtype).contiguous()
+                assert list(tensor.shape) == shape, (theirs, tensor.shape, shape)
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)  # its own memory, no copy
+    if len(shards) > 1:
+        total = sum(math.prod(shape) * dtype.itemsize for _, _, shape in plan)
+        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -247,16 +310,18 @@ def _write_byte_tokenizer(out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1) + "\n")
 
 
-def verify_export(out: Path, checkpoint_model: nn.Module, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-    """Load the export as its consumer does and compare logits with the checkpoint's, on a fixed batch."""
+def verify_export(out: Path, checkpoint: Path, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    """Load the export as its consumer does and compare logits with the checkpoint's, on a fixed batch
+    (the checkpoint's model is let go before the export is loaded: one model in memory at a time)."""
     seq = min(64, cfg.max_seq_len)
     ids = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_checkpoint_model(checkpoint, cfg).eval()(ids).float()
     config = json.loads((out / "config.json").read_text())
     missing: list[str] = []
     unexpected: list[str] = []
     transformers = _quiet_transformers()
     with torch.no_grad():
-        expected = checkpoint_model.eval()(ids).float()
         if config["fmtrain"]["format"] == "hf" and transformers is not None:
             loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
                 out, dtype=torch.float32, output_loading_info=True, trust_remote_code=cfg.trust_remote_code

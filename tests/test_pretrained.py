@@ -459,6 +459,26 @@ def test_loading_under_fsdp_holds_less_than_the_whole_model_per_rank(cache_dir: 
         print(f"rank {rank}: loading added {held} MB at most, its {whole // 2} MB shard included; the whole model is {whole} MB")
         assert whole > 200 and held < whole, (held, whole)
 
+    # The export of its checkpoint reads and writes one tensor at a time (the largest: the 62 MB embedding).
+    from fmtrain.export import write_streamed
+    from fmtrain.pretrained import _peak_rss, _reset_peak_rss
+
+    cfg = compose(["model=hf", f"model.path={tmp_path / 'hf'}", "data.seq_len=64"]).model
+    adapter = models.get("llama").adapter(cfg)
+    (tmp_path / "out").mkdir()
+    before = _reset_peak_rss()
+    write_streamed(run_dir / "checkpoints" / "step_000001", cfg, adapter.to_external, tmp_path / "out", torch.float32, 10**9, 1)
+    peak = _peak_rss()
+    assert before is not None and peak is not None
+    added = (peak - before) / 2**20
+    print(f"writing the export added {added:.0f} MB at most to this process; the whole model is {whole} MB")
+    assert added < whole / 2, (added, whole)
+    from safetensors.torch import load_file
+
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    expected = adapter.to_external(load_checkpoint_model(run_dir / "checkpoints" / "step_000001", cfg).state_dict())
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in written)
+
 
 @pytest.mark.slow
 def test_frozen_parameters_keep_the_base_weights_under_fsdp(cache_dir: Path, tmp_path: Path) -> None:
