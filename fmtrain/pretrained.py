@@ -63,13 +63,14 @@ def check(cfg: TrainConfig) -> None:
     field, path = source
     if not path.exists():
         raise ConfigError(field, str(path), "no such file or directory")
-    if cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 3 and cfg.strategy.zero_init:
-        raise ConfigError(
-            field,
-            str(path),
-            "cannot load into ZeRO-3's partitioned init (strategy.zero_init=true): set it false, or strategy=fsdp",
-        )
     if (path / MANIFEST).is_file():
+        if cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 3 and cfg.strategy.zero_init:
+            raise ConfigError(
+                field,
+                str(path),
+                "an fmtrain checkpoint cannot load into ZeRO-3's partitioned init (strategy.zero_init=true): "
+                "set it false, or strategy=fsdp (a Hugging Face directory can)",
+            )
         try:
             verify(path)
         except CheckpointError as error:
@@ -190,6 +191,10 @@ def load(wrapped: nn.Module, recipe: Recipe, source: tuple[str, Path]) -> None:
 
     field, path = source
     before = _reset_peak_rss()
+    if any(hasattr(p, "ds_id") for p in wrapped.parameters()):  # ZeRO-3's partitioned init (zero.Init)
+        _load_hf_partitioned(wrapped, recipe, field, path)
+        _log_loaded(field, path, recipe, before)
+        return
     state = get_model_state_dict(wrapped)
     if (path / MANIFEST).is_file():
         import torch.distributed.checkpoint as dcp
@@ -205,6 +210,10 @@ def load(wrapped: nn.Module, recipe: Recipe, source: tuple[str, Path]) -> None:
     else:
         _load_hf(state, recipe, field, path)
     set_model_state_dict(wrapped, state)
+    _log_loaded(field, path, recipe, before)
+
+
+def _log_loaded(field: str, path: Path, recipe: Recipe, before: int | None) -> None:
     whole = sum(p.numel() * p.element_size() for p in recipe.meta().parameters()) / 2**20
     if before is not None and (peak := _peak_rss()) is not None:
         log.info(
@@ -250,6 +259,37 @@ def _load_hf(state: dict[str, Any], recipe: Recipe, field: str, path: Path) -> N
     for name, first in tied.items():  # the state dict may hold a copy for each name: the loaded one wins
         if name in state and name not in loaded:
             state[name] = state[first]
+
+
+def _load_hf_partitioned(model: nn.Module, recipe: Recipe, field: str, path: Path) -> None:
+    """A Hugging Face directory into a model built under DeepSpeed's ``zero.Init``: each parameter is
+    gathered alone, rank 0 copies the file's tensor into it, and DeepSpeed partitions it again from
+    rank 0's value. No rank holds more than its partitions plus one whole parameter."""
+    import deepspeed
+
+    adapter = recipe.spec.adapter(recipe.cfg)
+    assert adapter is not None  # check() refused it before launch
+    params = dict(model.named_parameters())
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    loaded: set[str] = set()
+    for file in weight_files(field, path, recipe.cfg.allow_pickle):
+        with open_weights(file) as f:
+            for name in f.tensors:
+                if name.endswith(SKIPPED) or (name == "lm_head.weight" and recipe.cfg.tie_embeddings):
+                    continue
+                placeholder = torch.empty(f.tensors[name][1], dtype=f.tensors[name][0], device="meta")
+                if not adapter.from_external({name: placeholder}).keys() & params.keys():
+                    continue  # one the model ignores (check() refused any other)
+                for ours, value in adapter.from_external({name: f.read(name) if writer else placeholder}).items():
+                    if ours not in params:
+                        continue  # a tied name: the parameter is its first name's
+                    with deepspeed.zero.GatheredParameters([params[ours]], modifier_rank=0):
+                        if writer:
+                            params[ours].data.copy_(value.to(params[ours].dtype))
+                    loaded.add(ours)
+    tied = getattr(adapter, "tied", {})
+    if missing := sorted(name for name in set(params) - loaded if tied.get(name) not in loaded):
+        raise CheckpointError(f"{path}: no weights for {', '.join(missing[:5])}")
 
 
 def _local_rows(target: torch.Tensor) -> tuple[int, int] | None:

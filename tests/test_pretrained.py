@@ -364,13 +364,22 @@ FINE_TUNE += ["trainer.plot=false", "trainer.eval_interval=3", "checkpoint.inter
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fsdp", "tp"])
-def test_a_fine_tune_on_two_ranks_equals_one_process(strategy: str, cache_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["strategy=fsdp"],
+        ["strategy=tp"],
+        # ZeRO-3 built partitioned (zero.Init): each parameter gathered alone while the file's tensor is copied in
+        ["strategy=deepspeed", "strategy.zero_stage=3", "strategy.zero_init=true"],
+    ],
+    ids=["fsdp", "tp", "zero3-init"],
+)
+def test_a_fine_tune_on_two_ranks_equals_one_process(strategy: list[str], cache_dir: Path, tmp_path: Path) -> None:
     save_hf(ARCHS["llama-gqa-untied"], tmp_path / "hf")
     base = ["train", "model=hf", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=10"]
     one = fmtrain([*base, f"run_dir={tmp_path / 'one'}"], cache_dir)
     assert one.returncode == 0, one.stdout + one.stderr
-    two = fmtrain([*base, f"run_dir={tmp_path / 'two'}", f"strategy={strategy}", "launcher.nproc=2"], cache_dir)
+    two = fmtrain([*base, f"run_dir={tmp_path / 'two'}", *strategy, "launcher.nproc=2"], cache_dir)
     assert two.returncode == 0, two.stdout + two.stderr
     expected, got = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert expected.keys() == got.keys() == set(range(1, 11))

@@ -130,8 +130,10 @@ class DeepSpeedStrategy(Strategy):
             with contextlib.redirect_stdout(io.StringIO()), deepspeed.zero.Init(config_dict_or_path=config):
                 model = recipe.build()
             prepare_blocks(recipe.blocks(model), self.trainer)
-            # (a Hugging Face directory cannot load into it: refused before launch)
-            recipe.spec.init_weights(model, seed if seed is not None else 0, parameters=_gathered_one_at_a_time(model))
+            if seed is None:  # every weight is loaded next, one gathered parameter at a time
+                recipe.spec.init_buffers(model)
+            else:
+                recipe.spec.init_weights(model, seed, parameters=_gathered_one_at_a_time(model))
             return model
         # Materialized whole on every rank, then partitioned by the engine (attach_optimizer).
         model = recipe.meta()
