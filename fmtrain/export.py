@@ -238,6 +238,7 @@ def write_streamed(
                 tensor = convert({ours: value})[theirs].to(dtype).contiguous()
                 assert list(tensor.shape) == shape, (theirs, tensor.shape, shape)
                 f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)  # its own memory, no copy
+                del value, tensor  # before the next one is read: one tensor in memory at a time
     if len(shards) > 1:
         total = sum(math.prod(shape) * dtype.itemsize for _, _, shape in plan)
         (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")

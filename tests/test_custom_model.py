@@ -17,7 +17,7 @@ from launch.compose import UsageError, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "model.target=examples.custom_model.tiny_gpt.build"
-OPTIONS = "++model.options={dim: 64, n_layers: 2, n_heads: 4, max_seq_len: 128}"
+OPTIONS = "++model.options={dim: 64, n_layers: 2, n_heads: 4}"
 RUN = ["data.seq_len=64", "data.max_bytes=3000000", "trainer.global_batch_size=8", "trainer.eval_batches=2"]
 RUN += ["trainer.plot=false", "trainer.eval_interval=3", "checkpoint.interval=3", "checkpoint.keep_last=5"]
 
@@ -29,7 +29,7 @@ def _repository_importable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_builders_options_build_the_module_and_the_protocol_is_read() -> None:
     cfg = compose(["model=custom", TARGET, OPTIONS, "data.seq_len=64"])
-    assert dict(cfg.model.options) == {"dim": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 128}
+    assert dict(cfg.model.options) == {"dim": 64, "n_layers": 2, "n_heads": 4}
     recipe = models.recipe(cfg)
     model = recipe.meta()
     assert len(recipe.blocks(model)) == 2 and type(model).__name__ == "TinyGPT"
@@ -45,6 +45,11 @@ def test_the_builders_options_build_the_module_and_the_protocol_is_read() -> Non
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
     assert torch.equal(model.blocks[0].ln_1.weight, torch.ones(64)) and model.blocks[0].qkv.weight.std() > 0.01
     assert model(torch.randint(0, 256, (2, 16))).shape == (2, 16, 256)
+    # the builder takes vocab_size and max_seq_len: model.* hands them over
+    sized = models.recipe(
+        compose(["model=custom", TARGET, OPTIONS, "model.vocab_size=300", "model.max_seq_len=96", "data.seq_len=64"])
+    ).meta()
+    assert (sized.tok.num_embeddings, sized.pos.num_embeddings) == (300, 96)
 
 
 MODULE = """
@@ -81,6 +86,10 @@ BAD = {
         "model.options takes any key, added with a leading +: +model.options.dim=VALUE",
     ),
     "no target": ([], "model.target='' is invalid: required with model=custom"),
+    "options contradict model.*": (
+        [TARGET, "+model.options.max_seq_len=512"],
+        "model.options.max_seq_len=512 is invalid: must equal model.max_seq_len=2048",
+    ),
     "tp without a plan": (
         ["model.target=user_models.Plain", "strategy=tp", "launcher.nproc=2"],
         "strategy.name='tp' is invalid: model.arch=custom has no tensor-parallel plan",

@@ -210,6 +210,25 @@ def test_gpt2_under_fsdp_killed_and_resumed_equals_one_process_and_exports(cache
 
 
 @pytest.mark.slow
+def test_gpt2_under_ddp_and_zero3_built_partitioned_equals_one_process(cache_dir: Path, tmp_path: Path) -> None:
+    """The other strategies: DDP on 2 ranks, and ZeRO-3 with zero.Init, where each parameter is
+    gathered alone while the file's tensor is copied in."""
+    save("gpt2", tmp_path / "hf")
+    base = ["train", "model=hf_auto", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=6"]
+    one = fmtrain([*base, f"run_dir={tmp_path / 'one'}"], cache_dir)
+    assert one.returncode == 0, one.stdout + one.stderr
+    expected = train_losses(tmp_path / "one")
+    zero3 = ["strategy=deepspeed", "strategy.zero_stage=3", "strategy.zero_init=true"]
+    for name, strategy in (("ddp", ["strategy=ddp"]), ("zero3", zero3)):
+        run = fmtrain([*base, f"run_dir={tmp_path / name}", *strategy, "launcher.nproc=2"], cache_dir)
+        assert run.returncode == 0, run.stdout + run.stderr
+        got = train_losses(tmp_path / name)
+        assert got.keys() == expected.keys() == set(range(1, 7))
+        for step, loss in expected.items():
+            assert abs(got[step] - loss) <= 1e-5 * abs(loss), (name, step, got[step], loss)
+
+
+@pytest.mark.slow
 def test_gpt_neox_under_tensor_parallel_equals_one_process_and_exports_its_own_names(cache_dir: Path, tmp_path: Path) -> None:
     """GPT-NeoX split by its own tp plan on 2 ranks equals one process; its export keeps the
     checkpoint names transformers writes (embed_out, which the v5 class calls lm_head)."""

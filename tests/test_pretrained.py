@@ -468,7 +468,9 @@ def test_loading_under_fsdp_holds_less_than_the_whole_model_per_rank(cache_dir: 
         print(f"rank {rank}: loading added {held} MB at most, its {whole // 2} MB shard included; the whole model is {whole} MB")
         assert whole > 200 and held < whole, (held, whole)
 
-    # The export of its checkpoint reads and writes one tensor at a time (the largest: the 62 MB embedding).
+    # The export of its checkpoint reads and writes one tensor at a time: what it adds to the process
+    # is bounded by its largest tensor (the 62.5 MB embedding: the tensor and DCP's read of its two
+    # shards, ~2 copies; measured 128-133 MB), not by the model.
     from fmtrain.export import write_streamed
     from fmtrain.pretrained import _peak_rss, _reset_peak_rss
 
@@ -480,8 +482,9 @@ def test_loading_under_fsdp_holds_less_than_the_whole_model_per_rank(cache_dir: 
     peak = _peak_rss()
     assert before is not None and peak is not None
     added = (peak - before) / 2**20
-    print(f"writing the export added {added:.0f} MB at most to this process; the whole model is {whole} MB")
-    assert added < whole / 2, (added, whole)
+    largest = 32000 * 512 * 4 / 2**20
+    print(f"writing the export added {added:.0f} MB at most; the largest tensor is {largest:.1f} MB, the model {whole} MB")
+    assert added <= 2.5 * largest and added < 0.75 * whole, (added, largest, whole)
     from safetensors.torch import load_file
 
     written = load_file(str(tmp_path / "out" / "model.safetensors"))

@@ -4,7 +4,8 @@
         'model.options={dim: 128, n_layers: 4, n_heads: 4}' strategy=fsdp launcher.nproc=2
 
 (from the repository's root; elsewhere, put the file's folder on PYTHONPATH and name it
-``model.target=tiny_gpt.build``). fmtrain calls ``build(**model.options)`` on the meta device and
+``model.target=tiny_gpt.build``). fmtrain calls ``build(**model.options)`` on the meta device, with
+``vocab_size`` and ``max_seq_len`` from ``model.vocab_size`` and ``model.max_seq_len``, and
 asks the module only for what ``fmtrain/models/custom.py`` lists: ``blocks`` (required), and here
 also ``init_value``, ``tp_plan`` and ``flops_per_token``.
 """

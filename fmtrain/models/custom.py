@@ -7,7 +7,9 @@
     fmtrain train model=custom model.target=my_models.gpt.build \\
         'model.options={vocab_size: 256, dim: 256, n_layers: 4}' strategy=fsdp launcher.nproc=2
 
-``model.options`` are the builder's keyword arguments. It is called on the meta device (no memory
+``model.options`` are the builder's keyword arguments; a builder that takes ``vocab_size`` or
+``max_seq_len`` also gets ``model.vocab_size`` / ``model.max_seq_len`` (what the tokenizer and
+``data.seq_len`` are checked against). It is called on the meta device (no memory
 is taken until each rank materializes its own part), and the module it returns keeps this small
 protocol, read with ``getattr``:
 
@@ -30,7 +32,9 @@ resume, ``fmtrain export --format fmtrain`` (``load_exported`` rebuilds it throu
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,17 +64,44 @@ def builder(target: str) -> Callable[..., nn.Module]:
     return found
 
 
+# ModelConfig's fields that the data checks use, handed to a builder that takes them
+SHARED = ("vocab_size", "max_seq_len")
+
+
+def arguments(cfg: ModelConfig) -> dict[str, Any]:
+    """``model.options``, plus ``vocab_size`` and ``max_seq_len`` from ``model.*`` for a builder that
+    takes them (so the tokenizer and ``data.seq_len`` are checked against what the module has)."""
+    make = builder(cfg.target)
+    options = dict(cfg.options)
+    try:
+        parameters = inspect.signature(make).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+        parameters = {}  # type: ignore[assignment]
+    for name in SHARED:
+        value = getattr(cfg, name)
+        if name in options and options[name] != value:
+            raise ConfigError(
+                f"model.options.{name}",
+                options[name],
+                f"must equal model.{name}={value}, which the builder gets when options leave it out: set model.{name}",
+            )
+        if name in parameters:
+            options[name] = value
+    return options
+
+
 class CustomSpec(ModelSpec):
     name = "custom"
 
     def build(self, cfg: ModelConfig) -> nn.Module:
-        return builder(cfg.target)(**cfg.options)
+        return builder(cfg.target)(**arguments(cfg))
 
     def check(self, cfg: ModelConfig) -> None:
         make = builder(cfg.target)
+        options = arguments(cfg)
         try:
             with torch.device("meta"):
-                model = make(**cfg.options)
+                model = make(**options)
         except Exception as error:
             raise ConfigError(
                 "model.options", dict(cfg.options), f"{cfg.target}(**model.options) failed: {type(error).__name__}: {error}"
