@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -237,28 +238,41 @@ def _load_hf(state: dict[str, Any], recipe: Recipe, field: str, path: Path) -> N
     adapter = recipe.spec.adapter(recipe.cfg)
     assert adapter is not None  # check() refused it before launch
     loaded: set[str] = set()
+    for f, name, placeholder in _file_tensors(recipe, field, path):
+        mapped = adapter.from_external({name: placeholder})
+        if not mapped.keys() <= state.keys() and _skipped(name, adapter, recipe.cfg.tie_embeddings):
+            continue  # one the model ignores (check() refused any other the model has no place for)
+        for ours, value in mapped.items():
+            rows = _local_rows(state[ours]) if value is placeholder else None
+            if rows is not None:
+                state[ours].to_local().copy_(f.read(name, rows))
+            else:
+                _copy_into(state[ours], adapter.from_external({name: f.read(name)})[ours])
+            loaded.add(ours)
+    tied = _check_every_weight(set(state), loaded, adapter, path)
+    for name, first in tied.items():  # the state dict may hold a copy for each name: the loaded one wins
+        if name in state and name not in loaded:
+            state[name] = state[first]
+
+
+def _file_tensors(recipe: Recipe, field: str, path: Path) -> Iterator[tuple[SafetensorsFile | PickleFile, str, torch.Tensor]]:
+    """Each tensor of a model directory's files that loading reads, as (its open file, its name, a meta
+    placeholder of its shape and dtype): not the buffers computed from the config, nor a tied head."""
     for file in weight_files(field, path, recipe.cfg.allow_pickle):
         with open_weights(file) as f:
             for name, (dtype, shape) in f.tensors.items():
                 if name.endswith(SKIPPED) or (name == "lm_head.weight" and recipe.cfg.tie_embeddings):
                     continue
-                placeholder = torch.empty(shape, dtype=dtype, device="meta")
-                mapped = adapter.from_external({name: placeholder})
-                if not mapped.keys() <= state.keys() and _skipped(name, adapter, recipe.cfg.tie_embeddings):
-                    continue  # one the model ignores (check() refused any other the model has no place for)
-                for ours, value in mapped.items():
-                    rows = _local_rows(state[ours]) if value is placeholder else None
-                    if rows is not None:
-                        state[ours].to_local().copy_(f.read(name, rows))
-                    else:
-                        _copy_into(state[ours], adapter.from_external({name: f.read(name)})[ours])
-                    loaded.add(ours)
-    tied = getattr(adapter, "tied", {})  # later name -> first name of a parameter two modules share
-    if missing := sorted(name for name in set(state) - loaded if tied.get(name) not in loaded):
+                yield f, name, torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _check_every_weight(names: set[str], loaded: set[str], adapter: Any, path: Path) -> dict[str, str]:
+    """Refuse a load that left a parameter out (a tied name counts as loaded with its first name);
+    the adapter's ties (later name -> first name) for the caller."""
+    tied: dict[str, str] = getattr(adapter, "tied", {})
+    if missing := sorted(name for name in names - loaded if tied.get(name) not in loaded):
         raise CheckpointError(f"{path}: no weights for {', '.join(missing[:5])}")
-    for name, first in tied.items():  # the state dict may hold a copy for each name: the loaded one wins
-        if name in state and name not in loaded:
-            state[name] = state[first]
+    return tied
 
 
 def _load_hf_partitioned(model: nn.Module, recipe: Recipe, field: str, path: Path) -> None:
@@ -272,24 +286,17 @@ def _load_hf_partitioned(model: nn.Module, recipe: Recipe, field: str, path: Pat
     params = dict(model.named_parameters())
     writer = not dist.is_initialized() or dist.get_rank() == 0
     loaded: set[str] = set()
-    for file in weight_files(field, path, recipe.cfg.allow_pickle):
-        with open_weights(file) as f:
-            for name in f.tensors:
-                if name.endswith(SKIPPED) or (name == "lm_head.weight" and recipe.cfg.tie_embeddings):
-                    continue
-                placeholder = torch.empty(f.tensors[name][1], dtype=f.tensors[name][0], device="meta")
-                if not adapter.from_external({name: placeholder}).keys() & params.keys():
-                    continue  # one the model ignores (check() refused any other)
-                for ours, value in adapter.from_external({name: f.read(name) if writer else placeholder}).items():
-                    if ours not in params:
-                        continue  # a tied name: the parameter is its first name's
-                    with deepspeed.zero.GatheredParameters([params[ours]], modifier_rank=0):
-                        if writer:
-                            params[ours].data.copy_(value.to(params[ours].dtype))
-                    loaded.add(ours)
-    tied = getattr(adapter, "tied", {})
-    if missing := sorted(name for name in set(params) - loaded if tied.get(name) not in loaded):
-        raise CheckpointError(f"{path}: no weights for {', '.join(missing[:5])}")
+    for f, name, placeholder in _file_tensors(recipe, field, path):
+        if not adapter.from_external({name: placeholder}).keys() & params.keys():
+            continue  # one the model ignores (check() refused any other)
+        for ours, value in adapter.from_external({name: f.read(name) if writer else placeholder}).items():
+            if ours not in params:
+                continue  # a tied name: the parameter is its first name's
+            with deepspeed.zero.GatheredParameters([params[ours]], modifier_rank=0):
+                if writer:
+                    params[ours].data.copy_(value.to(params[ours].dtype))
+            loaded.add(ours)
+    _check_every_weight(set(params), loaded, adapter, path)
 
 
 def _local_rows(target: torch.Tensor) -> tuple[int, int] | None:
