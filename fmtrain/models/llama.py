@@ -41,8 +41,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        """torch's fused ``rms_norm`` (statistics in fp32 whatever ``x`` holds). Under autocast the
+        result is cast once to the compute dtype here, instead of once by each projection reading it
+        (Q, K and V; the two SwiGLU inputs): the same values, fewer copies."""
+        out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and out.is_floating_point():
+            out = out.to(torch.get_autocast_dtype(device))
+        return out
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -71,20 +77,23 @@ def rotary_frequencies(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
 
 
 def rotary_tables(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
-    """cos and sin of the rotary angles, shape (2, max_seq_len, head_dim // 2), in fp32."""
+    """cos and signed sin of the rotary angles per element of a head, shape (2, max_seq_len, head_dim),
+    in fp32: pair i (elements 2i, 2i+1) turns by angle i, so cos is repeated per pair and sin is
+    (-sin, +sin), which lets :func:`apply_rotary` rotate with two products and a sum."""
     freqs = rotary_frequencies(cfg, device)
-    seq_len = cfg.max_seq_len
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), freqs)
-    return torch.stack((angles.cos(), angles.sin()))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), freqs)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack((cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)))
 
 
 def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x: (batch, heads, seq, head_dim)."""
-    cos, sin = rope[0, : x.shape[-2]], rope[1, : x.shape[-2]]
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x: (batch, seq, heads, head_dim), in x's dtype
+    (as Hugging Face's Llama does under mixed precision): x * cos + swap(x) * sin, where swap
+    exchanges the two elements of each pair."""
+    seq = x.shape[1]
+    cos, sin = rope[0, :seq, None].to(x.dtype), rope[1, :seq, None].to(x.dtype)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos + swapped * sin
 
 
 class Attention(nn.Module):
@@ -107,9 +116,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, k = apply_rotary(q, rope).transpose(1, 2), apply_rotary(k, rope).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -153,7 +161,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # Not persistent: derived from the config, so checkpoints hold only learned state.
         self.rope: torch.Tensor
-        self.register_buffer("rope", torch.empty(2, cfg.max_seq_len, head_dim_of(cfg) // 2), persistent=False)
+        self.register_buffer("rope", torch.empty(2, cfg.max_seq_len, head_dim_of(cfg)), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
