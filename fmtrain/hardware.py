@@ -4,6 +4,7 @@
     caps = probe("cpu")                     # this machine's CPU (asked once per process)
     caps.refusal("deepspeed", "fp16")       # None, or why not and what to use instead
     caps.describe()                         # 'cpu: Intel(R) Xeon(R) Processor (AVX512; bf16 native; fp16 native)'
+    caps.auto_precision("ddp")              # ('bf16', '... multiplies bf16 natively (AMX-BF16 and AVX512-BF16)')
 
 Validation asks before launch (the local launcher runs on this machine), each strategy asks again
 on its rank's device (a Slurm or Ray node may differ from the machine that submitted), and
@@ -50,6 +51,22 @@ class Capabilities:
         ]
         extra = [f"DeepSpeed fp16 {'yes' if self.deepspeed_fp16 else 'no'}"] if self.deepspeed_fp16 is not None else []
         return f"{self.kind}: {self.name} ({'; '.join([self.isa, *native, *(['fp8'] if self.fp8 else []), *extra])})"
+
+    def auto_precision(self, strategy: str) -> tuple[str, str]:
+        """What ``precision=auto`` trains in on this device, and why: bf16 autocast where bf16
+        matmuls run in hardware (and DeepSpeed, if it runs them, accepts bf16), else fp32."""
+        if not self.native_bf16:
+            return "fp32", f"{self.describe()} has no native bf16 matmuls"
+        if strategy == "deepspeed" and self.deepspeed_bf16 is False:
+            return "fp32", f"DeepSpeed's {self.kind} accelerator refuses bf16 here"
+        units = (
+            "tensor cores"
+            if self.kind == "cuda"
+            else " and ".join(
+                name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in self.flags
+            )
+        )
+        return "bf16", f"{self.name} multiplies bf16 natively ({units})"
 
     def refusal(self, strategy: str, precision: str) -> str | None:
         """Why ``strategy`` cannot train in ``precision`` on this device, naming what can; None if it can."""
@@ -154,12 +171,32 @@ def probe(kind: str, index: int = 0, *, engines: bool = True) -> Capabilities:
     )
 
 
+AUTO_PIN = "FMTRAIN_PRECISION_AUTO"  # a site's pin of what precision=auto means: fp32 or bf16
+
+
+def resolve_precision(kind: str, strategy: str, precision: str, index: int = 0) -> tuple[str, str]:
+    """``precision`` itself, or for ``auto`` what this device trains fastest in without loss scaling
+    (:meth:`Capabilities.auto_precision`), unless ``$FMTRAIN_PRECISION_AUTO`` pins it; and why."""
+    import os
+
+    if precision != "auto":
+        return precision, "asked for"
+    if pinned := os.environ.get(AUTO_PIN):
+        if pinned not in ("fp32", "bf16"):
+            from fmtrain.config import ConfigError
+
+            raise ConfigError(f"${AUTO_PIN}", pinned, "pins what precision=auto means: fp32 or bf16")
+        return pinned, f"${AUTO_PIN}={pinned}"
+    return probe(kind, index, engines=strategy == "deepspeed").auto_precision(strategy)
+
+
 def check(kind: str, strategy: str, precision: str, index: int = 0) -> None:
     """Refuse what device ``kind`` (``"cpu"``, ``"cuda"``) number ``index`` cannot train: a
     ConfigError naming the device and the alternative. Validation asks it of this machine before a
     local launch; each rank asks it of its own device, since a node may differ from the submitter."""
     from fmtrain.config import ConfigError
 
+    precision = resolve_precision(kind, strategy, precision, index)[0]
     caps = probe(kind, index, engines=strategy == "deepspeed")
     if reason := caps.refusal(strategy, precision):
         raise ConfigError("precision.name", precision, reason)

@@ -11,7 +11,7 @@ except under DeepSpeed, whose 16-bit parameters sit beside fp32 master partition
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -119,8 +119,22 @@ def zero_bytes(numel: int, dp: int, stage: int, precision: str, offload_optimize
     return held, param_bytes, (part if stage >= 2 else numel) * low, part * FP32 * ADAM_STATES
 
 
+def planned_precision(cfg: TrainConfig) -> tuple[str, str]:
+    """The precision the plan assumes, and how to show it: ``auto`` as this machine resolves it for a
+    local run; for a job on other nodes fp32, the larger of what their devices may choose."""
+    name = cfg.precision.name
+    if name != "auto":
+        return name, name
+    if cfg.launcher.name == "local":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+        resolved = hardware.resolve_precision(kind, cfg.strategy.name, name)[0]
+        return resolved, f"auto -> {resolved}"
+    return "fp32", "auto (each rank's device decides; fp32 assumed)"
+
+
 def sizes(cfg: TrainConfig, world_size: int) -> Sizes:
     """Each rank's share of the model and its training state, from a meta build (nothing allocated)."""
+    cfg = replace(cfg, precision=replace(cfg.precision, name=planned_precision(cfg)[0]))
     dims = ParallelDims.from_config(cfg.strategy, world_size)
     recipe = models.recipe(cfg)
     if cfg.strategy.name in TENSOR_PARALLEL:
@@ -146,7 +160,7 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     size = sizes(cfg, world_size)
     if cfg.launcher.name == "local":
         caps = hardware.probe("cuda" if torch.cuda.is_available() else "cpu", engines=cfg.strategy.name == "deepspeed")
-        refusal = caps.refusal(cfg.strategy.name, cfg.precision.name)
+        refusal = caps.refusal(cfg.strategy.name, planned_precision(cfg)[0])
         device, device_check = caps.describe(), f"refused: {refusal}" if refusal else "supported"
     else:  # the job's nodes are not this machine (nor is DeepSpeed imported here to ask): each rank asks its own
         device, device_check = f"the {cfg.launcher.name} job's nodes", "checked by each rank on its own device"
@@ -154,7 +168,7 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
         **asdict(size),
         model=cfg.model.name,
         strategy=cfg.strategy.name,
-        precision=cfg.precision.name,
+        precision=planned_precision(cfg)[1],
         world_size=world_size,
         seq_len=cfg.data.seq_len,
         device=device,

@@ -21,12 +21,14 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 
+from fmtrain import hardware
 from fmtrain.checkpoint import Checkpointer
 from fmtrain.config import ConfigError, TrainConfig
 from fmtrain.distributed import DistEnv
@@ -119,9 +121,27 @@ def run(cfg: TrainConfig, on_eval: EvalHook | None = None, on_step: StepHook | N
     # The process group's timeout: past the watchdog's, which speaks first (naming ranks, writing stacks).
     device = env.init(cfg.trainer.device, timeout_s=(cfg.trainer.hang_timeout_s or 1800) + 60)
     try:
+        cfg = resolve_precision(cfg, env, device)
         return _train(cfg, env, device, run_dir, stop, on_eval, on_step)
     finally:
         env.close()
+
+
+def resolve_precision(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainConfig:
+    """``cfg`` with ``precision=auto`` (the default) replaced by what this rank's device trains
+    fastest in (:func:`fmtrain.hardware.resolve_precision`), agreed by every rank: bf16 only if all
+    of them multiply bf16 natively. A precision the user named is kept as it is."""
+    if cfg.precision.name != "auto":
+        return cfg
+    name, why = hardware.resolve_precision(device.type, cfg.strategy.name, "auto", device.index or 0)
+    if env.distributed:
+        everyone = torch.tensor(float(name == "bf16"), device=device)
+        torch.distributed.all_reduce(everyone, op=torch.distributed.ReduceOp.MIN)
+        if name == "bf16" and not everyone.item():
+            name, why = "fp32", "another rank's device has no native bf16 matmuls"
+    if env.is_main:
+        log.info("precision=auto -> %s: %s (precision=fp32 or precision=bf16 fixes it)", name, why)
+    return replace(cfg, precision=replace(cfg.precision, name=name))
 
 
 def _train(

@@ -77,7 +77,10 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
         (["trainer.max_steps=0"], r"trainer.max_steps=0 is invalid: must be positive"),
         (["optim.schedule=step"], r"optim.schedule='step' is invalid: valid choices are cosine, linear, constant"),
         (["optim.implementation=apex"], r"optim.implementation='apex' is invalid: valid choices are fused, foreach, for_loop"),
-        (["precision=fp32", "precision.name=fp64"], r"precision.name='fp64' is invalid: valid choices are fp32, bf16, fp16, fp8"),
+        (
+            ["precision=fp32", "precision.name=fp64"],
+            r"precision.name='fp64' is invalid: valid choices are auto, fp32, bf16, fp16, fp8",
+        ),
         (
             ["precision=fp8", "trainer.device=cpu"],
             r"precision.name='fp8' is invalid: fp8 training needs GPUs .* device is cpu: .*: use precision=bf16",

@@ -159,3 +159,55 @@ def test_a_rank_refuses_what_its_own_device_cannot_train_in_one_line(cache_dir: 
     assert f"rank 0: precision.name='fp8' is invalid: {refusal}" in result.stdout.splitlines()[-1]
     assert f"fmtrain: error: precision.name='fp8' is invalid: {refusal}" in result.stderr.splitlines()
     assert "Traceback" not in result.stdout + result.stderr
+
+
+NO_DEEPSPEED_BF16 = dataclasses.replace(INTEL_SPR, deepspeed_bf16=False)
+
+
+@pytest.mark.parametrize(
+    ("caps", "expected"),
+    [(INTEL_SPR, "bf16"), (AMD_ZEN3, "fp32"), (NO_DEEPSPEED, "fp32"), (H100, "bf16"), (A100, "bf16"), (V100, "fp32")],
+    ids=lambda c: c.name.split()[1] if isinstance(c, Capabilities) else c,
+)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_auto_precision_is_bf16_exactly_where_the_device_multiplies_bf16_natively(
+    caps: Capabilities, expected: str, strategy: str
+) -> None:
+    name, why = caps.auto_precision(strategy)
+    assert name == expected
+    assert caps.refusal(strategy, name) is None  # what auto picks is never refused
+    assert ("multiplies bf16 natively" in why) == (expected == "bf16"), why
+    if caps is INTEL_SPR:
+        assert why.endswith("(AMX-BF16 and AVX512-BF16)")
+    # A DeepSpeed that refuses bf16 keeps auto at fp32 for deepspeed only.
+    assert NO_DEEPSPEED_BF16.auto_precision(strategy)[0] == ("fp32" if strategy == "deepspeed" else "bf16")
+
+
+def test_a_named_precision_is_kept_and_the_pin_decides_auto(monkeypatch) -> None:
+    for pinned in ("fp32", "bf16"):
+        monkeypatch.setenv(hardware.AUTO_PIN, pinned)
+        assert hardware.resolve_precision("cpu", "ddp", "auto") == (pinned, f"$FMTRAIN_PRECISION_AUTO={pinned}")
+        assert hardware.resolve_precision("cpu", "ddp", "fp32") == ("fp32", "asked for")
+    monkeypatch.setenv(hardware.AUTO_PIN, "fp16")
+    with pytest.raises(ConfigError, match=r"\$FMTRAIN_PRECISION_AUTO='fp16' is invalid: pins what precision=auto means"):
+        hardware.resolve_precision("cpu", "ddp", "auto")
+    monkeypatch.delenv(hardware.AUTO_PIN)
+    assert hardware.resolve_precision("cpu", "ddp", "auto") == probe("cpu", engines=False).auto_precision("ddp")
+
+
+@pytest.mark.slow
+def test_the_default_run_trains_in_what_auto_chooses_here_and_says_so(cache_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """No pin: 2 ranks agree on this CPU's choice (bf16 where it has AMX/AVX512-BF16, else fp32), log
+    it, and their losses equal those of the same run with that precision named."""
+    monkeypatch.delenv(hardware.AUTO_PIN)
+    chosen, why = probe("cpu", engines=False).auto_precision("ddp")
+    steps = [*SMALL, "launcher.nproc=2", "trainer.max_steps=3", "trainer.eval_interval=3"]
+    auto = fmtrain(["train", f"run_dir={tmp_path / 'auto'}", *steps], cache_dir)
+    assert auto.returncode == 0, auto.stdout + auto.stderr
+    log = (tmp_path / "auto" / "logs" / "rank0.log").read_text()
+    assert f"precision=auto -> {chosen}: {why}" in log
+    assert f"| {chosen} on cpu" in log
+    named = fmtrain(["train", f"run_dir={tmp_path / 'named'}", *steps, f"precision={chosen}"], cache_dir)
+    assert named.returncode == 0, named.stdout + named.stderr
+    assert "precision=auto" not in (tmp_path / "named" / "logs" / "rank0.log").read_text()
+    assert train_losses(tmp_path / "auto") == train_losses(tmp_path / "named")

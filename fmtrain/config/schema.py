@@ -164,7 +164,7 @@ class StrategyConfig:
 
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"
+    name: str = "auto"  # bf16 where the device multiplies bf16 natively, else fp32 (hardware.resolve_precision)
 
 
 @dataclass
