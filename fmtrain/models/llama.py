@@ -77,23 +77,26 @@ def rotary_frequencies(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
 
 
 def rotary_tables(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
-    """cos and signed sin of the rotary angles per element of a head, shape (2, max_seq_len, head_dim),
-    in fp32: pair i (elements 2i, 2i+1) turns by angle i, so cos is repeated per pair and sin is
-    (-sin, +sin), which lets :func:`apply_rotary` rotate with two products and a sum."""
+    """cos and sin of the rotary angles, shape (max_seq_len, head_dim // 2, 2), in fp32: the unit
+    complex number of each position and pair, as :func:`apply_rotary` views it."""
     freqs = rotary_frequencies(cfg, device)
     angles = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), freqs)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.stack((cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)))
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x: (batch, seq, heads, head_dim), in x's dtype
-    (as Hugging Face's Llama does under mixed precision): x * cos + swap(x) * sin, where swap
-    exchanges the two elements of each pair."""
-    seq = x.shape[1]
-    cos, sin = rope[0, :seq, None].to(x.dtype), rope[1, :seq, None].to(x.dtype)
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return x * cos + swapped * sin
+    """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x: (batch, seq, heads, head_dim), by one complex
+    product per pair in fp32 (Meta's and torchtitan's form: one kernel each way, where the rotation
+    written out in real arithmetic takes four products, two sums and a copy). Under torch.compile the
+    real form, which inductor fuses into one kernel (it generates no code for complex numbers)."""
+    table = rope[: x.shape[1]].float().unsqueeze(1)  # (seq, 1, head_dim // 2, 2)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        cos, sin, real, imag = table[..., 0], table[..., 1], pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(table))
+    return rotated.flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -161,7 +164,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # Not persistent: derived from the config, so checkpoints hold only learned state.
         self.rope: torch.Tensor
-        self.register_buffer("rope", torch.empty(2, cfg.max_seq_len, head_dim_of(cfg)), persistent=False)
+        self.register_buffer("rope", torch.empty(cfg.max_seq_len, head_dim_of(cfg) // 2, 2), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
