@@ -65,6 +65,7 @@ def main() -> None:
                     f"run_dir={run_dir}",
                     "launcher.nproc=2",
                     "strategy=ddp",
+                    "precision=fp32",  # accelerate's --mixed_precision no
                     "trainer.plot=false",
                     *steps,
                 ],

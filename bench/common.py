@@ -20,7 +20,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def config(run_dir: Path, overrides: list[str]) -> TrainConfig:
+    """The composed config, with ``precision=auto`` resolved as a run on this CPU resolves it."""
     cfg = compose([f"run_dir={run_dir}", "trainer.progress=false", "trainer.plot=false", *overrides])
+    if cfg.precision.name == "auto":
+        from fmtrain.hardware import resolve_precision
+
+        cfg.precision.name = resolve_precision("cpu", cfg.strategy.name, cfg.precision.name)[0]
     return cfg
 
 

@@ -121,6 +121,7 @@ def fine_tune_throughput(tmp: Path, rounds: int = 3, steps: int = 30, warmup: in
         for mode in ("eager", "compiled"):
             theirs[mode].append(hf_loop(tmp / "tiny", batch, seq, steps, warmup, compiled=mode == "compiled"))
             overrides = ["model=hf", f"model.path={tmp / 'tiny'}", f"trainer.max_steps={steps}", f"trainer.eval_interval={steps}"]
+            overrides += ["precision=fp32"]  # transformers' loop trains in fp32
             overrides += [f"checkpoint.interval={steps}", f"trainer.global_batch_size={batch}", f"data.seq_len={seq}"]
             overrides += [f"trainer.compile={mode == 'compiled'}"]
             cfg = common.config(tmp / f"ft{index}{mode}", overrides)

@@ -9,6 +9,7 @@ Run them on an otherwise idle machine.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,15 +100,32 @@ def summary() -> str:
             f"| transformers' loop {theirs:,.0f} tok/s | model=hf {ours:,.0f} tok/s "
             f"| {tune['ratio']:.2f} (eager {tune['eager_ratio']:.2f}) | {tune['goal']} |"
         )
+    if (RESULTS / "nanogpt.json").is_file():
+        n = load("nanogpt")
+        best = n["best_tokens_per_s"]
+        theirs = max(best["nanoGPT compile=False"], best["nanoGPT compile=True"])
+        lines.append(
+            f"| `fmtrain train` (default) vs nanoGPT `train.py`, same shape and tokens | nanoGPT best of compile off/on "
+            f"{theirs:,.0f} tok/s | {best['fmtrain default']:,.0f} tok/s (precision=fp32: {best['fmtrain precision=fp32']:,.0f}) "
+            f"| {n['ratio']:.2f} (fp32: {n['ratio_fp32']:.2f}) | {n['goal']} |"
+        )
+    if (RESULTS / "step.json").is_file():
+        st = load("step")
+        for key, row in st["shapes"].items():
+            best = row["best_tokens_per_s"]
+            nano = f"; nanoGPT's GPT {best['nanoGPT']:,.0f} ({row['vs_nanogpt']:.2f}x)" if "nanoGPT" in best else ""
+            lines.append(
+                f"| one training step, {key} | transformers' LlamaForCausalLM {best['transformers']:,.0f} tok/s{nano} "
+                f"| {best['fmtrain']:,.0f} tok/s | {row['vs_transformers']:.2f} | >= 1.15 |"
+            )
     m = load("mfu")
     for name, row in m["models"].items():
         lines.append(
-            f"| MFU, {name} | fp32 matmul peak {m['peak_gflops_fp32']:.0f} GFLOP/s | {row['achieved_gflops']:.1f} GFLOP/s "
-            f"| {row['mfu']:.1%} | {m['goal']} |"
+            f"| MFU, {name} | {row['precision']} matmul peak {row['peak_gflops']:.0f} GFLOP/s "
+            f"| {row['achieved_gflops']:.1f} GFLOP/s | {row['mfu']:.1%} | {m['goal']} |"
         )
-    lines += ["", "Where a training step's operator time goes (profiled bare step, same model):", ""]
-    for name, row in m["models"].items():
-        lines.append(f"- {name}: " + ", ".join(f"{k} {v:.0%}" for k, v in row["time_share"].items()))
+    if (RESULTS / "step.json").is_file():
+        lines += profile_tables(load("step"), load("step_before") if (RESULTS / "step_before.json").is_file() else None)
     if (RESULTS / "strategies.json").is_file():
         cells = load("strategies")["cells"]
         lines += ["", "Strategy x precision, 2 CPU ranks, tiny model (one run; relative to DDP fp32):", ""]
@@ -131,6 +149,24 @@ def summary() -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_tables(after: dict, before: dict | None) -> list[str]:
+    """Milliseconds per step by operator group: fmtrain before and after, and its peers, per shape."""
+    lines = ["", "Where one training step's time goes (ms per step, self time by operator group, `bench/step.py`):"]
+    for key, row in after["shapes"].items():
+        if "profile" not in row:
+            continue
+        columns = {}
+        if before and "profile" in before["shapes"].get(key, {}):
+            columns["fmtrain before"] = before["shapes"][key]["profile"]["fmtrain"]
+        columns |= {("fmtrain now" if name == "fmtrain" else name): p for name, p in row["profile"].items()}
+        groups = list(dict.fromkeys(g for p in columns.values() for g in p["groups_ms"]))
+        lines += ["", f"{key}:", "", "| group | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for group in groups:
+            lines.append(f"| {group} | " + " | ".join(f"{p['groups_ms'].get(group, 0.0):.1f}" for p in columns.values()) + " |")
+        lines.append("| **total** | " + " | ".join(f"**{p['ms_per_step']:.1f}**" for p in columns.values()) + " |")
+    return lines
+
+
 def common_median(values: list[float]) -> float:
     import statistics
 
@@ -138,11 +174,14 @@ def common_median(values: list[float]) -> float:
 
 
 def main() -> None:
-    scripts = ["throughput.py", "startup.py", "mfu.py", "strategies.py", "accelerate_ddp.py", "zero3_init.py"]
-    scripts += ["checkpoint_async.py", "hf_import.py"]
-    scripts += ["slurm_latency.py", "tune_asha.py", "ray_startup.py"]  # root: a Slurm cluster, network namespaces
-    for script in scripts:
-        subprocess.run([sys.executable, str(HERE / script)], check=True)
+    """``NANOGPT_DIR``: a clone of github.com/karpathy/nanoGPT, for the comparisons with it (else left out)."""
+    nanogpt = os.environ.get("NANOGPT_DIR")
+    scripts = [["throughput.py"], ["startup.py"], ["mfu.py"], ["step.py", *(["--nanogpt", nanogpt] if nanogpt else [])]]
+    scripts += [["nanogpt.py", "--nanogpt", nanogpt]] if nanogpt else []
+    scripts += [["strategies.py"], ["accelerate_ddp.py"], ["zero3_init.py"], ["checkpoint_async.py"], ["hf_import.py"]]
+    scripts += [["slurm_latency.py"], ["tune_asha.py"], ["ray_startup.py"]]  # root: a Slurm cluster, network namespaces
+    for script, *args in scripts:
+        subprocess.run([sys.executable, str(HERE / script), *args], check=True)
     (RESULTS / "summary.md").write_text(summary())
     print(summary())
 
