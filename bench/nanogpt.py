@@ -114,7 +114,8 @@ def main() -> None:
                 if isinstance(how, bool):
                     value = nanogpt_tokens_per_s(folder, shape, args.iters, args.warmup, how)
                 else:
-                    value = fmtrain_tokens_per_s(folder, f"{name.replace(' ', '_')}{round_}", args.iters, args.warmup, how)
+                    run = f"{name.replace(' ', '_').replace('=', '-')}{round_}"  # no '=' in a run_dir override
+                    value = fmtrain_tokens_per_s(folder, run, args.iters, args.warmup, how)
                 measured[name].append(value)
                 print(f"round {round_}: {name} {value:,.0f} tok/s", flush=True)
     best = {name: max(values) for name, values in measured.items()}
