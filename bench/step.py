@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmtrain.hardware import probe
-from fmtrain.models.llama import ffn_hidden_dim
+from fmtrain.models.llama import LlamaSpec
 
 SHAPES = {"tiny (default)": [], "small": ["model=small", "data.seq_len=512", "trainer.global_batch_size=8"]}
 GROUPS = {
@@ -78,21 +78,10 @@ class Logits(nn.Module):
 
 
 def transformers_llama(cfg) -> nn.Module:
+    """transformers' Llama at fmtrain's sizes: the config.json fmtrain's own export writes for them."""
     import transformers
 
-    m = cfg.model
-    config = transformers.LlamaConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.dim,
-        intermediate_size=ffn_hidden_dim(m),
-        num_hidden_layers=m.n_layers,
-        num_attention_heads=m.n_heads,
-        num_key_value_heads=m.n_kv_heads or m.n_heads,
-        max_position_embeddings=m.max_seq_len,
-        rms_norm_eps=m.norm_eps,
-        tie_word_embeddings=m.tie_embeddings,
-        attn_implementation="sdpa",
-    )
+    config = transformers.LlamaConfig(**LlamaSpec().adapter(cfg.model).external_config(), attn_implementation="sdpa")
     return Logits(transformers.LlamaForCausalLM(config))
 
 

@@ -46,7 +46,7 @@ class RMSNorm(nn.Module):
         (Q, K and V; the two SwiGLU inputs): the same values, fewer copies."""
         out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         device = x.device.type
-        if torch.is_autocast_enabled(device) and out.is_floating_point():
+        if torch.is_autocast_enabled(device):
             out = out.to(torch.get_autocast_dtype(device))
         return out
 
