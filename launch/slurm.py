@@ -214,7 +214,29 @@ class SlurmJob:
 
 
 def scheduler_state(job_id: str) -> str | None:
-    """The job's state in Slurm's accounting (``sacct``), e.g. RUNNING, COMPLETED, CANCELLED."""
+    """The job's state, e.g. RUNNING, COMPLETED, CANCELLED: the controller's while it still holds the job
+    (``squeue``), else accounting's (``sacct``).
+
+    Accounting is written by slurmdbd behind the controller: on a busy machine ``sacct`` said PENDING
+    for a job whose ranks had already run steps. The controller forgets a finished job after
+    ``MinJobAge`` (300 s by default); accounting keeps it.
+    """
+    return _queue_state(job_id) or _accounting_state(job_id)
+
+
+def _queue_state(job_id: str) -> str | None:
+    try:
+        result = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%i|%T"], capture_output=True, text=True, timeout=30
+        )
+    except FileNotFoundError:
+        return None
+    # squeue -j 123_1 names the task even while the array's pending tasks are one record, 123_[0-2].
+    states = [line.split("|")[1].split()[0] for line in result.stdout.splitlines() if line.split("|")[0] == job_id]
+    return states[-1] if result.returncode == 0 and states else None
+
+
+def _accounting_state(job_id: str) -> str | None:
     try:
         out = subprocess.run(
             ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True, timeout=30

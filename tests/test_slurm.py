@@ -272,11 +272,16 @@ def test_a_sweep_is_one_job_array_with_a_run_directory_per_task(cluster, cache_d
 def test_status_logs_and_cancel_work_on_a_running_job(cluster, cache_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "long"
     job_id = submit(cluster, cache_dir, run_dir, "trainer.max_steps=100000", "launcher.tasks_per_node=2")[0]
-    wait_steps(run_dir, 3)
-    report = status(cluster, cache_dir, run_dir)
-    assert report["scheduler_state"] == "RUNNING" and report["state"] == "running" and report["step"] >= 3
-    logs = fmtrain(["logs", str(run_dir)], cache_dir, SLURM_CONF=cluster["SLURM_CONF"])
-    assert logs.returncode == 0 and "model tiny" in logs.stdout
+    try:
+        wait_steps(run_dir, 3)
+        # The controller's state, not accounting's: slurmdbd can still say PENDING while the ranks step.
+        report = status(cluster, cache_dir, run_dir)
+        assert report["scheduler_state"] == "RUNNING" and report["state"] == "running" and report["step"] >= 3
+        logs = fmtrain(["logs", str(run_dir)], cache_dir, SLURM_CONF=cluster["SLURM_CONF"])
+        assert logs.returncode == 0 and "model tiny" in logs.stdout
+    except BaseException:
+        subprocess.run(["scancel", job_id], env=cluster, timeout=60)  # a failure here leaves no job to the next tests
+        raise
     cancelled = fmtrain(["cancel", str(run_dir)], cache_dir, SLURM_CONF=cluster["SLURM_CONF"])
     assert cancelled.returncode == 0, cancelled.stderr
     assert wait_state(cluster, job_id, ("CANCELLED", "COMPLETED", "FAILED"), timeout=60) == "CANCELLED"
@@ -284,6 +289,20 @@ def test_status_logs_and_cancel_work_on_a_running_job(cluster, cache_dir: Path, 
     while time.monotonic() < deadline and pids_mentioning(run_dir):
         time.sleep(0.5)
     assert pids_mentioning(run_dir) == [], "a process of the cancelled job is still running"
+
+
+def test_the_scheduler_state_of_queued_jobs_and_array_tasks(cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    from launch.slurm import scheduler_state
+
+    monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])
+    held = slurm(cluster, "sbatch", "--parsable", "--hold", "--array=0-2", "--wrap", "true").strip()
+    try:
+        # Held tasks are one queue record, ID_[0-2]: each task reads PENDING from it.
+        assert [scheduler_state(f"{held}_{task}") for task in range(3)] == ["PENDING"] * 3
+        slurm(cluster, "scancel", held)
+        assert scheduler_state(f"{held}_1") == "CANCELLED"
+    finally:
+        subprocess.run(["scancel", held], env=cluster, timeout=60)
 
 
 @pytest.mark.parametrize(
