@@ -6,9 +6,13 @@
     batch["input_ids"], batch["labels"]                     # (4, seq_len) each: labels are inputs shifted by one
 
 The default corpus is the Python standard library's own source, present wherever Python is, so
-nothing is downloaded. Tokens are bytes (vocab 256; a 0 byte separates documents), or, with a
-Hugging Face tokenizer (``data.tokenizer``: ``auto`` takes ``model.path``'s ``tokenizer.json``), its
-ids with the tokenizer's own special tokens (BOS from its post-processor) and EOS after each document.
+nothing is downloaded; ``data.name`` picks another source (:mod:`fmtrain.sources`: text files,
+jsonl, parquet, a ``datasets`` folder, token ids). Building streams: documents are tokenized a batch
+at a time onto disk, then split into shards, so an input larger than memory is fine.
+
+Tokens are bytes (vocab 256; a 0 byte separates documents), or, with a Hugging Face tokenizer
+(``data.tokenizer``: ``auto`` takes ``model.path``'s ``tokenizer.json``), its ids with the
+tokenizer's own special tokens (BOS from its post-processor) and EOS after each document.
 
 The sampler has no hidden position: sample ``g`` of the run is window ``perm_epoch[g % n]`` with
 ``epoch = g // n``, and a step takes the next ``B`` samples after the ``consumed`` ones. So its whole
@@ -22,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import sysconfig
 import tempfile
 import zlib
 from collections.abc import Sequence
@@ -34,11 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmtrain.config import ConfigError, DataConfig, TrainConfig, cache_root, resolve_data_paths
+from fmtrain.config import ConfigError, DataConfig, TrainConfig, cache_root
+from fmtrain.sources import BadRecords, DataError, Source, mix_components, source_of
 
 EOS = 0
 FORMAT_VERSION = 1
 SPLIT_BLOCK_BYTES = 65536
+ENCODE_BATCH_BYTES = 4 << 20  # text tokenized at once while building
+COPY_TOKENS = 1 << 22  # token ids copied (and checked) at once from data=tokens files
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
@@ -46,16 +52,6 @@ def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
     if vocab_size <= 1 << 8:
         return np.uint8
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
-
-
-def corpus_files(cfg: DataConfig) -> list[Path]:
-    if cfg.paths:
-        return resolve_data_paths(cfg.paths)
-    files = []
-    for root, dirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
-        dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")]
-        files += [Path(root, n) for n in names if n.endswith(".py")]
-    return sorted(files)
 
 
 def encode_bytes(text: bytes) -> np.ndarray:
@@ -140,10 +136,11 @@ class Tokenizer:
             return int(self._sp.eos_id())
         return None
 
-    def encode(self, documents: Sequence[bytes]) -> np.ndarray:
-        """One stream: every document's ids, each followed by the end-of-document id."""
+    def encode(self, documents: Sequence[bytes], *, first: bool = True) -> np.ndarray:
+        """One stream: every document's ids, each followed by the end-of-document id (bytes: a 0 byte
+        between documents; ``first=False``: these follow earlier ones, so one comes before them too)."""
         if self.file is None:
-            return encode_bytes(bytes([EOS]).join(documents))
+            return encode_bytes((b"" if first else bytes([EOS])) + bytes([EOS]).join(documents))
         texts = [d.decode("utf-8", errors="replace") for d in documents]
         encoded = self._sp.encode(texts) if self.sentencepiece else [e.ids for e in self._hf.encode_batch(texts)]
         ids: list[int] = []
@@ -192,6 +189,8 @@ def tokenizer_of(cfg: TrainConfig) -> Tokenizer:
 def _cache_key(cfg: DataConfig, files: list[Path], vocab_size: int, tokenizer: Tokenizer) -> str:
     digest = hashlib.sha256()
     settings = [FORMAT_VERSION, tokenizer.identity, vocab_size, cfg.val_fraction, cfg.max_bytes, cfg.shard_tokens]
+    if cfg.name not in ("stdlib", "text_files"):  # text files keep the keys they had
+        settings += [cfg.name, cfg.text_field, cfg.split, cfg.dtype, cfg.on_bad_record]
     digest.update(json.dumps(settings).encode())
     for path in files:
         stat = path.stat()
@@ -199,15 +198,37 @@ def _cache_key(cfg: DataConfig, files: list[Path], vocab_size: int, tokenizer: T
     return digest.hexdigest()[:16]
 
 
-def _read_corpus(files: list[Path], max_bytes: int) -> list[bytes]:
-    parts, total = [], 0
-    for path in files:
-        if total >= max_bytes:
+def _write_stream(source: Source, tokenizer: Tokenizer, out: Any, dtype: type, cfg: DataConfig, vocab_size: int) -> BadRecords:
+    """Every document's ids (or a token source's ids) onto ``out``, a batch at a time; text sources stop
+    after ``data.max_bytes`` bytes of text."""
+    bad = BadRecords(cfg.on_bad_record)
+    if source.kind == "tokens":
+        for path, ids in source.token_arrays():
+            for start in range(0, len(ids), COPY_TOKENS):
+                chunk = np.asarray(ids[start : start + COPY_TOKENS])
+                if chunk.size and (chunk.max() >= vocab_size or chunk.min() < 0):
+                    at = int(np.argmax((chunk >= vocab_size) | (chunk < 0)))
+                    value = int(chunk[at])
+                    raise DataError(
+                        path, f"id {start + at}", f"{value} is outside the vocabulary 0..{vocab_size - 1} (model.vocab_size)"
+                    )
+                out.write(chunk.astype(dtype).tobytes())
+        return bad
+    batch: list[bytes] = []
+    total, pending, first = 0, 0, True
+    for document in source.documents(bad):
+        if total >= cfg.max_bytes:
             break
-        text = path.read_bytes()[: max_bytes - total]
-        parts.append(text)
-        total += len(text) + 1
-    return parts
+        document = document[: cfg.max_bytes - total]
+        total += len(document) + 1
+        batch.append(document)
+        pending += len(document)
+        if pending >= ENCODE_BATCH_BYTES:
+            out.write(tokenizer.encode(batch, first=first).astype(dtype).tobytes())
+            batch, pending, first = [], 0, False
+    if batch:
+        out.write(tokenizer.encode(batch, first=first).astype(dtype).tobytes())
+    return bad
 
 
 def _split_blocks(n_tokens: int, val_fraction: float) -> tuple[int, set[int]]:
@@ -223,32 +244,57 @@ def _split_blocks(n_tokens: int, val_fraction: float) -> tuple[int, set[int]]:
     return block, set(ranked[:n_val])
 
 
-def _write_shards(tokens: np.ndarray, directory: Path, split: str, shard_tokens: int) -> list[str]:
-    names = []
-    for index, start in enumerate(range(0, len(tokens), shard_tokens)):
-        name = f"{split}_{index:03d}.bin"
-        tokens[start : start + shard_tokens].tofile(directory / name)
-        names.append(name)
-    return names
+class _ShardWriter:
+    """Appends ids to ``{split}_000.bin``, ``{split}_001.bin``, ... of ``shard_tokens`` ids each."""
+
+    def __init__(self, directory: Path, split: str, shard_tokens: int) -> None:
+        self.directory, self.split, self.shard_tokens = directory, split, shard_tokens
+        self.names: list[str] = []
+        self.room = 0  # ids the current shard still takes
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if not self.room:
+                self.names.append(f"{self.split}_{len(self.names):03d}.bin")
+                self.room = self.shard_tokens
+            part, ids = ids[: self.room], ids[self.room :]
+            with open(self.directory / self.names[-1], "ab") as out:
+                out.write(np.ascontiguousarray(part).tobytes())
+            self.room -= len(part)
 
 
-def _build(cfg: DataConfig, files: list[Path], vocab_size: int, target: Path, tokenizer: Tokenizer) -> None:
-    stream = tokenizer.encode(_read_corpus(files, cfg.max_bytes)).astype(token_dtype(vocab_size))
-    block, val_blocks = _split_blocks(len(stream), cfg.val_fraction)
-    is_val = np.zeros(len(stream), dtype=bool)
-    for b in val_blocks:
-        is_val[b * block : (b + 1) * block] = True
+def _build(cfg: DataConfig, source: Source, vocab_size: int, target: Path, tokenizer: Tokenizer) -> None:
+    dtype = token_dtype(vocab_size)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
+        stream_file = staging / "stream.tmp"
+        with open(stream_file, "wb") as out:
+            bad = _write_stream(source, tokenizer, out, dtype, cfg, vocab_size)
+        n_tokens = stream_file.stat().st_size // np.dtype(dtype).itemsize
+        if n_tokens < 2:
+            raise DataError(", ".join(map(str, cfg.paths)) or cfg.name, "", f"holds {n_tokens} tokens: nothing to train on")
+        stream = np.memmap(stream_file, dtype=dtype, mode="r")
+        block, val_blocks = _split_blocks(n_tokens, cfg.val_fraction)
+        splits = {
+            "train": _ShardWriter(staging, "train", cfg.shard_tokens),
+            "val": _ShardWriter(staging, "val", cfg.shard_tokens),
+        }
+        for b in range(-(-n_tokens // block)):
+            splits["val" if b in val_blocks else "train"].write(stream[b * block : (b + 1) * block])
+        del stream
+        stream_file.unlink()
         meta = {
             "format": FORMAT_VERSION,
-            "dtype": np.dtype(token_dtype(vocab_size)).name,
+            "dtype": np.dtype(dtype).name,
             "vocab_size": vocab_size,
-            "files": len(files),
+            "source": cfg.name,
+            "files": len(source.files()),
             "tokenizer": tokenizer.identity,
-            "train": _write_shards(stream[~is_val], staging, "train", cfg.shard_tokens),
-            "val": _write_shards(stream[is_val], staging, "val", cfg.shard_tokens),
+            "tokens": n_tokens,
+            "bad_records": bad.as_dict(),
+            "train": splits["train"].names,
+            "val": splits["val"].names,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
         os.rename(staging, target)  # atomic; a concurrent builder that lost the race cleans up below
@@ -262,8 +308,8 @@ def _build(cfg: DataConfig, files: list[Path], vocab_size: int, target: Path, to
 class TokenShards:
     """Read-only memmaps of one split, windows of ``seq_len + 1`` tokens that never cross shards."""
 
-    def __init__(self, directory: Path, names: list[str], dtype: str) -> None:
-        self.arrays = [np.memmap(directory / n, dtype=dtype, mode="r") for n in names]
+    def __init__(self, files: list[Path], dtype: str) -> None:
+        self.arrays = [np.memmap(f, dtype=dtype, mode="r") for f in files]
 
     @property
     def num_tokens(self) -> int:
@@ -285,35 +331,108 @@ class TokenShards:
 
 @dataclass
 class Corpus:
+    """One source's cached shards."""
+
     directory: Path
     meta: dict
 
+    def files(self, split: str) -> list[Path]:
+        return [self.directory / name for name in self.meta[split]]
+
     @cached_property
     def train(self) -> TokenShards:
-        return TokenShards(self.directory, self.meta["train"], self.meta["dtype"])
+        return TokenShards(self.files("train"), self.meta["dtype"])
 
     @cached_property
     def val(self) -> TokenShards:
-        return TokenShards(self.directory, self.meta["val"], self.meta["dtype"])
+        return TokenShards(self.files("val"), self.meta["dtype"])
+
+    def sampler(self, seq_len: int, seed: int) -> GlobalBatches:
+        return GlobalBatches(self.train, seq_len, seed)
+
+    def eval_ids(self, seq_len: int, count: int) -> list[int]:
+        return eval_windows(self.val, seq_len, count)
+
+
+@dataclass
+class Mixture:
+    """``data=mix``: several sources' shards read as one split each (a source's windows a contiguous
+    range of the split's), sampled in proportion to ``weights``."""
+
+    parts: list[Corpus]
+    weights: list[float]
+
+    @cached_property
+    def train(self) -> TokenShards:
+        return TokenShards([f for part in self.parts for f in part.files("train")], self.parts[0].meta["dtype"])
+
+    @cached_property
+    def val(self) -> TokenShards:
+        return TokenShards([f for part in self.parts for f in part.files("val")], self.parts[0].meta["dtype"])
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        bad = [part.meta.get("bad_records", {"count": 0, "first": []}) for part in self.parts]
+        first = [line for b in bad for line in b["first"]][:5]
+        return {"bad_records": {"count": sum(b["count"] for b in bad), "first": first}, "parts": [p.meta for p in self.parts]}
+
+    def _windows(self, split: str, seq_len: int) -> list[int]:
+        counts = [getattr(part, split).num_windows(seq_len) for part in self.parts]
+        for part, count in zip(self.parts, counts, strict=True):
+            if count < 1:
+                source = part.meta.get("source", "a source")
+                raise ValueError(f"data=mix: {source} ({part.directory}) has no {split} window of {seq_len + 1} tokens")
+        return counts
+
+    def sampler(self, seq_len: int, seed: int) -> MixedBatches:
+        return MixedBatches(self.train, seq_len, seed, self._windows("train", seq_len), self.weights)
+
+    def eval_ids(self, seq_len: int, count: int) -> list[int]:
+        """``count`` validation windows, each source's share by weight (one at least), spread over its part."""
+        counts = self._windows("val", seq_len)
+        ids, offset = [], 0
+        for available, share in zip(counts, quotas(self.weights, count), strict=True):
+            stride = max(1, available // share)
+            ids += [offset + (i * stride) % available for i in range(share)]
+            offset += available
+        return ids
+
+
+def quotas(weights: list[float], total: int) -> list[int]:
+    """``total`` shared out in proportion to ``weights`` (largest remainders), each at least 1."""
+    exact = [total * w / sum(weights) for w in weights]
+    shares = [int(e) for e in exact]
+    for i in sorted(range(len(weights)), key=lambda i: (shares[i] - exact[i], i))[: total - sum(shares)]:
+        shares[i] += 1
+    for i, share in enumerate(shares):
+        if share == 0:
+            shares[i] = 1
+            shares[max(range(len(shares)), key=lambda j: shares[j])] -= 1
+    return shares
 
 
 def cache_path(cfg: DataConfig, vocab_size: int, tokenizer: Tokenizer = Tokenizer()) -> Path:
-    files = corpus_files(cfg)
+    files = source_of(cfg).files()
     if not files:
         raise FileNotFoundError(f"data.paths={cfg.paths!r} matches no file")
     root = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else cache_root() / "data"
     return root / _cache_key(cfg, files, vocab_size, tokenizer)
 
 
-def prepare(cfg: DataConfig, vocab_size: int, tokenizer: Tokenizer = Tokenizer()) -> Corpus:
-    """Tokenize the corpus into shards unless an identical cache exists; return it opened.
+def prepare(cfg: DataConfig, vocab_size: int, tokenizer: Tokenizer = Tokenizer()) -> Corpus | Mixture:
+    """Tokenize the corpus (each source of a mixture) into shards unless an identical cache exists;
+    return it opened.
 
     Safe to call from several processes at once: each builds in a private staging folder and the
     first atomic rename wins.
     """
+    if cfg.name == "mix":
+        components = mix_components(cfg)
+        parts = [prepare(component, vocab_size, tokenizer) for component, _ in components]
+        return Mixture([p for p in parts if isinstance(p, Corpus)], [weight for _, weight in components])
     target = cache_path(cfg, vocab_size, tokenizer)
     if not (target / "meta.json").exists():
-        _build(cfg, corpus_files(cfg), vocab_size, target, tokenizer)
+        _build(cfg, source_of(cfg), vocab_size, target, tokenizer)
     return Corpus(target, json.loads((target / "meta.json").read_text()))
 
 
@@ -342,6 +461,43 @@ class GlobalBatches:
         first = consumed + (micro_step * world_size + rank) * micro_batch
         rows = self.shards.windows([self._window_of(first + i) for i in range(micro_batch)], self.seq_len)
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+
+class MixedBatches(GlobalBatches):
+    """Global batches over a mixture: sample ``g`` falls in block ``g // BLOCK``, whose slots are shared
+    out by weight (:func:`quotas`) and shuffled by the seed; the ``k``-th sample of a source is its
+    window ``perm_epoch[k % n]``, as :class:`GlobalBatches`. A pure function of ``g``: the state is
+    still the one number ``consumed``."""
+
+    BLOCK = 1024
+
+    def __init__(self, shards: TokenShards, seq_len: int, seed: int, counts: list[int], weights: list[float]) -> None:
+        self.shards, self.seq_len, self.seed = shards, seq_len, seed
+        self.num_windows = sum(counts)
+        self.counts, self.offsets = counts, np.cumsum([0, *counts[:-1]]).tolist()
+        self.quota = quotas(weights, self.BLOCK)
+        self._block_index, self._slots, self._before = -1, np.empty(0, np.int64), np.empty((0, 0), np.int64)
+        self._perms: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def _block(self, block: int) -> None:
+        if block != self._block_index:
+            slots = np.repeat(np.arange(len(self.quota)), self.quota)
+            order = torch.randperm(self.BLOCK, generator=torch.Generator().manual_seed(self.seed + 7919 * (block + 1)))
+            self._slots = slots[order.numpy()]
+            onehot = np.eye(len(self.quota), dtype=np.int64)[self._slots]
+            self._before = np.cumsum(onehot, axis=0) - onehot  # each source's slots before each position
+            self._block_index = block
+
+    def _window_of(self, sample: int) -> int:
+        block, position = divmod(sample, self.BLOCK)
+        self._block(block)
+        source = int(self._slots[position])
+        k = block * self.quota[source] + int(self._before[position, source])
+        epoch, index = divmod(k, self.counts[source])
+        if self._perms.get(source, (-1,))[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch + 1_000_003 * (source + 1))
+            self._perms[source] = (epoch, torch.randperm(self.counts[source], generator=generator))
+        return self.offsets[source] + int(self._perms[source][1][index])
 
 
 def eval_windows(shards: TokenShards, seq_len: int, count: int) -> list[int]:

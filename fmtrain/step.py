@@ -24,7 +24,7 @@ from torch import nn
 
 from fmtrain import pretrained
 from fmtrain.config import TrainConfig, accumulation_steps, micro_batch_size
-from fmtrain.data import Corpus, GlobalBatches, eval_windows, prepare, tokenizer_of
+from fmtrain.data import Corpus, GlobalBatches, Mixture, prepare, tokenizer_of
 from fmtrain.distributed import DistEnv
 from fmtrain.losses import LossFn, cross_entropy, cross_entropy_sum
 from fmtrain.models import recipe as model_recipe
@@ -42,7 +42,7 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def prepare_data(cfg: TrainConfig, env: DistEnv) -> Corpus:
+def prepare_data(cfg: TrainConfig, env: DistEnv) -> Corpus | Mixture:
     """Local rank 0 tokenizes (once per node, cached); the others wait, then open the cache."""
     tokenizer = tokenizer_of(cfg)
     if env.local_rank == 0:
@@ -60,7 +60,7 @@ class Parts:
     cfg: TrainConfig
     env: DistEnv
     device: torch.device
-    corpus: Corpus
+    corpus: Corpus | Mixture
     batches: GlobalBatches
     val_ids: list[int]
     model: nn.Module  # the plain module: evaluation
@@ -115,8 +115,8 @@ def build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
         env=env,
         device=device,
         corpus=corpus,
-        batches=GlobalBatches(corpus.train, cfg.data.seq_len, cfg.seed),
-        val_ids=eval_windows(corpus.val, cfg.data.seq_len, t.eval_batches * t.global_batch_size),
+        batches=corpus.sampler(cfg.data.seq_len, cfg.seed),
+        val_ids=corpus.eval_ids(cfg.data.seq_len, t.eval_batches * t.global_batch_size),
         model=built,
         num_params=num_params,
         flops_per_token=flops_per_token,

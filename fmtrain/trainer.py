@@ -283,6 +283,10 @@ class _Report:
             cfg.precision.name,
             p.device,
         )
+        self.bad_records = int(p.corpus.meta.get("bad_records", {}).get("count", 0))
+        if self.bad_records:
+            first = "; ".join(p.corpus.meta["bad_records"]["first"])
+            log.warning("data: %d bad records left out (data.on_bad_record=skip), the first: %s", self.bad_records, first)
         self.metrics = (
             MetricsWriter(run_dir, start_step=start_step, max_steps=t.max_steps, progress=t.progress, log_interval=t.log_interval)
             if env.is_main
@@ -324,6 +328,7 @@ class _Report:
                 "step_time_s": elapsed,
                 "skipped": outcome.skipped,
                 **({"loss_scale": scale} if scale is not None else {}),
+                **({"data_bad_records": self.bad_records} if self.bad_records else {}),
                 "time": time.time(),
             }
         )

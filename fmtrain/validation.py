@@ -18,6 +18,7 @@ from pathlib import Path
 from fmtrain import hardware, models, pretrained
 from fmtrain.config import (
     ConfigError,
+    DataConfig,
     LauncherConfig,
     TrainConfig,
     check_domains,
@@ -29,6 +30,7 @@ from fmtrain.config import (
 )
 from fmtrain.data import tokenizer_of
 from fmtrain.parallel import TENSOR_PARALLEL, ParallelDims
+from fmtrain.sources import SOURCES, mix_components, source_of
 
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -61,6 +63,22 @@ def check_ray_address(key: str, address: str | None, *, dashboard: bool = False)
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(key, value, f"valid choices are {', '.join(choices)}")
+
+
+def validate_data(d: DataConfig) -> None:
+    """The data source: its name, its paths, and what :meth:`Source.check` finds in them (columns,
+    splits, token files), before anything starts."""
+    _choice("data.name", d.name, tuple(SOURCES))
+    if d.name == "mix":
+        for component, _ in mix_components(d):
+            validate_data(component)
+        return
+    if d.name != "stdlib" and not d.paths:
+        raise ConfigError("data.paths", d.paths, "give one or more files, directories or globs, e.g. data.paths=[notes/*.txt]")
+    for pattern in d.paths:  # each one: a glob that matches nothing is a typo, even beside one that matches
+        if not resolve_data_paths([pattern]):
+            raise ConfigError("data.paths", pattern, "no file matches; give existing files, directories or globs")
+    source_of(d).check()
 
 
 def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size: int | None = None) -> None:
@@ -100,11 +118,7 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
         )
     if d.seq_len > m.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
-    if d.name != "stdlib" and not d.paths:
-        raise ConfigError("data.paths", d.paths, "give one or more files, directories or globs, e.g. data.paths=[notes/*.txt]")
-    for pattern in d.paths:  # each one: a glob that matches nothing is a typo, even beside one that matches
-        if not resolve_data_paths([pattern]):
-            raise ConfigError("data.paths", pattern, "no file matches; give existing files, directories or globs")
+    validate_data(d)
 
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("optim.implementation", o.implementation, OPTIMIZER_IMPLEMENTATIONS)

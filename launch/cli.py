@@ -11,6 +11,7 @@
 
 A JOB_ID is a Ray Jobs submission id, looked up on the cluster at $RAY_ADDRESS (its dashboard URL).
     fmtrain plan model=8b strategy=fsdp world_size=64   per-rank memory of a plan, nothing allocated
+    fmtrain tokenizer train data=jsonl data.paths=[c.jsonl] tokenizer.vocab_size=8192 out=tok   a BPE tokenizer
 
 Every override is checked (for a sweep: every combination) before anything starts. A refused command
 line prints one message naming the field, the value and the valid choices, and exits with code 2.
@@ -27,7 +28,7 @@ import time
 from launch.commands import usage
 from launch.compose import UsageError
 
-COMMANDS = ("train", "tune", "status", "logs", "cancel", "plan", "export")  # each a module of launch.commands
+COMMANDS = ("train", "tune", "status", "logs", "cancel", "plan", "export", "tokenizer")  # each a module of launch.commands
 
 
 def main(argv: list[str] | None = None) -> int:

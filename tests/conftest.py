@@ -126,6 +126,47 @@ def pids_mentioning(text: str | Path) -> list[int]:
     return found
 
 
+def write_source(kind: str, folder: Path, documents: list[str], tokenizer: Any = None) -> Path:
+    """``documents`` as data=``kind`` reads them (one document each): a folder of text files, a jsonl,
+    a parquet file, a saved ``datasets`` folder, or (tokens) nanoGPT's uint16 ``.bin`` of the ids
+    ``tokenizer`` (fmtrain's, bytes by default) makes. Returns what data.paths names."""
+    import json
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "text_files":
+        for i, document in enumerate(documents):
+            (folder / "text" / f"doc_{i:04d}.txt").parent.mkdir(exist_ok=True)
+            (folder / "text" / f"doc_{i:04d}.txt").write_text(document)
+        return folder / "text"
+    if kind == "jsonl":
+        path = folder / "docs.jsonl"
+        path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(documents)))
+        return path
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = folder / "docs.parquet"
+        pq.write_table(pa.table({"id": list(range(len(documents))), "text": documents}), path, row_group_size=7)
+        return path
+    if kind == "hf_disk":
+        import datasets
+
+        path = folder / "saved"
+        datasets.Dataset.from_dict({"text": documents}).save_to_disk(str(path))
+        return path
+    if kind == "tokens":
+        from fmtrain.data import Tokenizer
+
+        ids = (tokenizer or Tokenizer()).encode([d.encode() for d in documents])
+        path = folder / "train.bin"
+        ids.astype(np.uint16).tofile(path)  # as nanoGPT's prepare.py writes them
+        return path
+    raise AssertionError(kind)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

@@ -30,7 +30,7 @@ EMPTY_OK = {"data.cache_dir", "model.name", "model.path", "trainer.init_from", "
 FREE_TEXT = {
     "experiment", "run_dir", "model.name", "model.arch", "data.name", "data.cache_dir", "trainer.resume",
     "launcher.partition", "launcher.account", "launcher.qos", "launcher.constraint", "launcher.exclude",
-    "launcher.job_name", "tune.name", "model.hf_architecture", "model.target",
+    "launcher.job_name", "tune.name", "model.hf_architecture", "model.target", "data.text_field", "data.split",
 }  # fmt: skip
 # Maps of free keys (strategy.deepspeed, launcher.sbatch, tune.space): checked by their own tests.
 SKIPPED_TYPES = (dict,)

@@ -30,6 +30,15 @@ def test_every_option_of_every_group_composes(group: str, option: str, tmp_path)
         config = transformers.GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=128)
         transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
         extra = [f"model.path={tmp_path / 'hf'}", "data.seq_len=64"]
+    if group == "data" and option in ("jsonl", "parquet", "hf_disk", "tokens"):  # a file of each kind, made here
+        from conftest import write_source
+
+        extra = [f"data.paths=[{write_source(option, tmp_path, ['one document', 'another'])}]"]
+    if (group, option) == ("data", "mix"):
+        from conftest import write_source
+
+        one, two = write_source("jsonl", tmp_path, ["a document"]), write_source("parquet", tmp_path, ["another"])
+        extra = [f"data.mix=[{{name: jsonl, paths: [{one}], weight: 2}}, {{name: parquet, paths: [{two}]}}]"]
     if (group, option) == ("model", "custom"):  # the example module users copy
         extra = ["model.target=examples.custom_model.tiny_gpt.build", "data.seq_len=64"]
     cfg = compose([f"{group}={option}", *extra], check=False)

@@ -25,7 +25,8 @@ LAYERS = [
     ["fmtrain.models.llama_hf"],  # Hugging Face's Llama layout
     ["fmtrain.models.llama", "fmtrain.models.hf_auto", "fmtrain.models.custom", "fmtrain.models.converters"],
     ["fmtrain.models"],  # the model registry: model.arch -> spec
-    ["fmtrain.optim", "fmtrain.metrics", "fmtrain.data", "fmtrain.losses"],
+    ["fmtrain.sources"],  # where text comes from: files, jsonl, parquet, datasets folders, token ids
+    ["fmtrain.optim", "fmtrain.metrics", "fmtrain.data", "fmtrain.losses", "fmtrain.tokenizer_train"],
     ["fmtrain.pretrained"],  # a run's first weights: Hugging Face directories, fmtrain checkpoints
     ["fmtrain.validation", "fmtrain.strategies.base"],
     ["fmtrain.strategies.ddp", "fmtrain.strategies.fsdp", "fmtrain.strategies.tp", "fmtrain.strategies.zero"],
@@ -39,7 +40,7 @@ LAYERS = [
     ["launch.slurm"],
     ["launch.launchers", "launch.tune.trials"],
     ["launch.tune", "launch.commands"],  # launch.commands: what the verbs share
-    [f"launch.commands.{verb}" for verb in ("train", "tune", "status", "logs", "cancel", "plan", "export")],
+    [f"launch.commands.{verb}" for verb in ("train", "tune", "status", "logs", "cancel", "plan", "export", "tokenizer")],
     ["launch.cli"],  # parses and dispatches to a command's module
 ]
 LAYER = {module: index for index, layer in enumerate(LAYERS) for module in layer}

@@ -114,7 +114,7 @@ def to_config(node: Any) -> TrainConfig:
 
 
 def foreign_keys(cfg: TrainConfig, keys: list[str]) -> None:
-    """Refuse a key of ``strategy`` or ``launcher`` that belongs to another option than the chosen one.
+    """Refuse a key of ``strategy``, ``launcher`` or ``data`` that belongs to another option than the chosen one.
 
     ``keys`` are what the user set (``strategy.offload_optimizer``); an option's schema is its class's
     ``OPTIONS`` entry plus ``name``.
@@ -124,7 +124,7 @@ def foreign_keys(cfg: TrainConfig, keys: list[str]) -> None:
     """
     for key in keys:
         section, _, name = key.partition(".")
-        if section not in ("strategy", "launcher") or not name or "." in name:
+        if section not in ("strategy", "launcher", "data") or not name or "." in name:
             continue
         node = getattr(cfg, section)
         options = type(node).OPTIONS

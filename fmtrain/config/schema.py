@@ -54,14 +54,34 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Text files tokenized once into cached memmap shards.
+    """A source of text (or of token ids) tokenized once into cached memmap shards (:mod:`fmtrain.sources`).
 
-    ``paths`` empty means the default corpus: the Python standard library's own source files, which
-    every machine with Python has, so nothing is downloaded.
+    ``name`` is the source: ``stdlib`` (the default corpus: the Python standard library's own source
+    files, which every machine with Python has, so nothing is downloaded), ``text_files``, ``jsonl``,
+    ``parquet``, ``hf_disk`` (a folder ``datasets``' ``save_to_disk`` wrote), ``tokens`` (ids already
+    made, nanoGPT's ``.bin``), ``mix`` (several of these, weighted). Each option's own keys are in ``OPTIONS``.
     """
+
+    OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "stdlib": (),
+        "text_files": (),
+        "jsonl": ("text_field",),
+        "parquet": ("text_field",),
+        "hf_disk": ("text_field", "split"),
+        "tokens": ("dtype",),
+        "mix": ("mix",),
+    }
 
     name: str = field_in("stdlib", nonempty=True)
     paths: list[str] = field_in(list, items=Domain(nonempty=True, path=True))
+    text_field: str = field_in("text", nonempty=True)  # jsonl, parquet, hf_disk: the field or column holding the text
+    split: str = field_in("train", nonempty=True)  # hf_disk: the split of a saved DatasetDict
+    dtype: str = field_in("uint16", choices=("uint8", "uint16", "uint32", "int32", "int64"))  # tokens: a .bin file's ids
+    # a record that is not JSON, lacks the field, is empty or not text: error (name it and stop) or skip (count it)
+    on_bad_record: str = field_in("error", choices=("error", "skip"))
+    # mix: sources, each its own data settings (name, paths, text_field, ...) and a weight, e.g.
+    # [{name: jsonl, paths: [a.jsonl], weight: 3}, {name: text_files, paths: [notes], weight: 1}]
+    mix: list[dict[str, Any]] = field(default_factory=list)
     # bytes; auto: model.path's tokenizer.json when it has one, else bytes; or a tokenizer.json (or its folder)
     tokenizer: str = field_in("auto", nonempty=True, path=True)
     seq_len: int = field_in(256, gt=0, le=2**22)

@@ -20,6 +20,8 @@ commands:
   cancel    stop a run's job (Slurm: scancel; local: SIGTERM, it saves first):  fmtrain cancel RUN_DIR
             (for a Ray Jobs submission, RUN_DIR may be its id, with RAY_ADDRESS=http://HEAD:8265)
   export    a checkpoint as a Hugging Face model directory:  fmtrain export RUN_DIR [--step N] [--dtype bf16] [--format fmtrain]
+  tokenizer train a byte-level BPE on the configured data, for data.tokenizer=DIR:
+            fmtrain tokenizer train data=jsonl data.paths=[corpus.jsonl] tokenizer.vocab_size=8192 out=tok
   tune      a Ray Tune sweep, every trial an fmtrain run:  fmtrain tune tune=asha tune.num_samples=8
   plan      per-rank memory of a plan, allocating nothing:
             fmtrain plan model=8b strategy=fsdp_tp strategy.tp=8 world_size=4096 [--json]
