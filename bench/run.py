@@ -118,6 +118,13 @@ def summary() -> str:
                 f"| one training step, {key} | transformers' LlamaForCausalLM {best['transformers']:,.0f} tok/s{nano} "
                 f"| {best['fmtrain']:,.0f} tok/s | {row['vs_transformers']:.2f} | >= 1.15 |"
             )
+    if (RESULTS / "tokenization.json").is_file():
+        tk = load("tokenization")
+        lines.append(
+            f"| tokenizing a {tk['megabytes']:.0f} MB jsonl with an 8192-token BPE, to ids on disk "
+            f"| `datasets.map(batched=True, num_proc=2)` {tk['datasets_mb_per_s']:.2f} MB/s "
+            f"| data=jsonl {tk['fmtrain_mb_per_s']:.2f} MB/s | {tk['ratio']:.2f} | >= 1.0 |"
+        )
     m = load("mfu")
     for name, row in m["models"].items():
         lines.append(
@@ -179,6 +186,7 @@ def main() -> None:
     scripts = [["throughput.py"], ["startup.py"], ["mfu.py"], ["step.py", *(["--nanogpt", nanogpt] if nanogpt else [])]]
     scripts += [["nanogpt.py", "--nanogpt", nanogpt]] if nanogpt else []
     scripts += [["strategies.py"], ["accelerate_ddp.py"], ["zero3_init.py"], ["checkpoint_async.py"], ["hf_import.py"]]
+    scripts += [["tokenization.py"]]
     scripts += [["slurm_latency.py"], ["tune_asha.py"], ["ray_startup.py"]]  # root: a Slurm cluster, network namespaces
     for script, *args in scripts:
         subprocess.run([sys.executable, str(HERE / script), *args], check=True)

@@ -142,7 +142,11 @@ class Tokenizer:
         if self.file is None:
             return encode_bytes((b"" if first else bytes([EOS])) + bytes([EOS]).join(documents))
         texts = [d.decode("utf-8", errors="replace") for d in documents]
-        encoded = self._sp.encode(texts) if self.sentencepiece else [e.ids for e in self._hf.encode_batch(texts)]
+        if self.sentencepiece:
+            encoded = self._sp.encode(texts)
+        else:  # ids only: encode_batch_fast skips the offsets (tokenizers >= 0.21), ~20% faster
+            encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+            encoded = [e.ids for e in encode(texts)]
         ids: list[int] = []
         for document in encoded:
             if self.bos is not None:
