@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from fmtrain.config import ConfigError, DataConfig, TrainConfig, cache_root
+from fmtrain.examples import ExampleShards, build_examples
 from fmtrain.sources import BadRecords, DataError, Source, mix_components, source_of
 
 EOS = 0
@@ -136,6 +137,30 @@ class Tokenizer:
             return int(self._sp.eos_id())
         return None
 
+    def encode_piece(self, text: str) -> list[int]:
+        """Ids of a piece of text as it is, adding no special token (a chat turn, a prompt)."""
+        if self.file is None:
+            return list(text.encode("utf-8"))
+        if self.sentencepiece:
+            return [int(i) for i in self._sp.encode(text)]
+        return list(self._hf.encode(text, add_special_tokens=False).ids)
+
+    def _token_text(self, name: str) -> str | None:
+        token = self._settings.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        return token if isinstance(token, str) else None
+
+    def special_texts(self) -> dict[str, str]:
+        """What chat templates call ``bos_token`` and ``eos_token``."""
+        return {name: self._token_text(name) or "" for name in ("bos_token", "eos_token")}
+
+    @cached_property
+    def pad(self) -> int:
+        """The id padding is made of (never in the loss): tokenizer_config.json's pad_token, else EOS, else 0."""
+        token = self._token_text("pad_token") if self.file is not None else None
+        found = self.token_id(token) if token else None
+        return found if found is not None else (self.eos if self.eos is not None else 0)
+
     def encode(self, documents: Sequence[bytes], *, first: bool = True) -> np.ndarray:
         """One stream: every document's ids, each followed by the end-of-document id (bytes: a 0 byte
         between documents; ``first=False``: these follow earlier ones, so one comes before them too)."""
@@ -195,6 +220,10 @@ def _cache_key(cfg: DataConfig, files: list[Path], vocab_size: int, tokenizer: T
     settings = [FORMAT_VERSION, tokenizer.identity, vocab_size, cfg.val_fraction, cfg.max_bytes, cfg.shard_tokens]
     if cfg.name not in ("stdlib", "text_files"):  # text files keep the keys they had
         settings += [cfg.name, cfg.text_field, cfg.split, cfg.dtype, cfg.on_bad_record]
+    if cfg.packing != "concat":  # examples: truncated to seq_len, rendered with the chat template
+        template = Path(cfg.chat_template).expanduser()
+        template_key = hashlib.sha256(template.read_bytes()).hexdigest()[:16] if template.is_file() else cfg.chat_template
+        settings += [cfg.packing, cfg.seq_len, cfg.train_on_prompt, cfg.overlong, template_key, tokenizer.pad]
     digest.update(json.dumps(settings).encode())
     for path in files:
         stat = path.stat()
@@ -272,6 +301,13 @@ def _build(cfg: DataConfig, source: Source, vocab_size: int, target: Path, token
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
+        if cfg.packing != "concat":
+            found = build_examples(cfg, source, tokenizer, staging, dtype)
+            meta = {"format": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "source": cfg.name}
+            meta |= {"packing": cfg.packing, "pad": tokenizer.pad, "tokenizer": tokenizer.identity, **found}
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+            os.rename(staging, target)
+            return
         stream_file = staging / "stream.tmp"
         with open(stream_file, "wb") as out:
             bad = _write_stream(source, tokenizer, out, dtype, cfg, vocab_size)
@@ -322,6 +358,11 @@ class TokenShards:
     def num_windows(self, seq_len: int) -> int:
         return sum((len(a) - 1) // seq_len for a in self.arrays)
 
+    def batch(self, indices: list[int], seq_len: int) -> dict[str, torch.Tensor]:
+        """Windows ``indices`` as a batch: ``input_ids`` and ``labels`` (the inputs shifted by one)."""
+        rows = self.windows(indices, seq_len)
+        return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
     def windows(self, indices: list[int], seq_len: int) -> torch.Tensor:
         """Windows ``indices`` as an int64 tensor (len(indices), seq_len + 1)."""
         counts = np.cumsum([(len(a) - 1) // seq_len for a in self.arrays])
@@ -344,17 +385,24 @@ class Corpus:
         return [self.directory / name for name in self.meta[split]]
 
     @cached_property
-    def train(self) -> TokenShards:
+    def train(self) -> TokenShards | ExampleShards:
+        if "examples" in self.meta:
+            return ExampleShards(self.directory, "train", self.meta["dtype"], self.meta["pad"])
         return TokenShards(self.files("train"), self.meta["dtype"])
 
     @cached_property
-    def val(self) -> TokenShards:
+    def val(self) -> TokenShards | ExampleShards:
+        if "examples" in self.meta:
+            return ExampleShards(self.directory, "val", self.meta["dtype"], self.meta["pad"])
         return TokenShards(self.files("val"), self.meta["dtype"])
 
     def sampler(self, seq_len: int, seed: int) -> GlobalBatches:
         return GlobalBatches(self.train, seq_len, seed)
 
     def eval_ids(self, seq_len: int, count: int) -> list[int]:
+        if isinstance(self.val, ExampleShards):  # every validation example once, at most count
+            total = self.val.num_windows(seq_len)
+            return list(range(total))[:count] if total >= count else [i % total for i in range(count)]
         return eval_windows(self.val, seq_len, count)
 
 
@@ -443,7 +491,7 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer: Tokenizer = Tokenizer()
 class GlobalBatches:
     """Deterministic global batches over a split: a fresh seeded permutation every epoch."""
 
-    def __init__(self, shards: TokenShards, seq_len: int, seed: int) -> None:
+    def __init__(self, shards: TokenShards | ExampleShards, seq_len: int, seed: int) -> None:
         self.shards, self.seq_len, self.seed = shards, seq_len, seed
         self.num_windows = shards.num_windows(seq_len)
         if self.num_windows < 1:
@@ -463,8 +511,7 @@ class GlobalBatches:
         """The batch (``input_ids`` and ``labels``, (micro_batch, seq_len) each) that ``rank`` trains on
         at this micro-step, ``consumed`` samples into the run."""
         first = consumed + (micro_step * world_size + rank) * micro_batch
-        rows = self.shards.windows([self._window_of(first + i) for i in range(micro_batch)], self.seq_len)
-        return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+        return self.shards.batch([self._window_of(first + i) for i in range(micro_batch)], self.seq_len)
 
 
 class MixedBatches(GlobalBatches):

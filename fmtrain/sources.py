@@ -90,6 +90,10 @@ class Source:
     def documents(self, bad: BadRecords) -> Iterator[bytes]:
         raise NotImplementedError
 
+    def records(self, bad: BadRecords) -> Iterator[tuple[Path, str, dict[str, Any]]]:
+        """Records (a mapping each) with their file and line or row: examples, for data.packing=none."""
+        raise ConfigError("data.packing", self.cfg.packing, f"needs records (jsonl, parquet, hf_disk), not data={self.cfg.name}")
+
     def token_arrays(self) -> Iterator[tuple[Path, np.ndarray]]:
         raise NotImplementedError
 
@@ -130,14 +134,24 @@ def _text(value: object, file: Path, where: str, text_field: str, bad: BadRecord
     return None
 
 
+def example_columns(cfg: DataConfig, names: list[str], file: object) -> list[str]:
+    """The columns an example is read from: prompt and completion, messages, or the text field."""
+    for wanted in (["prompt", "completion"], ["messages"], [cfg.text_field]):
+        if all(name in names for name in wanted):
+            return wanted
+    listed = ", ".join(names[:20])
+    expected = f"prompt and completion, messages nor {cfg.text_field!r} columns (data.packing={cfg.packing})"
+    raise DataError(file, "", f"has neither {expected}; its columns: {listed}")
+
+
 class Jsonl(Source):
     """``data=jsonl``: one JSON object per line, its ``data.text_field`` a document. Blank lines are
     allowed; a line is read at a time."""
 
     name = "jsonl"
 
-    def documents(self, bad: BadRecords) -> Iterator[bytes]:
-        key = self.cfg.text_field
+    def records(self, bad: BadRecords) -> Iterator[tuple[Path, str, dict[str, Any]]]:
+        """Each line's object, with its file and line."""
         for path in self.files():
             with open(path, "rb") as lines:
                 for number, raw in enumerate(lines, 1):
@@ -153,12 +167,18 @@ class Jsonl(Source):
                         bad(path, where, f"not JSON ({error})")
                         continue
                     if not isinstance(record, dict):
-                        bad(path, where, f"a JSON {type(record).__name__}, not an object with a field {key!r}")
-                    elif key not in record:
-                        fields = ", ".join(map(repr, list(record)[:10])) or "none"
-                        bad(path, where, f"no field {key!r} (data.text_field); its fields: {fields}")
-                    elif (text := _text(record[key], path, where, key, bad)) is not None:
-                        yield text
+                        bad(path, where, f"a JSON {type(record).__name__}, not an object")
+                        continue
+                    yield path, where, record
+
+    def documents(self, bad: BadRecords) -> Iterator[bytes]:
+        key = self.cfg.text_field
+        for path, where, record in self.records(bad):
+            if key not in record:
+                fields = ", ".join(map(repr, list(record)[:10])) or "none"
+                bad(path, where, f"no field {key!r} (data.text_field); its fields: {fields}")
+            elif (text := _text(record[key], path, where, key, bad)) is not None:
+                yield text
 
 
 class Parquet(Source):
@@ -175,15 +195,30 @@ class Parquet(Source):
             table = pq.ParquetFile(path)
         except Exception as error:  # pyarrow's own: not a parquet file, truncated
             raise DataError(path, "", f"cannot be read as parquet: {error}") from None
-        column = table.schema_arrow.field(self.cfg.text_field) if self.cfg.text_field in table.schema_arrow.names else None
+        names = table.schema_arrow.names
+        if self.cfg.packing != "concat":  # examples: prompt/completion, messages or text
+            example_columns(self.cfg, names, path)
+            return table
+        column = table.schema_arrow.field(self.cfg.text_field) if self.cfg.text_field in names else None
         if column is None:
-            names = ", ".join(table.schema_arrow.names[:20])
-            raise DataError(path, "", f"has no column {self.cfg.text_field!r} (data.text_field); its columns: {names}")
+            raise DataError(
+                path, "", f"has no column {self.cfg.text_field!r} (data.text_field); its columns: {', '.join(names[:20])}"
+            )
         import pyarrow as pa
 
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             raise DataError(path, "", f"column {self.cfg.text_field!r} holds {column.type}, not strings")
         return table
+
+    def records(self, bad: BadRecords) -> Iterator[tuple[Path, str, dict[str, Any]]]:
+        for path in self.files():
+            table = self._open(path)
+            columns = example_columns(self.cfg, table.schema_arrow.names, path)
+            row = 0
+            for batch in table.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                for record in batch.to_pylist():
+                    yield path, f"row {row}", record
+                    row += 1
 
     def check(self) -> None:
         super().check()
@@ -224,10 +259,22 @@ class HFDisk(Source):
                 splits = ", ".join(found)
                 raise ConfigError("data.split", self.cfg.split, f"{folder} has the splits {splits}")
             found = found[self.cfg.split]
-        if self.cfg.text_field not in found.column_names:
+        if self.cfg.packing != "concat":
+            example_columns(self.cfg, found.column_names, folder)
+        elif self.cfg.text_field not in found.column_names:
             names = ", ".join(found.column_names[:20])
             raise DataError(folder, "", f"has no column {self.cfg.text_field!r} (data.text_field); its columns: {names}")
         return found
+
+    def records(self, bad: BadRecords) -> Iterator[tuple[Path, str, dict[str, Any]]]:
+        for folder in self.folders():
+            found = self._open(folder)
+            columns = example_columns(self.cfg, found.column_names, folder)
+            row = 0
+            for batch in found.select_columns(columns).iter(batch_size=BATCH_ROWS):
+                for values in zip(*(batch[c] for c in columns), strict=True):
+                    yield folder, f"row {row}", dict(zip(columns, values, strict=True))
+                    row += 1
 
     def check(self) -> None:
         for folder in self.folders():

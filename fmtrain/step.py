@@ -129,18 +129,35 @@ def build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
     )
 
 
+def targets_per_micro_batch(p: Parts, batches: list[dict[str, torch.Tensor]]) -> float | None:
+    """With a ``loss_mask`` (fine-tuning examples), the target tokens of the whole global batch shared
+    evenly over its micro-batches (one all-reduce); each micro-batch's summed loss divided by it,
+    then averaged as every strategy averages (over micro-steps and data-parallel ranks), is the mean
+    over all target tokens: an example's tokens weigh the same wherever it lands. None without a mask
+    (windows: every micro-batch holds the same number of targets, and a micro-batch's mean is exact)."""
+    if "loss_mask" not in batches[0]:
+        return None
+    count = torch.tensor(float(sum(int(b["loss_mask"].sum()) for b in batches)), dtype=torch.float64, device=p.device)
+    if p.env.distributed:
+        dist.all_reduce(count)  # tensor-parallel peers hold the same batch: counted tp times
+    total = float(count) / p.strategy.dims.tp
+    return max(total, 1.0) / (p.accum * p.strategy.dp_size)
+
+
 def train_step(p: Parts, step: int, consumed: int, stop: StopSignal) -> StepOutcome:
     """Forward and backward over the global batch, then the strategy's one optimizer step."""
     env, device = p.env, p.device
     local_loss = torch.zeros((), dtype=torch.float64, device=device)
-    for micro_step in range(p.accum):
-        batch = p.batches.micro_batch(consumed, micro_step, p.strategy.dp_rank, p.micro, p.strategy.dp_size)
+    batches = [p.batches.micro_batch(consumed, m, p.strategy.dp_rank, p.micro, p.strategy.dp_size) for m in range(p.accum)]
+    per_micro = targets_per_micro_batch(p, batches)
+    for micro_step, batch in enumerate(batches):
         batch = {key: value.to(device) for key, value in batch.items()}
         sync = p.strategy.no_sync(p.wrapped) if micro_step < p.accum - 1 else contextlib.nullcontext()
         with sync:
             with p.strategy.autocast():
                 logits = p.wrapped(batch["input_ids"])
-            micro_loss = p.loss_fn(logits, batch)
+            # with targets_per_micro_batch: the mean over the global batch's targets, wherever they fall
+            micro_loss = p.loss_fn(logits, batch) if per_micro is None else cross_entropy_sum(logits, batch)[0] / per_micro
             p.strategy.backward(p.wrapped, micro_loss / p.accum, boundary=micro_step == p.accum - 1)
         local_loss += micro_loss.detach()
     local_loss /= p.accum
@@ -178,8 +195,8 @@ def evaluate(p: Parts) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=p.device)
     with torch.no_grad(), p.strategy.autocast():
         for start in range(0, len(mine), p.micro):
-            rows = p.corpus.val.windows(mine[start : start + p.micro], p.cfg.data.seq_len).to(p.device)
-            batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+            batch = p.corpus.val.batch(mine[start : start + p.micro], p.cfg.data.seq_len)
+            batch = {key: value.to(p.device) for key, value in batch.items()}
             loss_sum, tokens = cross_entropy_sum(p.model(batch["input_ids"]), batch)
             total[0] += loss_sum
             total[1] += tokens

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from fmtrain.config import ConfigError, DataConfig
+from fmtrain.examples import CHATML
 from fmtrain.sources import BadRecords, source_of
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
+SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, "<|im_start|>", "<|im_end|>")  # and chatml's turn markers, one id each
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, and the special tokens
 
 
@@ -84,6 +85,7 @@ def train_tokenizer(cfg: DataConfig, vocab_size: int, out: Path, min_frequency: 
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1 << 30,
+        "chat_template": CHATML,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=1) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps({k: v for k, v in specials.items() if v}, indent=1) + "\n")

@@ -283,6 +283,16 @@ class _Report:
             cfg.precision.name,
             p.device,
         )
+        if "examples" in p.corpus.meta:  # fine-tuning examples, padded
+            meta, width = p.corpus.meta, cfg.data.seq_len + 1
+            tokens = p.corpus.train.num_tokens + p.corpus.val.num_tokens
+            examples = meta["examples"]["train"] + meta["examples"]["val"]
+            log.info(
+                "data: %d examples (%d validation), %d target tokens; %d truncated, %d dropped (data.overlong=%s); "
+                "padding to %d leaves %.1f%% of each row real tokens",
+                examples, meta["examples"]["val"], meta["targets"], meta["overlong"]["truncated"],
+                meta["overlong"]["dropped"], cfg.data.overlong, width, 100 * tokens / (examples * width),
+            )  # fmt: skip
         self.bad_records = int(p.corpus.meta.get("bad_records", {}).get("count", 0))
         if self.bad_records:
             first = "; ".join(p.corpus.meta["bad_records"]["first"])

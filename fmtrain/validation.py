@@ -69,10 +69,20 @@ def validate_data(d: DataConfig) -> None:
     """The data source: its name, its paths, and what :meth:`Source.check` finds in them (columns,
     splits, token files), before anything starts."""
     _choice("data.name", d.name, tuple(SOURCES))
+    if d.chat_template not in ("auto", "chatml") and not Path(d.chat_template).expanduser().is_file():
+        raise ConfigError("data.chat_template", d.chat_template, "must be auto, chatml or a Jinja template file")
     if d.name == "mix":
+        if d.packing != "concat":
+            raise ConfigError(
+                "data.packing", d.packing, "data=mix mixes documents: data.packing=concat (examples of one source for now)"
+            )
         for component, _ in mix_components(d):
             validate_data(component)
         return
+    if d.packing != "concat" and d.name not in ("jsonl", "parquet", "hf_disk"):
+        raise ConfigError(
+            "data.packing", d.packing, f"reads examples from records: data=jsonl, parquet or hf_disk, not data={d.name}"
+        )
     if d.name != "stdlib" and not d.paths:
         raise ConfigError("data.paths", d.paths, "give one or more files, directories or globs, e.g. data.paths=[notes/*.txt]")
     for pattern in d.paths:  # each one: a glob that matches nothing is a typo, even beside one that matches

@@ -26,6 +26,7 @@ LAYERS = [
     ["fmtrain.models.llama", "fmtrain.models.hf_auto", "fmtrain.models.custom", "fmtrain.models.converters"],
     ["fmtrain.models"],  # the model registry: model.arch -> spec
     ["fmtrain.sources"],  # where text comes from: files, jsonl, parquet, datasets folders, token ids
+    ["fmtrain.examples"],  # fine-tuning examples: prompt/completion, chat, target masks
     ["fmtrain.optim", "fmtrain.metrics", "fmtrain.data", "fmtrain.losses", "fmtrain.tokenizer_train"],
     ["fmtrain.pretrained"],  # a run's first weights: Hugging Face directories, fmtrain checkpoints
     ["fmtrain.validation", "fmtrain.strategies.base"],

@@ -79,6 +79,13 @@ class DataConfig:
     dtype: str = field_in("uint16", choices=("uint8", "uint16", "uint32", "int32", "int64"))  # tokens: a .bin file's ids
     # a record that is not JSON, lacks the field, is empty or not text: error (name it and stop) or skip (count it)
     on_bad_record: str = field_in("error", choices=("error", "skip"))
+    # concat: documents joined and cut into windows (pretraining); none: each record one example, padded
+    # to seq_len, pad tokens out of the loss (fine-tuning: records with prompt and completion, or messages)
+    packing: str = field_in("concat", choices=("concat", "none"))
+    train_on_prompt: bool = False  # examples: the prompt's (non-assistant) tokens count in the loss too
+    overlong: str = field_in("truncate", choices=("truncate", "drop"))  # examples longer than seq_len + 1 tokens
+    # messages: auto (the tokenizer folder's chat_template, else chatml), chatml, or a Jinja file
+    chat_template: str = field_in("auto", nonempty=True, path=True)
     # mix: sources, each its own data settings (name, paths, text_field, ...) and a weight, e.g.
     # [{name: jsonl, paths: [a.jsonl], weight: 3}, {name: text_files, paths: [notes], weight: 1}]
     mix: list[dict[str, Any]] = field(default_factory=list)

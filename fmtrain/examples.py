@@ -1,0 +1,261 @@
+"""Fine-tuning examples (``data.packing=none``): each record one example, only its answers in the loss.
+
+A record is ``{"prompt": ..., "completion": ...}``, ``{"messages": [{"role": ..., "content": ...}, ...]}``
+(rendered with the chat template), or a plain ``data.text_field`` (all of it counts). Each example
+becomes its ids and a target mask (1 where a token is to be predicted: the completion and the
+end-of-sequence id, or each assistant turn), cached as three files per split::
+
+    train_ids.bin  train_mask.bin  train_offsets.npy      (example i: ids[offsets[i]:offsets[i+1]])
+
+and a batch is examples padded to ``seq_len + 1``, with ``loss_mask`` 0 on the prompt (unless
+``data.train_on_prompt``) and on padding. The sampler is :class:`~fmtrain.data.GlobalBatches` over
+examples instead of windows: one number of state, exact resume on any world size.
+
+EOS: a completion ends with the tokenizer's own end-of-sequence id. A chat template whose assistant
+turns do not end with it (chatml's ``<|im_end|>`` beside an ``<|endoftext|>`` EOS) gets the EOS
+appended after each assistant turn, said once in the log, so a fine-tuned model stops where its
+tokenizer says it does (the mismatch behind TRL #3299 and peft #1003).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmtrain.config import ConfigError, DataConfig
+from fmtrain.sources import BadRecords, Source
+
+log = logging.getLogger("fmtrain")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+ROLES = ("system", "user", "assistant", "tool")
+NOT_PREFIXES = "does not render a conversation's first turns as the start of the whole (each turn's mask needs it)"
+
+
+def chat_template_text(cfg: DataConfig, tokenizer_folder: Path | None) -> str:
+    """``data.chat_template``: auto (the tokenizer folder's, else chatml), chatml, or a Jinja file."""
+    if cfg.chat_template == "chatml":
+        return CHATML
+    if cfg.chat_template != "auto":
+        path = Path(cfg.chat_template).expanduser()
+        if not path.is_file():
+            raise ConfigError("data.chat_template", cfg.chat_template, "must be auto, chatml or a Jinja template file")
+        return path.read_text()
+    if tokenizer_folder is not None:
+        if (tokenizer_folder / "chat_template.jinja").is_file():
+            return (tokenizer_folder / "chat_template.jinja").read_text()
+        try:
+            found = json.loads((tokenizer_folder / "tokenizer_config.json").read_text()).get("chat_template")
+        except (OSError, ValueError):
+            found = None
+        if isinstance(found, str):
+            return found
+    return CHATML
+
+
+def compile_template(text: str) -> Callable[..., str]:
+    """A Jinja template in a sandbox, as transformers renders chat templates."""
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(text).render
+    except TemplateError as error:
+        raise ConfigError("data.chat_template", text[:60], f"is not a Jinja template: {error}") from None
+
+
+class ExampleEncoder:
+    """Turns records into (ids, target mask); None for a bad record (counted or raised by ``bad``)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        folder = tokenizer.file.parent if tokenizer.file is not None else None
+        self.render = compile_template(chat_template_text(cfg, folder))
+        self.specials = tokenizer.special_texts()
+        self.eos_appended_said = False
+
+    def _piece(self, text: str) -> list[int]:
+        return self.tokenizer.encode_piece(text)
+
+    def _prompt_completion(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        head = ([self.tokenizer.bos] if self.tokenizer.bos is not None else []) + self._piece(prompt)
+        tail = self._piece(completion) + ([self.tokenizer.eos] if self.tokenizer.eos is not None else [])
+        return head + tail, [0] * len(head) + [1] * len(tail)
+
+    def _messages(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        mask: list[int] = []
+        done = ""
+        eos = self.tokenizer.eos
+
+        def add(text: str, target: int) -> None:
+            piece = self._piece(text)
+            ids.extend(piece)
+            mask.extend([target] * len(piece))
+
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                opened = self.render(messages=messages[:i], add_generation_prompt=True, **self.specials)
+                closed = self.render(messages=messages[: i + 1], add_generation_prompt=False, **self.specials)
+                if not opened.startswith(done) or not closed.startswith(opened):
+                    raise ConfigError("data.chat_template", self.cfg.chat_template, NOT_PREFIXES)
+                add(opened[len(done) :], 0)
+                start = len(ids)
+                add(closed[len(opened) :], 1)
+                if eos is not None and eos not in ids[start:]:
+                    ids.append(eos)
+                    mask.append(1)
+                    if not self.eos_appended_said:
+                        self.eos_appended_said = True
+                        log.warning(
+                            "the chat template does not end an assistant turn with the tokenizer's EOS (id %d): "
+                            "it is appended after each assistant turn, so the model learns to stop", eos,
+                        )  # fmt: skip
+                done = closed
+            else:
+                closed = self.render(messages=messages[: i + 1], add_generation_prompt=False, **self.specials)
+                if not closed.startswith(done):
+                    raise ConfigError("data.chat_template", self.cfg.chat_template, NOT_PREFIXES)
+                add(closed[len(done) :], 0)
+                done = closed
+        return ids, mask
+
+    def encode(self, record: dict[str, Any], file: Path, where: str, bad: BadRecords) -> tuple[list[int], list[int]] | None:
+        if "messages" in record:
+            messages = record["messages"]
+            if not isinstance(messages, list) or not messages:
+                bad(file, where, "field 'messages' is not a list of messages")
+                return None
+            for n, message in enumerate(messages):
+                if (
+                    not isinstance(message, dict)
+                    or message.get("role") not in ROLES
+                    or not isinstance(message.get("content"), str)
+                ):
+                    bad(file, where, f"message {n} is not {{role: {'|'.join(ROLES)}, content: text}}")
+                    return None
+            if not any(m["role"] == "assistant" for m in messages):
+                bad(file, where, "has no assistant message: nothing to learn")
+                return None
+            from jinja2 import TemplateError
+
+            try:
+                ids, mask = self._messages(messages)
+            except TemplateError as error:
+                bad(file, where, f"the chat template failed: {error}")
+                return None
+        elif "prompt" in record or "completion" in record:
+            prompt, completion = record.get("prompt"), record.get("completion")
+            for name, value in (("prompt", prompt), ("completion", completion)):
+                if not isinstance(value, str):
+                    bad(file, where, f"field {name!r} is {'missing' if value is None else type(value).__name__}, not text")
+                    return None
+            if not completion:
+                bad(file, where, "field 'completion' is empty")
+                return None
+            ids, mask = self._prompt_completion(str(prompt), str(completion))
+        elif isinstance(text := record.get(self.cfg.text_field), str) and text:
+            ids, mask = self._prompt_completion("", text)
+        else:
+            fields = ", ".join(map(repr, list(record)[:10])) or "none"
+            wanted = f"prompt and completion, messages nor a {self.cfg.text_field!r} text"
+            bad(file, where, f"has neither {wanted}; its fields: {fields}")
+            return None
+        if self.cfg.train_on_prompt:
+            mask = [1] * len(ids)
+        return ids, mask
+
+
+class _SplitWriter:
+    def __init__(self, directory: Path, split: str, dtype: type) -> None:
+        self.ids = open(directory / f"{split}_ids.bin", "wb")  # noqa: SIM115 (closed by close())
+        self.mask = open(directory / f"{split}_mask.bin", "wb")  # noqa: SIM115
+        self.offsets, self.dtype, self.directory, self.split = [0], dtype, directory, split
+
+    def write(self, ids: list[int], mask: list[int]) -> None:
+        self.ids.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
+        self.offsets.append(self.offsets[-1] + len(ids))
+
+    def close(self) -> int:
+        self.ids.close()
+        self.mask.close()
+        np.save(self.directory / f"{self.split}_offsets.npy", np.asarray(self.offsets, dtype=np.int64))
+        return len(self.offsets) - 1
+
+
+def build_examples(cfg: DataConfig, source: Source, tokenizer: Any, staging: Path, dtype: type) -> dict[str, Any]:
+    """Write each split's examples into ``staging``; return what meta.json records of them."""
+    encoder = ExampleEncoder(cfg, tokenizer)
+    bad = BadRecords(cfg.on_bad_record)
+    writers = {split: _SplitWriter(staging, split, dtype) for split in ("train", "val")}
+    limit = cfg.seq_len + 1
+    counts = {"examples": 0, "truncated": 0, "dropped": 0, "targets": 0}
+    for index, (file, where, record) in enumerate(source.records(bad)):
+        encoded = encoder.encode(record, file, where, bad)
+        if encoded is None:
+            continue
+        ids, mask = encoded
+        if len(ids) > limit:
+            if cfg.overlong == "drop":
+                counts["dropped"] += 1
+                continue
+            ids, mask = ids[:limit], mask[:limit]
+            counts["truncated"] += 1
+        if not any(mask[1:]):  # the first token is never a target
+            bad(file, where, "has no answer token left to learn (after truncation to data.seq_len)")
+            continue
+        is_val = zlib.crc32(f"example {index}".encode()) % 1_000_000 < cfg.val_fraction * 1_000_000
+        writers["val" if is_val else "train"].write(ids, mask)
+        counts["examples"] += 1
+        counts["targets"] += sum(mask[1:])
+    found = {split: writer.close() for split, writer in writers.items()}
+    if not found["train"] or not found["val"]:
+        held = f"holds {found['train']} training and {found['val']} validation examples"
+        raise ConfigError("data.paths", cfg.paths, f"{held}; both need one at least (data.val_fraction={cfg.val_fraction})")
+    overlong = {k: counts[k] for k in ("truncated", "dropped")}
+    return {"examples": found, "overlong": overlong, "targets": counts["targets"], "bad_records": bad.as_dict()}
+
+
+class ExampleShards:
+    """One split's examples: ``num_windows`` is the number of examples; a batch pads each to ``seq_len + 1``."""
+
+    def __init__(self, directory: Path, split: str, dtype: str, pad: int) -> None:
+        self.ids = np.memmap(directory / f"{split}_ids.bin", dtype=dtype, mode="r")
+        self.mask = np.memmap(directory / f"{split}_mask.bin", dtype=np.uint8, mode="r")
+        self.offsets = np.load(directory / f"{split}_offsets.npy")
+        self.pad = pad
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def num_windows(self, seq_len: int) -> int:
+        return len(self.offsets) - 1
+
+    def batch(self, indices: list[int], seq_len: int) -> dict[str, torch.Tensor]:
+        rows = np.full((len(indices), seq_len + 1), self.pad, dtype=np.int64)
+        targets = np.zeros((len(indices), seq_len + 1), dtype=np.int64)
+        for row, index in enumerate(indices):
+            start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+            end = min(end, start + seq_len + 1)
+            rows[row, : end - start] = self.ids[start:end]
+            targets[row, : end - start] = self.mask[start:end]
+        tokens, mask = torch.from_numpy(rows), torch.from_numpy(targets)
+        return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask[:, 1:]}

@@ -1,0 +1,221 @@
+"""Fine-tuning examples (data.packing=none): prompt/completion and chat records, only answers in the loss,
+the loss the mean over the global batch's answer tokens, exact resume; bad records named."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FMTRAIN, SMALL, env_with, fmtrain, train_losses
+
+from fmtrain.config import ConfigError, DataConfig
+from fmtrain.data import Tokenizer, prepare
+from fmtrain.losses import cross_entropy
+from fmtrain.sources import DataError
+from fmtrain.tokenizer_train import train_tokenizer
+
+SEQ = 48
+
+
+def records() -> list[dict]:
+    found = []
+    for i in range(60):
+        a, b = i * 7 % 97, i * 13 % 89
+        if i % 2:
+            found.append({"prompt": f"What is {a} plus {b}? ", "completion": f"It is {a + b}."})
+        else:
+            system = [{"role": "system", "content": "You add numbers."}] if i % 4 == 0 else []
+            turns = [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]
+            found.append(
+                {"messages": [*system, *turns, {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]}
+            )
+    return found
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples.jsonl and a BPE from fmtrain tokenizer train (chatml's markers single tokens)."""
+    root = tmp_path_factory.mktemp("examples")
+    (root / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records()))
+    (root / "text.jsonl").write_text("".join(json.dumps({"text": json.dumps(r)}) + "\n" for r in records() * 3))
+    train_tokenizer(DataConfig(name="jsonl", paths=[str(root / "text.jsonl")]), vocab_size=320, out=root / "tok")
+    return root
+
+
+def config(folder: Path, tmp_path: Path, **extra: object) -> DataConfig:
+    fields = {"name": "jsonl", "paths": [str(folder / "examples.jsonl")], "packing": "none", "seq_len": SEQ}
+    return DataConfig(
+        **{**fields, "tokenizer": str(folder / "tok"), "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.2, **extra}
+    )
+
+
+def test_only_the_answers_are_targets_and_the_masked_loss_is_their_cross_entropy(folder: Path, tmp_path: Path) -> None:
+    tokenizer = Tokenizer(folder / "tok" / "tokenizer.json")
+    corpus = prepare(config(folder, tmp_path), 320, tokenizer)
+    shards = corpus.train
+    n = shards.num_windows(SEQ)
+    assert n + corpus.val.num_windows(SEQ) == 60
+    batch = shards.batch(list(range(n)), SEQ)
+    # Every target token decodes to an answer: the completion and EOS, or each assistant turn.
+    answers = {f"It is {a}." for a in range(200)} | {str(a) for a in range(200)} | {"Yes."}
+    from tokenizers import Tokenizer as HF
+
+    hf = HF.from_file(str(folder / "tok" / "tokenizer.json"))
+    eos = tokenizer.eos
+    for row in range(n):
+        targets = batch["labels"][row][batch["loss_mask"][row] == 1].tolist()
+        spans, current = [], []
+        for token in targets:
+            current.append(token)
+            if token == eos:
+                spans.append(hf.decode(current[:-1], skip_special_tokens=False))
+                current = []
+        assert not current and spans, row
+        for span in spans:
+            assert span.replace("<|im_end|>\n", "") in answers, span
+    # The masked loss is the mean cross-entropy over exactly those tokens, computed by hand.
+    torch.manual_seed(0)
+    logits = torch.randn(n, SEQ, 320)
+    by_hand = []
+    for row in range(n):
+        for position in range(SEQ):
+            if batch["loss_mask"][row, position]:
+                target = batch["labels"][row, position]
+                by_hand.append(-torch.log_softmax(logits[row, position], -1)[target])
+    assert float(cross_entropy(logits, batch)) == pytest.approx(float(torch.stack(by_hand).mean()), rel=1e-6)
+    # train_on_prompt=true: every real token counts; the loss is the unmasked one over non-padding.
+    everything = prepare(config(folder, tmp_path, train_on_prompt=True), 320, tokenizer).train.batch(list(range(n)), SEQ)
+    real = everything["loss_mask"] == 1
+    lengths = [int(shards.offsets[i + 1] - shards.offsets[i]) for i in range(n)]
+    assert real.sum(1).tolist() == [min(length, SEQ + 1) - 1 for length in lengths]
+    unmasked = F.cross_entropy(logits[real], everything["labels"][real])
+    assert float(cross_entropy(logits, everything)) == pytest.approx(float(unmasked), rel=1e-6)
+
+
+def test_chat_examples_render_as_transformers_renders_the_template(folder: Path, tmp_path: Path) -> None:
+    import transformers
+
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder / "tok"))
+    tokenizer = Tokenizer(folder / "tok" / "tokenizer.json")
+    corpus = prepare(config(folder, tmp_path), 320, tokenizer)
+    chats = [r for r in records() if "messages" in r]
+    ours = [
+        shards.ids[shards.offsets[i] : shards.offsets[i + 1]].tolist()
+        for shards in (corpus.train, corpus.val)
+        for i in range(shards.num_windows(SEQ))
+    ]
+    expected = theirs.apply_chat_template(chats[1]["messages"], tokenize=True)
+    expected = list(expected["input_ids"]) if "input_ids" in expected else list(expected)
+    # The same ids, but for the tokenizer's EOS fmtrain adds after each assistant turn (chatml ends them with <|im_end|>).
+    assert any(_without(example, tokenizer.eos) == expected for example in ours), "no example renders as transformers does"
+
+
+def _without(ids: list[int], token: int | None) -> list[int]:
+    return [i for i in ids if i != token]
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"messages": "hi"}, "field 'messages' is not a list of messages"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "has no assistant message: nothing to learn"),
+        (
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "message 0 is not {role: system|user|assistant|tool, content: text}",
+        ),
+        ({"prompt": "hi"}, "field 'completion' is missing, not text"),
+        ({"prompt": "hi", "completion": ""}, "field 'completion' is empty"),
+        ({"prompt": 3, "completion": "x"}, "field 'prompt' is int, not text"),
+        ({"question": "hi"}, "has neither prompt and completion, messages nor a 'text' text; its fields: 'question'"),
+        ({"prompt": " ".join(map(str, range(200))), "completion": "y"}, "has no answer token left to learn"),
+    ],
+)
+def test_a_bad_example_is_named_or_skipped(record: dict, problem: str, folder: Path, tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    good = [json.dumps(r) for r in records()[:20]]
+    path.write_text("\n".join([*good[:4], json.dumps(record), *good[4:]]) + "\n")
+    cfg = DataConfig(
+        name="jsonl", paths=[str(path)], packing="none", seq_len=SEQ, cache_dir=str(tmp_path / "c"), val_fraction=0.2
+    )
+    tokenizer = Tokenizer(folder / "tok" / "tokenizer.json")
+    with pytest.raises(DataError) as error:
+        prepare(cfg, 320, tokenizer)
+    assert str(error.value).startswith(f"{path}, line 5: {problem}")
+    skipped = prepare(DataConfig(**{**cfg.__dict__, "on_bad_record": "skip"}), 320, tokenizer)
+    assert skipped.meta["bad_records"]["count"] == 1 and sum(skipped.meta["examples"].values()) == 20
+
+
+def test_overlong_examples_are_truncated_or_dropped_and_counted(folder: Path, tmp_path: Path) -> None:
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "p", "completion": "answer " * (i % 3 * 10 + 1)} for i in range(30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {"name": "jsonl", "paths": [str(path)], "packing": "none", "seq_len": 32, "cache_dir": str(tmp_path / "c")}
+    truncated = prepare(DataConfig(**base, val_fraction=0.2), 256)
+    dropped = prepare(DataConfig(**base, val_fraction=0.2, overlong="drop"), 256)
+    assert truncated.meta["overlong"] == {"truncated": 20, "dropped": 0} and sum(truncated.meta["examples"].values()) == 30
+    assert dropped.meta["overlong"] == {"truncated": 0, "dropped": 20} and sum(dropped.meta["examples"].values()) == 10
+
+
+def test_packing_needs_records_and_a_template_that_exists(folder: Path) -> None:
+    from fmtrain.validation import validate_data
+
+    with pytest.raises(ConfigError, match=r"data.packing='none' is invalid: reads examples from records"):
+        validate_data(DataConfig(name="text_files", paths=[str(folder / "text.jsonl")], packing="none"))
+    with pytest.raises(ConfigError, match=r"data.chat_template='/no/such.jinja' is invalid"):
+        validate_data(
+            DataConfig(name="jsonl", paths=[str(folder / "examples.jsonl")], packing="none", chat_template="/no/such.jinja")
+        )
+
+
+def run_args(folder: Path, run_dir: Path, *extra: str) -> list[str]:
+    data = ["data=jsonl", f"data.paths=[{folder / 'examples.jsonl'}]", "data.packing=none", f"data.seq_len={SEQ}"]
+    data += [f"data.tokenizer={folder / 'tok'}", "model.vocab_size=320", "data.val_fraction=0.2"]
+    return ["train", f"run_dir={run_dir}", *SMALL, *data, "trainer.global_batch_size=8", *extra]
+
+
+def test_the_loss_weighs_every_answer_token_alike_whatever_the_micro_batches_and_ranks(
+    folder: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    runs = {
+        "whole": ["trainer.micro_batch_size=8"],
+        "accumulated": ["trainer.micro_batch_size=2"],  # 4 micro-batches of unequal answer lengths
+        "two ranks": ["launcher.nproc=2", "trainer.micro_batch_size=2"],
+    }
+    losses = {}
+    for name, extra in runs.items():
+        result = fmtrain(run_args(folder, tmp_path / name, "trainer.max_steps=3", *extra), cache_dir)
+        assert result.returncode == 0, result.stderr
+        losses[name] = train_losses(tmp_path / name)
+    assert "padding to 49 leaves" in result.stderr + result.stdout
+    for name in ("accumulated", "two ranks"):
+        for step, loss in losses["whole"].items():
+            assert losses[name][step] == pytest.approx(loss, rel=1e-5), (name, step)
+
+
+def test_chat_examples_killed_on_two_ranks_resume_exactly_on_one(folder: Path, tmp_path: Path, cache_dir: Path) -> None:
+    from test_train import wait_for
+
+    common = ["trainer.max_steps=24", "checkpoint.interval=8"]
+    reference = fmtrain(run_args(folder, tmp_path / "ref", "launcher.nproc=2", *common), cache_dir)
+    assert reference.returncode == 0, reference.stderr
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [FMTRAIN, *run_args(folder, run_dir, "launcher.nproc=2", *common)],
+        env=env_with(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    wait_for(run_dir / "checkpoints" / "step_000008", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert max(train_losses(run_dir)) < 24, "the kill must land mid-run"
+    resumed = fmtrain(run_args(folder, run_dir, "launcher.nproc=1", *common), cache_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    want, got = train_losses(tmp_path / "ref"), train_losses(run_dir)
+    assert sorted(got) == sorted(want) == list(range(1, 25))
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
