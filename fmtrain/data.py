@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from fmtrain.config import ConfigError, DataConfig, TrainConfig, cache_root
-from fmtrain.examples import ExampleShards, build_examples
+from fmtrain.examples import ExampleShards, PackedShards, build_examples
 from fmtrain.sources import BadRecords, DataError, Source, mix_components, source_of
 
 EOS = 0
@@ -387,13 +387,15 @@ class Corpus:
     @cached_property
     def train(self) -> TokenShards | ExampleShards:
         if "examples" in self.meta:
-            return ExampleShards(self.directory, "train", self.meta["dtype"], self.meta["pad"])
+            shards = PackedShards if self.meta["packing"] == "bfd" else ExampleShards
+            return shards(self.directory, "train", self.meta["dtype"], self.meta["pad"])
         return TokenShards(self.files("train"), self.meta["dtype"])
 
     @cached_property
     def val(self) -> TokenShards | ExampleShards:
         if "examples" in self.meta:
-            return ExampleShards(self.directory, "val", self.meta["dtype"], self.meta["pad"])
+            shards = PackedShards if self.meta["packing"] == "bfd" else ExampleShards
+            return shards(self.directory, "val", self.meta["dtype"], self.meta["pad"])
         return TokenShards(self.files("val"), self.meta["dtype"])
 
     def sampler(self, seq_len: int, seed: int) -> GlobalBatches:

@@ -226,11 +226,51 @@ def build_examples(cfg: DataConfig, source: Source, tokenizer: Any, staging: Pat
         counts["examples"] += 1
         counts["targets"] += sum(mask[1:])
     found = {split: writer.close() for split, writer in writers.items()}
+    if cfg.packing == "bfd":
+        for split in writers:
+            offsets = np.load(staging / f"{split}_offsets.npy")
+            members, starts = best_fit_decreasing(np.diff(offsets), limit)
+            np.save(staging / f"{split}_bin_members.npy", members)
+            np.save(staging / f"{split}_bin_offsets.npy", starts)
     if not found["train"] or not found["val"]:
         held = f"holds {found['train']} training and {found['val']} validation examples"
         raise ConfigError("data.paths", cfg.paths, f"{held}; both need one at least (data.val_fraction={cfg.val_fraction})")
     overlong = {k: counts[k] for k in ("truncated", "dropped")}
     return {"examples": found, "overlong": overlong, "targets": counts["targets"], "bad_records": bad.as_dict()}
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Examples into bins of ``capacity`` tokens: longest first, each into the fullest bin it fits
+    (a new one if none). Returns the examples of all bins in order and each bin's start in that list;
+    deterministic (ties: the lower example index, the older bin)."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    bins: list[list[int]] = []
+    free: dict[int, list[int]] = {}  # room left -> the bins with that much room
+    rooms: list[int] = []  # the distinct rooms of the bins in ``free``, sorted
+    for example in order:
+        length = int(lengths[example])
+        at = bisect.bisect_left(rooms, length)
+        if at == len(rooms):
+            bins.append([])
+            target, room = len(bins) - 1, capacity
+        else:
+            room = rooms[at]
+            target = free[room].pop(0)
+            if not free[room]:
+                del free[room]
+                rooms.pop(at)
+        bins[target].append(example)
+        room -= length
+        if room > 0:
+            if room not in free:
+                free[room] = []
+                bisect.insort(rooms, room)
+            free[room].append(target)
+    members = np.asarray([e for b in bins for e in b], dtype=np.int64)
+    starts = np.cumsum([0, *(len(b) for b in bins)]).astype(np.int64)
+    return members, starts
 
 
 class ExampleShards:
@@ -259,3 +299,41 @@ class ExampleShards:
             targets[row, : end - start] = self.mask[start:end]
         tokens, mask = torch.from_numpy(rows), torch.from_numpy(targets)
         return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask[:, 1:]}
+
+
+class PackedShards(ExampleShards):
+    """``data.packing=bfd``: a row is a bin of whole examples; ``position_ids`` restart at each example
+    and ``document_ids`` (the example's number in its row; -1 for padding) keep attention within it."""
+
+    def __init__(self, directory: Path, split: str, dtype: str, pad: int) -> None:
+        super().__init__(directory, split, dtype, pad)
+        self.members = np.load(directory / f"{split}_bin_members.npy")
+        self.starts = np.load(directory / f"{split}_bin_offsets.npy")
+
+    def num_windows(self, seq_len: int) -> int:
+        return len(self.starts) - 1
+
+    def batch(self, indices: list[int], seq_len: int) -> dict[str, torch.Tensor]:
+        width = seq_len + 1
+        rows = np.full((len(indices), width), self.pad, dtype=np.int64)
+        targets = np.zeros((len(indices), width), dtype=np.int64)
+        positions = np.zeros((len(indices), width), dtype=np.int64)
+        documents = np.full((len(indices), width), -1, dtype=np.int64)
+        for row, index in enumerate(indices):
+            at = 0
+            for number, example in enumerate(self.members[self.starts[index] : self.starts[index + 1]]):
+                start, end = int(self.offsets[example]), int(self.offsets[example + 1])
+                n = end - start
+                rows[row, at : at + n] = self.ids[start:end]
+                targets[row, at + 1 : at + n] = self.mask[start + 1 : end]  # an example's first token is no target
+                positions[row, at : at + n] = np.arange(n)
+                documents[row, at : at + n] = number
+                at += n
+        tokens, mask = torch.from_numpy(rows), torch.from_numpy(targets)
+        return {
+            "input_ids": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": mask[:, 1:],
+            "position_ids": torch.from_numpy(positions[:, :-1]),
+            "document_ids": torch.from_numpy(documents[:, :-1]),
+        }

@@ -129,6 +129,11 @@ def build(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Parts:
     )
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a batch gives the model besides its tokens: packed examples' positions and example ids."""
+    return {key: batch[key] for key in ("position_ids", "document_ids") if key in batch}
+
+
 def targets_per_micro_batch(p: Parts, batches: list[dict[str, torch.Tensor]]) -> float | None:
     """With a ``loss_mask`` (fine-tuning examples), the target tokens of the whole global batch shared
     evenly over its micro-batches (one all-reduce); each micro-batch's summed loss divided by it,
@@ -155,7 +160,7 @@ def train_step(p: Parts, step: int, consumed: int, stop: StopSignal) -> StepOutc
         sync = p.strategy.no_sync(p.wrapped) if micro_step < p.accum - 1 else contextlib.nullcontext()
         with sync:
             with p.strategy.autocast():
-                logits = p.wrapped(batch["input_ids"])
+                logits = p.wrapped(batch["input_ids"], **model_inputs(batch))
             # with targets_per_micro_batch: the mean over the global batch's targets, wherever they fall
             micro_loss = p.loss_fn(logits, batch) if per_micro is None else cross_entropy_sum(logits, batch)[0] / per_micro
             p.strategy.backward(p.wrapped, micro_loss / p.accum, boundary=micro_step == p.accum - 1)
@@ -197,7 +202,7 @@ def evaluate(p: Parts) -> float:
         for start in range(0, len(mine), p.micro):
             batch = p.corpus.val.batch(mine[start : start + p.micro], p.cfg.data.seq_len)
             batch = {key: value.to(p.device) for key, value in batch.items()}
-            loss_sum, tokens = cross_entropy_sum(p.model(batch["input_ids"]), batch)
+            loss_sum, tokens = cross_entropy_sum(p.model(batch["input_ids"], **model_inputs(batch)), batch)
             total[0] += loss_sum
             total[1] += tokens
     if p.env.distributed:

@@ -287,11 +287,13 @@ class _Report:
             meta, width = p.corpus.meta, cfg.data.seq_len + 1
             tokens = p.corpus.train.num_tokens + p.corpus.val.num_tokens
             examples = meta["examples"]["train"] + meta["examples"]["val"]
+            rows = p.corpus.train.num_windows(width) + p.corpus.val.num_windows(width)
             log.info(
                 "data: %d examples (%d validation), %d target tokens; %d truncated, %d dropped (data.overlong=%s); "
-                "padding to %d leaves %.1f%% of each row real tokens",
-                examples, meta["examples"]["val"], meta["targets"], meta["overlong"]["truncated"],
-                meta["overlong"]["dropped"], cfg.data.overlong, width, 100 * tokens / (examples * width),
+                "data.packing=%s: %d rows of %d, %.1f%% real tokens (padding each alone: %.1f%%)",
+                examples, meta["examples"]["val"], meta["targets"], meta["overlong"]["truncated"], meta["overlong"]["dropped"],
+                cfg.data.overlong, cfg.data.packing, rows, width, 100 * tokens / (rows * width),
+                100 * tokens / (examples * width),
             )  # fmt: skip
         self.bad_records = int(p.corpus.meta.get("bad_records", {}).get("count", 0))
         if self.bad_records:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,14 +175,15 @@ def test_packing_needs_records_and_a_template_that_exists(folder: Path) -> None:
         )
 
 
-def run_args(folder: Path, run_dir: Path, *extra: str) -> list[str]:
-    data = ["data=jsonl", f"data.paths=[{folder / 'examples.jsonl'}]", "data.packing=none", f"data.seq_len={SEQ}"]
+def run_args(folder: Path, run_dir: Path, *extra: str, packing: str = "none") -> list[str]:
+    data = ["data=jsonl", f"data.paths=[{folder / 'examples.jsonl'}]", f"data.packing={packing}", f"data.seq_len={SEQ}"]
     data += [f"data.tokenizer={folder / 'tok'}", "model.vocab_size=320", "data.val_fraction=0.2"]
     return ["train", f"run_dir={run_dir}", *SMALL, *data, "trainer.global_batch_size=8", *extra]
 
 
+@pytest.mark.parametrize("packing", ["none", "bfd"])
 def test_the_loss_weighs_every_answer_token_alike_whatever_the_micro_batches_and_ranks(
-    folder: Path, tmp_path: Path, cache_dir: Path
+    packing: str, folder: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
     runs = {
         "whole": ["trainer.micro_batch_size=8"],
@@ -189,19 +192,23 @@ def test_the_loss_weighs_every_answer_token_alike_whatever_the_micro_batches_and
     }
     losses = {}
     for name, extra in runs.items():
-        result = fmtrain(run_args(folder, tmp_path / name, "trainer.max_steps=3", *extra), cache_dir)
+        result = fmtrain(run_args(folder, tmp_path / name, "trainer.max_steps=3", *extra, packing=packing), cache_dir)
         assert result.returncode == 0, result.stderr
         losses[name] = train_losses(tmp_path / name)
-    assert "padding to 49 leaves" in result.stderr + result.stdout
+    shown = re.search(rf"data.packing={packing}: (\d+) rows of 49", result.stderr + result.stdout)
+    assert shown and (int(shown.group(1)) == 60 if packing == "none" else int(shown.group(1)) < 60), shown
     for name in ("accumulated", "two ranks"):
         for step, loss in losses["whole"].items():
             assert losses[name][step] == pytest.approx(loss, rel=1e-5), (name, step)
 
 
-def test_chat_examples_killed_on_two_ranks_resume_exactly_on_one(folder: Path, tmp_path: Path, cache_dir: Path) -> None:
+@pytest.mark.parametrize("packing", ["none", "bfd"])
+def test_chat_examples_killed_on_two_ranks_resume_exactly_on_one(
+    packing: str, folder: Path, tmp_path: Path, cache_dir: Path
+) -> None:
     from test_train import wait_for
 
-    common = ["trainer.max_steps=24", "checkpoint.interval=8"]
+    common = ["trainer.max_steps=24", "checkpoint.interval=8", f"data.packing={packing}"]
     reference = fmtrain(run_args(folder, tmp_path / "ref", "launcher.nproc=2", *common), cache_dir)
     assert reference.returncode == 0, reference.stderr
     run_dir = tmp_path / "killed"
@@ -219,3 +226,52 @@ def test_chat_examples_killed_on_two_ranks_resume_exactly_on_one(folder: Path, t
     assert sorted(got) == sorted(want) == list(range(1, 25))
     for step, loss in want.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_best_fit_decreasing_places_every_example_once_within_capacity() -> None:
+    from fmtrain.examples import best_fit_decreasing
+
+    members, starts = best_fit_decreasing(np.array([5, 3, 4, 2, 6]), 10)
+    bins = [members[starts[i] : starts[i + 1]].tolist() for i in range(len(starts) - 1)]
+    assert bins == [[4, 2], [0, 1, 3]]  # 6+4; then 5, 3 and 2 fill the second exactly
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.pareto(1.5, 500).astype(int) * 8 + 4, 64)  # skewed: mostly short, some long
+    members, starts = best_fit_decreasing(lengths, 64)
+    assert sorted(members.tolist()) == list(range(500))
+    loads = [int(lengths[members[starts[i] : starts[i + 1]]].sum()) for i in range(len(starts) - 1)]
+    assert max(loads) <= 64 and len(loads) < 500 / 3  # far fewer rows than one example each
+    assert sum(loads) / (64 * len(loads)) > 0.9
+
+
+def test_packed_examples_give_the_logits_each_gives_alone(folder: Path, tmp_path: Path) -> None:
+    from fmtrain.config import ModelConfig
+    from fmtrain.examples import PackedShards
+    from fmtrain.models.llama import Transformer
+
+    tokenizer = Tokenizer(folder / "tok" / "tokenizer.json")
+    packed = prepare(config(folder, tmp_path, packing="bfd"), 320, tokenizer)
+    alone = prepare(config(folder, tmp_path), 320, tokenizer)
+    shards = packed.train
+    assert isinstance(shards, PackedShards) and shards.num_windows(SEQ) < alone.train.num_windows(SEQ)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    model.init_weights(seed=3)
+    batch = shards.batch(list(range(shards.num_windows(SEQ))), SEQ)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
+        compared = 0
+        for row in range(len(batch["input_ids"])):
+            documents = batch["document_ids"][row]
+            for number in range(int(documents.max()) + 1):
+                where = (documents == number).nonzero().flatten()
+                tokens = batch["input_ids"][row, where]
+                assert batch["position_ids"][row, where].tolist() == list(range(len(where)))
+                torch.testing.assert_close(logits[row, where], model(tokens[None])[0], rtol=0, atol=1e-5)
+                compared += 1
+        assert compared == len(shards.members)  # every training example, each in one row
+        # The same answer tokens as each example padded alone: the same loss.
+        unpacked = alone.train.batch(list(range(alone.train.num_windows(SEQ))), SEQ)
+        assert int(batch["loss_mask"].sum()) == int(unpacked["loss_mask"].sum())
+        packed_loss = cross_entropy(logits, batch)
+        alone_loss = cross_entropy(model(unpacked["input_ids"]), unpacked)
+    assert float(packed_loss) == pytest.approx(float(alone_loss), rel=1e-5)

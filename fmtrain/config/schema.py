@@ -80,8 +80,9 @@ class DataConfig:
     # a record that is not JSON, lacks the field, is empty or not text: error (name it and stop) or skip (count it)
     on_bad_record: str = field_in("error", choices=("error", "skip"))
     # concat: documents joined and cut into windows (pretraining); none: each record one example, padded
-    # to seq_len, pad tokens out of the loss (fine-tuning: records with prompt and completion, or messages)
-    packing: str = field_in("concat", choices=("concat", "none"))
+    # to seq_len, pad tokens out of the loss (fine-tuning: records with prompt and completion, or messages);
+    # bfd: whole examples packed into rows best-fit-decreasing, positions restarting and attention within each
+    packing: str = field_in("concat", choices=("concat", "none", "bfd"))
     train_on_prompt: bool = False  # examples: the prompt's (non-assistant) tokens count in the loss too
     overlong: str = field_in("truncate", choices=("truncate", "drop"))  # examples longer than seq_len + 1 tokens
     # messages: auto (the tokenizer folder's chat_template, else chatml), chatml, or a Jinja file

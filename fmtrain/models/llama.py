@@ -85,11 +85,12 @@ def rotary_tables(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x: (batch, seq, heads, head_dim), by one complex
+    """Rotate pairs (x[..., 2i], x[..., 2i+1]) of x: (batch, seq, heads, head_dim) by the angles of
+    ``rope``, the table's rows of x's positions ((seq, ...) or, per sequence, (batch, seq, ...)), by one complex
     product per pair in fp32 (Meta's and torchtitan's form: one kernel each way, where the rotation
     written out in real arithmetic takes four products, two sums and a copy). Under torch.compile the
     real form, which inductor fuses into one kernel (it generates no code for complex numbers)."""
-    table = rope[: x.shape[1]].float().unsqueeze(1)  # (seq, 1, head_dim // 2, 2)
+    table = rope.float().unsqueeze(-3)  # (seq, 1, head_dim // 2, 2), or (batch, seq, 1, ...) for position ids
     pairs = x.float().unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():
         cos, sin, real, imag = table[..., 0], table[..., 1], pairs[..., 0], pairs[..., 1]
@@ -113,7 +114,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
@@ -121,7 +122,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rope).transpose(1, 2), apply_rotary(k, rope).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # (batch, 1, seq, seq): causal within each packed example
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -147,8 +152,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -166,10 +171,19 @@ class Transformer(nn.Module):
         self.rope: torch.Tensor
         self.register_buffer("rope", torch.empty(cfg.max_seq_len, head_dim_of(cfg) // 2, 2), persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits of ``tokens`` (batch, seq). Several examples packed in a row: ``position_ids`` restart
+        at each (the rotary angles follow them) and ``document_ids`` keep attention within each."""
         h = self.tok_embeddings(tokens)
+        rope = self.rope[: tokens.shape[1]] if position_ids is None else self.rope[position_ids]
+        mask = None
+        if document_ids is not None:
+            causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).tril()
+            mask = ((document_ids[:, :, None] == document_ids[:, None, :]) & causal)[:, None]
         for block in self.blocks:
-            h = block(h, self.rope)
+            h = block(h, rope) if mask is None else block(h, rope, mask)
         return self.output(self.norm(h))
 
     @torch.no_grad()
@@ -255,6 +269,7 @@ class LlamaSpec(ModelSpec):
     """``model.arch=llama``: :class:`Transformer`, with Megatron-style tensor and sequence parallelism."""
 
     name = "llama"
+    packed_inputs = True
 
     def build(self, cfg: ModelConfig) -> nn.Module:
         return Transformer(cfg)

@@ -86,6 +86,9 @@ class ModelSpec:
     """One architecture. Subclass it, set ``name``, implement :meth:`build` and :meth:`init_weights`."""
 
     name: str = ""
+    # forward(tokens, position_ids=, document_ids=): several examples per row (data.packing=bfd),
+    # positions restarting and attention within each
+    packed_inputs: bool = False
 
     def adapter(self, cfg: ModelConfig) -> StateDictAdapter | None:
         """Names and layouts of an external format (Hugging Face's) for ``cfg``'s state dict; None: none."""
