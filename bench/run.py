@@ -125,6 +125,14 @@ def summary() -> str:
             f"| `datasets.map(batched=True, num_proc=2)` {tk['datasets_mb_per_s']:.2f} MB/s "
             f"| data=jsonl {tk['fmtrain_mb_per_s']:.2f} MB/s | {tk['ratio']:.2f} | >= 1.0 |"
         )
+    if (RESULTS / "packing.json").is_file():
+        pk = load("packing")
+        best = pk["best_rows_per_s"]
+        lines.append(
+            f"| fine-tuning rows/s, `data.packing=bfd` (skewed lengths, seq {pk['seq_len']}) | pretraining windows "
+            f"{best['windows']:.1f} rows/s | {best['bfd']:.1f} rows/s, {pk['bfd_real_share']:.1%} real tokens "
+            f"(padding each alone: {pk['none_real_share']:.1%}) | {pk['ratio']:.2f} | >= 0.95 |"
+        )
     m = load("mfu")
     for name, row in m["models"].items():
         lines.append(
@@ -186,7 +194,7 @@ def main() -> None:
     scripts = [["throughput.py"], ["startup.py"], ["mfu.py"], ["step.py", *(["--nanogpt", nanogpt] if nanogpt else [])]]
     scripts += [["nanogpt.py", "--nanogpt", nanogpt]] if nanogpt else []
     scripts += [["strategies.py"], ["accelerate_ddp.py"], ["zero3_init.py"], ["checkpoint_async.py"], ["hf_import.py"]]
-    scripts += [["tokenization.py"]]
+    scripts += [["tokenization.py"], ["packing.py"]]
     scripts += [["slurm_latency.py"], ["tune_asha.py"], ["ray_startup.py"]]  # root: a Slurm cluster, network namespaces
     for script, *args in scripts:
         subprocess.run([sys.executable, str(HERE / script), *args], check=True)
