@@ -45,6 +45,7 @@ EOS = 0
 FORMAT_VERSION = 1
 SPLIT_BLOCK_BYTES = 65536
 ENCODE_BATCH_BYTES = 4 << 20  # text tokenized at once while building
+SETTINGS_FILES = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json", "config.json")
 COPY_TOKENS = 1 << 22  # token ids copied (and checked) at once from data=tokens files
 
 
@@ -89,10 +90,15 @@ class Tokenizer:
 
     @property
     def identity(self) -> str:
-        """What the cache key holds: a changed tokenizer file is a new corpus."""
+        """What the cache key holds: a changed tokenizer file, or a changed file beside it that decides
+        its special ids or chat template (tokenizer_config.json, ...), is a new corpus."""
         if self.file is None:
             return "bytes"
-        return f"{self.file}:{hashlib.sha256(self.file.read_bytes()).hexdigest()[:16]}"
+        digest = hashlib.sha256(self.file.read_bytes())
+        for name in SETTINGS_FILES:
+            if (self.file.parent / name).is_file():
+                digest.update(name.encode() + b"\0" + (self.file.parent / name).read_bytes())
+        return f"{self.file}:{digest.hexdigest()[:16]}"
 
     @property
     def vocab_size(self) -> int:

@@ -283,11 +283,13 @@ class _Report:
             cfg.precision.name,
             p.device,
         )
+        self.real_share: float | None = None  # fine-tuning examples: the share of real (not padding) tokens per row
         if "examples" in p.corpus.meta:  # fine-tuning examples, padded
             meta, width = p.corpus.meta, cfg.data.seq_len + 1
             tokens = p.corpus.train.num_tokens + p.corpus.val.num_tokens
             examples = meta["examples"]["train"] + meta["examples"]["val"]
             rows = p.corpus.train.num_windows(width) + p.corpus.val.num_windows(width)
+            self.real_share = tokens / (rows * width)
             log.info(
                 "data: %d examples (%d validation), %d target tokens; %d truncated, %d dropped (data.overlong=%s); "
                 "data.packing=%s: %d rows of %d, %.1f%% real tokens (padding each alone: %.1f%%)",
@@ -341,6 +343,7 @@ class _Report:
                 "skipped": outcome.skipped,
                 **({"loss_scale": scale} if scale is not None else {}),
                 **({"data_bad_records": self.bad_records} if self.bad_records else {}),
+                **({"data_real_token_share": self.real_share} if self.real_share is not None else {}),
                 "time": time.time(),
             }
         )

@@ -195,7 +195,9 @@ def test_the_loss_weighs_every_answer_token_alike_whatever_the_micro_batches_and
         result = fmtrain(run_args(folder, tmp_path / name, "trainer.max_steps=3", *extra, packing=packing), cache_dir)
         assert result.returncode == 0, result.stderr
         losses[name] = train_losses(tmp_path / name)
-    shown = re.search(rf"data.packing={packing}: (\d+) rows of 49", result.stderr + result.stdout)
+    shown = re.search(rf"data.packing={packing}: (\d+) rows of 49, ([\d.]+)% real tokens", result.stderr + result.stdout)
+    share = json.loads((tmp_path / "two ranks" / "metrics.jsonl").read_text().splitlines()[0])["data_real_token_share"]
+    assert shown and share == pytest.approx(float(shown.group(2)) / 100, abs=1e-3)
     assert shown and (int(shown.group(1)) == 60 if packing == "none" else int(shown.group(1)) < 60), shown
     for name in ("accumulated", "two ranks"):
         for step, loss in losses["whole"].items():

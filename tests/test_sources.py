@@ -84,6 +84,11 @@ def test_the_data_cache_is_rebuilt_when_the_tokenizer_file_changes(tmp_path: Pat
     assert first != second and (first / "meta.json").is_file() and not second.exists()
     rebuilt = prepare(cfg, 512, Tokenizer(tmp_path / "tok" / "tokenizer.json"))
     assert rebuilt.directory == second and rebuilt.meta["tokens"] < json.loads((first / "meta.json").read_text())["tokens"]
+    # The EOS (tokenizer_config.json) decides ids too: another EOS, another cache.
+    settings = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({**settings, "eos_token": "<|pad|>"}))
+    third = prepare(cfg, 512, Tokenizer(tmp_path / "tok" / "tokenizer.json"))
+    assert third.directory not in (first, second) and third.meta["tokens"] == rebuilt.meta["tokens"]
 
 
 GOOD = [json.dumps({"text": d}).encode() for d in DOCS[:6]]

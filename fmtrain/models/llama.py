@@ -153,7 +153,9 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, mask)
+        normed = self.attention_norm(x)
+        # the mask only when there is one: tensor parallelism's input plans count the module's inputs
+        x = x + (self.attention(normed, rope) if mask is None else self.attention(normed, rope, mask))
         return x + self.feed_forward(self.ffn_norm(x))
 
 

@@ -38,7 +38,9 @@ def apply_tensor_parallel(recipe: Recipe, model: nn.Module, tp_mesh, *, sequence
         if name == "norm":
             return SequenceParallel()
         # "split" / "gather": the first input (activations) changes layout, the others (rope) do not.
-        others = (None,) * (len(inspect.signature(model.get_submodule(path).forward).parameters) - 1)
+        # Inputs with defaults (a packed batch's mask) are not passed without packing: not counted.
+        parameters = inspect.signature(model.get_submodule(path).forward).parameters.values()
+        others = (None,) * (sum(p.default is inspect.Parameter.empty for p in parameters) - 1)
         if name == "split":
             return PrepareModuleInput(
                 input_layouts=(Replicate(), *others), desired_input_layouts=(Shard(1), *others), use_local_output=True
