@@ -390,19 +390,20 @@ class Corpus:
     def files(self, split: str) -> list[Path]:
         return [self.directory / name for name in self.meta[split]]
 
-    @cached_property
-    def train(self) -> TokenShards | ExampleShards:
+    def split(self, name: str) -> TokenShards | ExampleShards:
+        """``train`` or ``val``: windows of the token stream, or fine-tuning examples (packed or alone)."""
         if "examples" in self.meta:
             shards = PackedShards if self.meta["packing"] == "bfd" else ExampleShards
-            return shards(self.directory, "train", self.meta["dtype"], self.meta["pad"])
-        return TokenShards(self.files("train"), self.meta["dtype"])
+            return shards(self.directory, name, self.meta["dtype"], self.meta["pad"])
+        return TokenShards(self.files(name), self.meta["dtype"])
+
+    @cached_property
+    def train(self) -> TokenShards | ExampleShards:
+        return self.split("train")
 
     @cached_property
     def val(self) -> TokenShards | ExampleShards:
-        if "examples" in self.meta:
-            shards = PackedShards if self.meta["packing"] == "bfd" else ExampleShards
-            return shards(self.directory, "val", self.meta["dtype"], self.meta["pad"])
-        return TokenShards(self.files("val"), self.meta["dtype"])
+        return self.split("val")
 
     def sampler(self, seq_len: int, seed: int) -> GlobalBatches:
         return GlobalBatches(self.train, seq_len, seed)
