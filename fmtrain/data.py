@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +40,7 @@ import torch
 from fmtrain.config import ConfigError, DataConfig, TrainConfig, cache_root
 from fmtrain.examples import ExampleShards, PackedShards, build_examples
 from fmtrain.sources import BadRecords, DataError, Source, mix_components, source_of
+from fmtrain.workpool import Progress, ordered_map
 
 EOS = 0
 FORMAT_VERSION = 1
@@ -67,6 +68,9 @@ class Tokenizer:
     ``tokenizers`` library) or a SentencePiece ``tokenizer.model`` (the ``sentencepiece`` library)."""
 
     file: Path | None = None  # None: the byte tokenizer
+
+    def __reduce__(self) -> tuple[type, tuple[Path | None]]:  # to a tokenizing worker: the file, not the loaded library object
+        return type(self), (self.file,)
 
     @property
     def sentencepiece(self) -> bool:
@@ -253,21 +257,44 @@ def _write_stream(source: Source, tokenizer: Tokenizer, out: Any, dtype: type, c
                     )
                 out.write(chunk.astype(dtype).tobytes())
         return bad
-    batch: list[bytes] = []
-    total, pending, first = 0, 0, True
-    for document in source.documents(bad):
-        if total >= cfg.max_bytes:
-            break
-        document = document[: cfg.max_bytes - total]
-        total += len(document) + 1
-        batch.append(document)
-        pending += len(document)
-        if pending >= ENCODE_BATCH_BYTES:
-            out.write(tokenizer.encode(batch, first=first).astype(dtype).tobytes())
-            batch, pending, first = [], 0, False
-    if batch:
-        out.write(tokenizer.encode(batch, first=first).astype(dtype).tobytes())
+
+    def batches() -> Iterator[tuple[list[bytes], bool, int]]:
+        batch: list[bytes] = []
+        total, pending, first = 0, 0, True
+        for document in source.documents(bad):
+            if total >= cfg.max_bytes:
+                break
+            document = document[: cfg.max_bytes - total]
+            total += len(document) + 1
+            batch.append(document)
+            pending += len(document)
+            if pending >= ENCODE_BATCH_BYTES:
+                yield batch, first, pending
+                batch, pending, first = [], 0, False
+        if batch:
+            yield batch, first, pending
+
+    bound = cfg.max_bytes
+    if source.name == "text_files" or source.name == "jsonl":  # their text is at most their files' bytes
+        bound = min(bound, sum(path.stat().st_size for path in source.files()))
+    progress = Progress(cfg.name, bound, cfg.num_workers)
+    file = str(tokenizer.file) if tokenizer.file is not None else None
+    for ids, size in ordered_map(_stream_encoder, (file, np.dtype(dtype).name), batches(), cfg.num_workers):
+        out.write(ids.tobytes())
+        progress.advance(done=size, tokens=len(ids))
+    progress.finish()
     return bad
+
+
+def _stream_encoder(file: str | None, dtype: str) -> Callable[[tuple[list[bytes], bool, int]], tuple[np.ndarray, int]]:
+    """What encodes one batch of documents in a worker of :func:`~fmtrain.workpool.ordered_map`."""
+    tokenizer = Tokenizer(Path(file) if file is not None else None)
+
+    def encode(item: tuple[list[bytes], bool, int]) -> tuple[np.ndarray, int]:
+        documents, first, size = item
+        return tokenizer.encode(documents, first=first).astype(dtype), size
+
+    return encode
 
 
 def _split_blocks(n_tokens: int, val_fraction: float) -> tuple[int, set[int]]:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ import numpy as np
 import torch
 
 from fmtrain.config import ConfigError, DataConfig
-from fmtrain.sources import BadRecords, Source
+from fmtrain.sources import BadRecords, DataError, Source
+from fmtrain.workpool import Progress, ordered_map
 
 log = logging.getLogger("fmtrain")
 
@@ -39,6 +41,7 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 ROLES = ("system", "user", "assistant", "tool")
+CHUNK_RECORDS = 256  # records encoded at once (by one worker)
 NOT_PREFIXES = "does not render a conversation's first turns as the start of the whole (each turn's mask needs it)"
 
 
@@ -88,7 +91,7 @@ class ExampleEncoder:
         folder = tokenizer.file.parent if tokenizer.file is not None else None
         self.render = compile_template(chat_template_text(cfg, folder))
         self.specials = tokenizer.special_texts()
-        self.eos_appended_said = False
+        self.eos_appended = False  # the template's assistant turns lacked EOS: build_examples says so once
 
     def _piece(self, text: str) -> list[int]:
         return self.tokenizer.encode_piece(text)
@@ -121,12 +124,7 @@ class ExampleEncoder:
                 if eos is not None and eos not in ids[start:]:
                     ids.append(eos)
                     mask.append(1)
-                    if not self.eos_appended_said:
-                        self.eos_appended_said = True
-                        log.warning(
-                            "the chat template does not end an assistant turn with the tokenizer's EOS (id %d): "
-                            "it is appended after each assistant turn, so the model learns to stop", eos,
-                        )  # fmt: skip
+                    self.eos_appended = True
                 done = closed
             else:
                 closed = self.render(messages=messages[: i + 1], add_generation_prompt=False, **self.specials)
@@ -202,16 +200,33 @@ class _SplitWriter:
 
 def build_examples(cfg: DataConfig, source: Source, tokenizer: Any, staging: Path, dtype: type) -> dict[str, Any]:
     """Write each split's examples into ``staging``; return what meta.json records of them."""
-    encoder = ExampleEncoder(cfg, tokenizer)
     bad = BadRecords(cfg.on_bad_record)
     writers = {split: _SplitWriter(staging, split, dtype) for split in ("train", "val")}
     limit = cfg.seq_len + 1
     counts = {"examples": 0, "truncated": 0, "dropped": 0, "targets": 0}
-    for index, (file, where, record) in enumerate(source.records(bad)):
-        encoded = encoder.encode(record, file, where, bad)
-        if encoded is None:
+    progress = Progress(f"examples of {cfg.name}", None, cfg.num_workers)
+    said_eos = False
+
+    def encoded() -> Iterator[tuple[Path, str, tuple[list[int], list[int]] | None]]:
+        nonlocal said_eos
+        for chunk, read_skips, (results, encode_skips, eos_appended) in encoded_chunks(source, cfg, tokenizer):
+            for skipped in (read_skips, encode_skips):
+                bad.count += skipped["count"]
+                bad.first += skipped["first"][: 5 - len(bad.first)]
+            if eos_appended and not said_eos:
+                said_eos = True
+                log.warning(
+                    "the chat template does not end an assistant turn with the tokenizer's EOS (id %d): "
+                    "it is appended after each assistant turn, so the model learns to stop", tokenizer.eos,
+                )  # fmt: skip
+            for (file, where, _), result in zip(chunk, results, strict=True):
+                yield file, where, result
+
+    for index, (file, where, result) in enumerate(encoded()):
+        if result is None:
             continue
-        ids, mask = encoded
+        ids, mask = result
+        progress.advance(tokens=len(ids), items=1)
         if len(ids) > limit:
             if cfg.overlong == "drop":
                 counts["dropped"] += 1
@@ -226,6 +241,7 @@ def build_examples(cfg: DataConfig, source: Source, tokenizer: Any, staging: Pat
         counts["examples"] += 1
         counts["targets"] += sum(mask[1:])
     found = {split: writer.close() for split, writer in writers.items()}
+    progress.finish()
     if cfg.packing == "bfd":
         for split in writers:
             offsets = np.load(staging / f"{split}_offsets.npy")
@@ -237,6 +253,59 @@ def build_examples(cfg: DataConfig, source: Source, tokenizer: Any, staging: Pat
         raise ConfigError("data.paths", cfg.paths, f"{held}; both need one at least (data.val_fraction={cfg.val_fraction})")
     overlong = {k: counts[k] for k in ("truncated", "dropped")}
     return {"examples": found, "overlong": overlong, "targets": counts["targets"], "bad_records": bad.as_dict()}
+
+
+Records = list[tuple[Path, str, dict[str, Any]]]
+
+
+def encoded_chunks(source: Source, cfg: DataConfig, tokenizer: Any) -> Iterator[tuple[Records, dict[str, Any], Any]]:
+    """The records in chunks of ``CHUNK_RECORDS``, each with the records skipped while reading it and
+    its encoding, made in ``data.num_workers`` processes. The same chunks and the same counts for any
+    number of workers; a record that cannot be read (``data.on_bad_record=error``) is raised in its
+    place, after the encoding of the records before it."""
+    held: deque[tuple[Records, dict[str, Any]]] = deque()
+
+    def chunks() -> Iterator[Records | DataError]:
+        reading = BadRecords(cfg.on_bad_record)
+        chunk: Records = []
+
+        def cut() -> Records:
+            nonlocal chunk
+            held.append((chunk, reading.as_dict()))
+            reading.count, reading.first, done, chunk = 0, [], chunk, []
+            return done
+
+        try:
+            for found in source.records(reading):
+                chunk.append(found)
+                if len(chunk) == CHUNK_RECORDS:
+                    yield cut()
+        except DataError as error:
+            if chunk:
+                yield cut()
+            yield error
+            return
+        if chunk or reading.count:
+            yield cut()
+
+    for result in ordered_map(_chunk_encoder, (cfg, tokenizer), chunks(), cfg.num_workers):
+        chunk, read_skips = held.popleft()
+        yield chunk, read_skips, result
+
+
+def _chunk_encoder(cfg: DataConfig, tokenizer: Any) -> Callable[[Records | DataError], Any]:
+    """What encodes a chunk of records in a worker: each one's (ids, mask) or None, the records skipped
+    (``data.on_bad_record=skip``; with ``error`` the first bad one raises), and whether EOS was appended."""
+    encoder = ExampleEncoder(cfg, tokenizer)
+
+    def encode(chunk: Records | DataError) -> tuple[list[Any], dict[str, Any], bool]:
+        if isinstance(chunk, DataError):  # met while reading: raised in its place in the order
+            raise chunk
+        bad = BadRecords(cfg.on_bad_record)
+        results = [encoder.encode(record, file, where, bad) for file, where, record in chunk]
+        return results, bad.as_dict(), encoder.eos_appended
+
+    return encode
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:

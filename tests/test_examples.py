@@ -277,3 +277,42 @@ def test_packed_examples_give_the_logits_each_gives_alone(folder: Path, tmp_path
         packed_loss = cross_entropy(logits, batch)
         alone_loss = cross_entropy(model(unpacked["input_ids"]), unpacked)
     assert float(packed_loss) == pytest.approx(float(alone_loss), rel=1e-5)
+
+
+def cache_files(corpus: object) -> dict[str, bytes]:
+    directory = corpus.directory  # type: ignore[attr-defined]
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_tokenizing_in_worker_processes_gives_the_same_cache_in_order_and_logs_its_progress(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Small batches and chunks: many of them in flight at once, so their order matters.
+    monkeypatch.setattr("fmtrain.data.ENCODE_BATCH_BYTES", 300)
+    monkeypatch.setattr("fmtrain.examples.CHUNK_RECORDS", 4)
+    lines = (folder / "examples.jsonl").read_text().splitlines(keepends=True)
+    lines[9], lines[30] = "not json\n", json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n"
+    (tmp_path / "bad.jsonl").write_text("".join(lines))
+    tokenizer = Tokenizer(folder / "tok" / "tokenizer.json")
+    builds = {
+        "text": {"packing": "concat", "paths": [str(folder / "text.jsonl")], "shard_tokens": 500},
+        "chat": {"packing": "bfd", "paths": [str(tmp_path / "bad.jsonl")], "on_bad_record": "skip"},
+    }
+    for name, settings in builds.items():
+        caches = {}
+        for workers in (1, 3):
+            cfg = config(folder, tmp_path / f"{name}{workers}", num_workers=workers, **settings)
+            with caplog.at_level("INFO", logger="fmtrain"):
+                caches[workers] = cache_files(prepare(cfg, 320, tokenizer))
+            assert re.search(rf"data: tokenized .* in [\d.]+ s: .*, {workers} workers?$", caplog.messages[-1]), caplog.messages
+        assert caches[3] == caches[1], name  # meta.json too: the same counts, the same first bad records
+        assert len(caches[1]) > 3 if name == "text" else json.loads(caches[1]["meta.json"])["bad_records"]["count"] == 2
+    # data.on_bad_record=error: the first bad record in the file is the one named, whatever the workers.
+    for workers in (1, 3):
+        with pytest.raises(DataError, match=r"bad.jsonl, line 10: not JSON"):
+            cfg = config(folder, tmp_path / f"error{workers}", num_workers=workers, paths=[str(tmp_path / "bad.jsonl")])
+            prepare(cfg, 320, tokenizer)
+    # A template that cannot render is its own error before any worker starts, not a broken pool.
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(ConfigError, match=r"data\.chat_template"):
+        prepare(config(folder, tmp_path / "broken", num_workers=2, chat_template=str(tmp_path / "broken.jinja")), 320, tokenizer)

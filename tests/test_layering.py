@@ -25,6 +25,7 @@ LAYERS = [
     ["fmtrain.models.llama_hf"],  # Hugging Face's Llama layout
     ["fmtrain.models.llama", "fmtrain.models.hf_auto", "fmtrain.models.custom", "fmtrain.models.converters"],
     ["fmtrain.models"],  # the model registry: model.arch -> spec
+    ["fmtrain.workpool"],  # tokenizing in worker processes, in order, with a progress line
     ["fmtrain.sources"],  # where text comes from: files, jsonl, parquet, datasets folders, token ids
     ["fmtrain.examples"],  # fine-tuning examples: prompt/completion, chat, target masks
     ["fmtrain.optim", "fmtrain.metrics", "fmtrain.data", "fmtrain.losses", "fmtrain.tokenizer_train"],

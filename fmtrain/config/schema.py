@@ -96,6 +96,9 @@ class DataConfig:
     val_fraction: float = field_in(0.02, gt=0, lt=1)
     max_bytes: int = field_in(64_000_000, gt=0, le=2**50)
     shard_tokens: int = field_in(16_000_000, gt=0, le=2**40)
+    # processes tokenizing while the cache is built (1: this one, with the tokenizer's own threads);
+    # the shards are the same bytes whatever the number, so it is not part of the cache key
+    num_workers: int = field_in(1, gt=0, le=256)
     cache_dir: str = field_in("", path=True)  # "" = cache_root()/data: $FMTRAIN_CACHE/data, else ~/.cache/fmtrain/data
 
 
