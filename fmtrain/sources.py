@@ -237,10 +237,19 @@ class Parquet(Source):
 
 
 class HFDisk(Source):
-    """``data=hf_disk``: a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a
-    ``DatasetDict`` whose ``data.split`` is read), its column ``data.text_field``."""
+    """``data=hf_disk``: a ``datasets`` dataset on this machine, its column ``data.text_field``:
+
+    - a folder ``save_to_disk`` wrote (a ``Dataset``, or a ``DatasetDict`` whose ``data.split`` is read),
+      opened with ``load_from_disk`` (memory-mapped Arrow);
+    - else a folder of data files (``train.jsonl``, ``data/train-*.parquet``, ... as the Hub lays them
+      out) or one such file, read by ``load_dataset`` as a stream (nothing converted or copied), its
+      ``data.split`` as ``datasets`` names a folder's splits. Never the Hub: only local paths.
+    """
 
     name = "hf_disk"
+    LOADERS: ClassVar[dict[str, str]] = {
+        ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow"
+    }  # fmt: skip
 
     def folders(self) -> list[Path]:
         return [Path(os.path.expanduser(p)) for p in self.cfg.paths]
@@ -250,43 +259,85 @@ class HFDisk(Source):
             import datasets
         except ImportError:
             raise ConfigError("data.name", "hf_disk", "needs the datasets package: pip install 'fmtrain[data]'") from None
-        try:
-            found = datasets.load_from_disk(str(folder))
-        except Exception as error:  # datasets' own: not a saved dataset
-            raise DataError(folder, "", f"is not a folder datasets' save_to_disk wrote: {error}") from None
-        if isinstance(found, datasets.DatasetDict):
-            if self.cfg.split not in found:
-                splits = ", ".join(found)
-                raise ConfigError("data.split", self.cfg.split, f"{folder} has the splits {splits}")
-            found = found[self.cfg.split]
+        saved = folder.is_dir() and any((folder / marker).is_file() for marker in ("dataset_dict.json", "state.json"))
+        if saved:
+            try:
+                found = datasets.load_from_disk(str(folder))
+            except Exception as error:  # datasets' own: a damaged save
+                raise DataError(folder, "", f"is not a folder datasets' save_to_disk wrote: {error}") from None
+            if isinstance(found, datasets.DatasetDict):
+                if self.cfg.split not in found:
+                    splits = ", ".join(found)
+                    raise ConfigError("data.split", self.cfg.split, f"{folder} has the splits {splits}")
+                found = found[self.cfg.split]
+            names = found.column_names
+        else:
+            found = self._load(folder, datasets)
+            names = found.column_names or list(next(iter(found), {}))  # csv and text: known once read
         if self.cfg.packing != "concat":
-            example_columns(self.cfg, found.column_names, folder)
-        elif self.cfg.text_field not in found.column_names:
-            names = ", ".join(found.column_names[:20])
-            raise DataError(folder, "", f"has no column {self.cfg.text_field!r} (data.text_field); its columns: {names}")
+            example_columns(self.cfg, names, folder)
+        elif self.cfg.text_field not in names:
+            listed = ", ".join(names[:20])
+            raise DataError(folder, "", f"has no column {self.cfg.text_field!r} (data.text_field); its columns: {listed}")
         return found
+
+    def _load(self, path: Path, datasets: Any) -> Any:
+        """``load_dataset`` over a local folder of data files, or one file, streamed."""
+        from fmtrain.config import cache_root
+
+        if path.is_file():
+            if path.suffix not in self.LOADERS:
+                kinds = ", ".join(self.LOADERS)
+                raise ConfigError("data.paths", str(path), f"data=hf_disk reads a datasets folder or a data file ({kinds})")
+            args, files = (self.LOADERS[path.suffix],), {"data_files": [str(path)]}
+        else:
+            args, files = (str(path),), {}
+        try:
+            return datasets.load_dataset(
+                *args, **files, split=self.cfg.split, streaming=True, cache_dir=str(cache_root() / "hf_datasets")
+            )
+        except ValueError as error:
+            if "split" in str(error).lower():  # "Bad split: test. Available splits: ['train']"
+                raise ConfigError("data.split", self.cfg.split, f"{path}: {error}") from None
+            raise DataError(path, "", f"datasets.load_dataset cannot read it: {error}") from None
+        except Exception as error:  # datasets' own: no data files, files it cannot parse
+            raise DataError(path, "", f"datasets.load_dataset cannot read it: {type(error).__name__}: {error}") from None
+
+    def _batches(self, folder: Path, columns: list[str]) -> Iterator[dict[str, list[Any]]]:
+        """The columns a batch of rows at a time; a file that breaks mid-way is named, not a traceback."""
+        rows = 0
+        try:
+            for batch in self._open(folder).select_columns(columns).iter(batch_size=BATCH_ROWS):
+                yield batch
+                rows += len(batch[columns[0]])
+        except (DataError, ConfigError):
+            raise
+        except Exception as error:  # datasets' or pyarrow's: a malformed line in a streamed data file
+            raise DataError(folder, f"after row {rows}", f"cannot be read: {type(error).__name__}: {error}") from None
 
     def records(self, bad: BadRecords) -> Iterator[tuple[Path, str, dict[str, Any]]]:
         for folder in self.folders():
             found = self._open(folder)
-            columns = example_columns(self.cfg, found.column_names, folder)
+            columns = example_columns(self.cfg, found.column_names or list(next(iter(found), {})), folder)
             row = 0
-            for batch in found.select_columns(columns).iter(batch_size=BATCH_ROWS):
+            for batch in self._batches(folder, columns):
                 for values in zip(*(batch[c] for c in columns), strict=True):
                     yield folder, f"row {row}", dict(zip(columns, values, strict=True))
                     row += 1
 
     def check(self) -> None:
         for folder in self.folders():
-            if not folder.is_dir():
-                raise ConfigError("data.paths", str(folder), "data=hf_disk reads folders that datasets' save_to_disk wrote")
+            if not folder.exists():
+                raise ConfigError(
+                    "data.paths", str(folder), "data=hf_disk reads folders datasets' save_to_disk wrote, or data files"
+                )
             self._open(folder)
 
     def documents(self, bad: BadRecords) -> Iterator[bytes]:
         key = self.cfg.text_field
         for folder in self.folders():
             row = 0
-            for batch in self._open(folder).select_columns([key]).iter(batch_size=BATCH_ROWS):
+            for batch in self._batches(folder, [key]):
                 for value in batch[key]:
                     if (text := _text(value, folder, f"row {row}", key, bad)) is not None:
                         yield text

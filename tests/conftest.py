@@ -157,6 +157,19 @@ def write_source(kind: str, folder: Path, documents: list[str], tokenizer: Any =
         path = folder / "saved"
         datasets.Dataset.from_dict({"text": documents}).save_to_disk(str(path))
         return path
+    if kind == "hf_files":  # data=hf_disk over a folder of data files, as the Hub lays them out, two splits
+        half = len(documents) // 2
+        for name, part in (("train-00000", documents[:half]), ("train-00001", documents[half:]), ("test", ["held out"])):
+            (folder / "files" / f"{name}.jsonl").parent.mkdir(exist_ok=True)
+            (folder / "files" / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+        return folder / "files"
+    if kind == "hf_csv":  # data=hf_disk over one data file
+        import csv
+
+        path = folder / "docs.csv"
+        with open(path, "w", newline="") as out:
+            csv.writer(out).writerows([["text", "id"], *([d, i] for i, d in enumerate(documents))])
+        return path
     if kind == "tokens":
         from fmtrain.data import Tokenizer
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [
     f"Document {i}: " + "naïve café ☕ résumé, straße\n" * (i % 4 + 1) + f"def f(x):\n    return x * {i}\n" for i in range(80)
 ]
-KINDS = ["text_files", "jsonl", "parquet", "hf_disk", "tokens"]
+KINDS = ["text_files", "jsonl", "parquet", "hf_disk", "hf_files", "hf_csv", "tokens"]  # hf_*: data=hf_disk's load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def test_every_source_holding_the_same_text_gives_the_same_token_stream(tokenize
     streams = {}
     for kind in KINDS:
         path = write_source(kind, tmp_path / kind, DOCS, tokenizer)
-        cfg = DataConfig(name=kind, paths=[str(path)], cache_dir=str(tmp_path / "cache"), val_fraction=0.1, shard_tokens=1000)
+        name = "hf_disk" if kind.startswith("hf_") else kind
+        cfg = DataConfig(name=name, paths=[str(path)], cache_dir=str(tmp_path / "cache"), val_fraction=0.1, shard_tokens=1000)
         streams[kind] = stream(cfg, vocab, tokenizer)
     reference = streams["text_files"]
     expected = tokenizer.encode([d.encode() for d in DOCS])
@@ -168,10 +169,27 @@ def test_bad_datasets_folders_and_token_files(tmp_path: Path) -> None:
         source_of(DataConfig(name="hf_disk", paths=[str(tmp_path / "dd")], split="test")).check()
     with pytest.raises(DataError, match=r"dd: has no column 'text' \(data.text_field\); its columns: content"):
         source_of(DataConfig(name="hf_disk", paths=[str(tmp_path / "dd")])).check()
-    (tmp_path / "plain").mkdir()
-    (tmp_path / "plain" / "a.txt").write_text("x")
-    with pytest.raises(DataError, match="is not a folder datasets' save_to_disk wrote"):
-        source_of(DataConfig(name="hf_disk", paths=[str(tmp_path / "plain")])).check()
+    (tmp_path / "dd" / "dataset_dict.json").write_text("{not json")
+    with pytest.raises(DataError, match="dd: is not a folder datasets' save_to_disk wrote"):
+        source_of(DataConfig(name="hf_disk", paths=[str(tmp_path / "dd")])).check()
+    # Folders of data files and single files go through load_dataset, locally: its errors are named too.
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "a.bin").write_bytes(b"\x00\x01")
+    with pytest.raises(DataError, match=r"blobs: datasets.load_dataset cannot read it"):
+        source_of(DataConfig(name="hf_disk", paths=[str(tmp_path / "blobs")])).check()
+    np.zeros(2, np.uint8).tofile(tmp_path / "odd.bin")
+    with pytest.raises(ConfigError, match=r"data.paths='.*odd.bin' is invalid: data=hf_disk reads a datasets folder or a data"):
+        source_of(DataConfig(name="hf_disk", paths=[str(tmp_path / "odd.bin")])).check()
+    files = write_source("hf_files", tmp_path / "hub", ["a", "b"])
+    with pytest.raises(ConfigError, match=r"data.split='validation' is invalid: .*files: Bad split: .*splits: .*train.*test"):
+        source_of(DataConfig(name="hf_disk", paths=[str(files)], split="validation")).check()
+    held_out = prepare(
+        DataConfig(name="hf_disk", paths=[str(files)], split="test", cache_dir=str(tmp_path / "c1"), val_fraction=0.5), 256
+    )
+    assert held_out.meta["tokens"] == len("held out")  # the test split's one document, not the train split's
+    (files / "train-00001.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"files, after row \d+: cannot be read"):
+        prepare(DataConfig(name="hf_disk", paths=[str(files)], cache_dir=str(tmp_path / "c1")), 256)
 
     np.array([1, 2, 3], dtype=np.uint16).tofile(tmp_path / "odd.bin")
     with pytest.raises(DataError, match=r"6 bytes is not a whole number of uint32 ids: is data.dtype right\?"):
