@@ -155,6 +155,17 @@ class Tokenizer:
             return [int(i) for i in self._sp.encode(text)]
         return list(self._hf.encode(text, add_special_tokens=False).ids)
 
+    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of a whole text, adding no special token (a rendered chat: special tokens written in it
+        are read as such by a tokenizer.json), and the characters of ``text`` each token covers."""
+        if self.file is not None and not self.sentencepiece:
+            encoding = self._hf.encode(text, add_special_tokens=False)
+            return list(encoding.ids), [(int(a), int(b)) for a, b in encoding.offsets]
+        if self.file is None:  # a token a byte
+            return list(text.encode("utf-8")), [(i, i + 1) for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8")))]
+        found = self._sp.encode(text, return_type="offset_mapping")  # characters (sentencepiece >= 0.2.3)
+        return [int(i) for i in found["ids"]], [(int(a), int(b)) for a, b in found["offsets"]]
+
     def _token_text(self, name: str) -> str | None:
         token = self._settings.get(name)
         token = token.get("content") if isinstance(token, dict) else token

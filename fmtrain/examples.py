@@ -11,6 +11,11 @@ and a batch is examples padded to ``seq_len + 1``, with ``loss_mask`` 0 on the p
 ``data.train_on_prompt``) and on padding. The sampler is :class:`~fmtrain.data.GlobalBatches` over
 examples instead of windows: one number of state, exact resume on any world size.
 
+A conversation is rendered whole with the template and tokenized at once, so its ids are those
+transformers' ``apply_chat_template`` gives (a SentencePiece model marks word starts where the text
+has them, not at every turn); a token is a target where it holds characters of an assistant turn.
+A prompt and its completion are tokenized apart: the prompt's ids are those it has alone at inference.
+
 EOS: a completion ends with the tokenizer's own end-of-sequence id. A chat template whose assistant
 turns do not end with it (chatml's ``<|im_end|>`` beside an ``<|endoftext|>`` EOS) gets the EOS
 appended after each assistant turn, said once in the log, so a fine-tuned model stops where its
@@ -102,36 +107,42 @@ class ExampleEncoder:
         return head + tail, [0] * len(head) + [1] * len(tail)
 
     def _messages(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
-        ids: list[int] = []
-        mask: list[int] = []
+        """The whole conversation rendered, then tokenized at once (the ids transformers'
+        ``apply_chat_template`` gives), each token a target where it holds characters of an assistant
+        turn: what the template adds after the generation prompt, up to the end of that turn."""
+        spans: list[tuple[int, int]] = []  # the characters of each assistant turn
         done = ""
-        eos = self.tokenizer.eos
-
-        def add(text: str, target: int) -> None:
-            piece = self._piece(text)
-            ids.extend(piece)
-            mask.extend([target] * len(piece))
-
         for i, message in enumerate(messages):
+            closed = self.render(messages=messages[: i + 1], add_generation_prompt=False, **self.specials)
             if message["role"] == "assistant":
                 opened = self.render(messages=messages[:i], add_generation_prompt=True, **self.specials)
-                closed = self.render(messages=messages[: i + 1], add_generation_prompt=False, **self.specials)
                 if not opened.startswith(done) or not closed.startswith(opened):
                     raise ConfigError("data.chat_template", self.cfg.chat_template, NOT_PREFIXES)
-                add(opened[len(done) :], 0)
-                start = len(ids)
-                add(closed[len(opened) :], 1)
-                if eos is not None and eos not in ids[start:]:
-                    ids.append(eos)
-                    mask.append(1)
-                    self.eos_appended = True
-                done = closed
-            else:
-                closed = self.render(messages=messages[: i + 1], add_generation_prompt=False, **self.specials)
-                if not closed.startswith(done):
-                    raise ConfigError("data.chat_template", self.cfg.chat_template, NOT_PREFIXES)
-                add(closed[len(done) :], 0)
-                done = closed
+                spans.append((len(opened), len(closed)))
+            elif not closed.startswith(done):
+                raise ConfigError("data.chat_template", self.cfg.chat_template, NOT_PREFIXES)
+            done = closed
+        tokens, offsets = self.tokenizer.encode_spans(done)
+        ids: list[int] = []
+        mask: list[int] = []
+        eos = self.tokenizer.eos
+        at = 0
+        for begin, end in spans:
+            while at < len(tokens) and offsets[at][1] <= begin:  # before the turn (a token across its start is in it)
+                ids.append(tokens[at])
+                mask.append(0)
+                at += 1
+            first = len(ids)
+            while at < len(tokens) and offsets[at][0] < end:
+                ids.append(tokens[at])
+                mask.append(1)
+                at += 1
+            if eos is not None and eos not in ids[first:]:  # the turn ends without the tokenizer's EOS
+                ids.append(eos)
+                mask.append(1)
+                self.eos_appended = True
+        ids += tokens[at:]
+        mask += [0] * (len(tokens) - at)
         return ids, mask
 
     def encode(self, record: dict[str, Any], file: Path, where: str, bad: BadRecords) -> tuple[list[int], list[int]] | None:

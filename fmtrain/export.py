@@ -24,6 +24,7 @@ logits differ by more than 1e-4, is an error, not a file left behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -278,12 +279,14 @@ def _write_tokenizer(out: Path, run_cfg: TrainConfig) -> dict[str, Any]:
         raise ExportError(f"the run's tokenizer cannot be read: {error}") from None
     if tokenizer.file is None:
         _write_byte_tokenizer(out)
+        _write_chat_template(out, run_cfg, None)
         ids: dict[str, Any] = {"bos_token_id": None, "eos_token_id": None}  # the byte tokenizer has neither
     else:
         shutil.copyfile(tokenizer.file, out / ("tokenizer.model" if tokenizer.sentencepiece else "tokenizer.json"))
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (tokenizer.file.parent / name).is_file():
                 shutil.copyfile(tokenizer.file.parent / name, out / name)
+        _write_chat_template(out, run_cfg, tokenizer.file.parent)
         source = json_or_empty(Path(run_cfg.model.path) / "config.json") if run_cfg.model.path else {}
         ids = {"bos_token_id": source.get("bos_token_id"), "eos_token_id": tokenizer.eos}
     generation = Path(run_cfg.model.path) / "generation_config.json" if run_cfg.model.path else None
@@ -292,6 +295,22 @@ def _write_tokenizer(out: Path, run_cfg: TrainConfig) -> dict[str, Any]:
     else:
         (out / "generation_config.json").write_text(json.dumps(ids, indent=1) + "\n")
     return ids
+
+
+def _write_chat_template(out: Path, run_cfg: TrainConfig, folder: Path | None) -> None:
+    """A run fine-tuned on examples rendered chats with ``data.chat_template``: chatml, a file, or (auto)
+    the tokenizer folder's own, else chatml. Where that is not the folder's own template, it goes beside
+    the model as ``chat_template.jinja`` (which transformers reads before tokenizer_config.json's), so
+    ``apply_chat_template`` renders what the model was trained on."""
+    if run_cfg.data.packing == "concat":
+        return
+    from fmtrain.examples import chat_template_text
+
+    used = chat_template_text(run_cfg.data, folder)
+    settings = json_or_empty(folder / "tokenizer_config.json") if folder is not None else {}
+    own = folder is not None and ((folder / "chat_template.jinja").is_file() or isinstance(settings.get("chat_template"), str))
+    if not own or used != chat_template_text(dataclasses.replace(run_cfg.data, chat_template="auto"), folder):
+        (out / "chat_template.jinja").write_text(used)
 
 
 def _write_byte_tokenizer(out: Path) -> None:

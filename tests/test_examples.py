@@ -187,8 +187,8 @@ def test_the_loss_weighs_every_answer_token_alike_whatever_the_micro_batches_and
 ) -> None:
     runs = {
         "whole": ["trainer.micro_batch_size=8"],
-        "accumulated": ["trainer.micro_batch_size=2"],  # 4 micro-batches of unequal answer lengths
-        "two ranks": ["launcher.nproc=2", "trainer.micro_batch_size=2"],
+        # 2 ranks x 4 micro-batches of one example each: unequal answer lengths in every one
+        "accumulated on two ranks": ["launcher.nproc=2", "trainer.micro_batch_size=1"],
     }
     losses = {}
     for name, extra in runs.items():
@@ -196,21 +196,17 @@ def test_the_loss_weighs_every_answer_token_alike_whatever_the_micro_batches_and
         assert result.returncode == 0, result.stderr
         losses[name] = train_losses(tmp_path / name)
     shown = re.search(rf"data.packing={packing}: (\d+) rows of 49, ([\d.]+)% real tokens", result.stderr + result.stdout)
-    share = json.loads((tmp_path / "two ranks" / "metrics.jsonl").read_text().splitlines()[0])["data_real_token_share"]
+    share = json.loads((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()[0])["data_real_token_share"]
     assert shown and share == pytest.approx(float(shown.group(2)) / 100, abs=1e-3)
     assert shown and (int(shown.group(1)) == 60 if packing == "none" else int(shown.group(1)) < 60), shown
-    for name in ("accumulated", "two ranks"):
-        for step, loss in losses["whole"].items():
-            assert losses[name][step] == pytest.approx(loss, rel=1e-5), (name, step)
+    for step, loss in losses["whole"].items():
+        assert losses["accumulated on two ranks"][step] == pytest.approx(loss, rel=1e-5), step
 
 
-@pytest.mark.parametrize("packing", ["none", "bfd"])
-def test_chat_examples_killed_on_two_ranks_resume_exactly_on_one(
-    packing: str, folder: Path, tmp_path: Path, cache_dir: Path
-) -> None:
+def test_packed_chat_examples_killed_on_two_ranks_resume_exactly_on_one(folder: Path, tmp_path: Path, cache_dir: Path) -> None:
     from test_train import wait_for
 
-    common = ["trainer.max_steps=24", "checkpoint.interval=8", f"data.packing={packing}"]
+    common = ["trainer.max_steps=24", "checkpoint.interval=8", "data.packing=bfd"]  # none: the same sampler, one example a row
     reference = fmtrain(run_args(folder, tmp_path / "ref", "launcher.nproc=2", *common), cache_dir)
     assert reference.returncode == 0, reference.stderr
     run_dir = tmp_path / "killed"
@@ -316,3 +312,76 @@ def test_tokenizing_in_worker_processes_gives_the_same_cache_in_order_and_logs_i
     (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content }")
     with pytest.raises(ConfigError, match=r"data\.chat_template"):
         prepare(config(folder, tmp_path / "broken", num_workers=2, chat_template=str(tmp_path / "broken.jinja")), 320, tokenizer)
+
+
+def test_a_chat_fine_tune_exports_its_template_and_transformers_renders_the_ids_it_trained_on(
+    folder: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    import transformers
+
+    template = tmp_path / "plain.jinja"  # not the tokenizer folder's chatml: data.chat_template names it
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    run_dir = tmp_path / "run"
+    args = run_args(folder, run_dir, "trainer.max_steps=2", f"data.chat_template={template}", packing="bfd")
+    trained = fmtrain(args, cache_dir)
+    assert trained.returncode == 0, trained.stderr
+    exported = fmtrain(["export", str(run_dir)], cache_dir)
+    assert exported.returncode == 0, exported.stderr
+    out = Path(exported.stdout.strip().splitlines()[-1])
+    assert (out / "chat_template.jinja").read_text() == template.read_text()
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    tokenizer = Tokenizer(folder / "tok" / "tokenizer.json")
+    eos = tokenizer.eos
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == eos == theirs.eos_token_id
+    cfg = config(folder, tmp_path, packing="none", chat_template=str(template))
+    corpus = prepare(cfg, 320, tokenizer)
+    chat = [r for r in records() if "messages" in r][1]  # no system turn: within SEQ whole
+    expected = theirs.apply_chat_template(chat["messages"], tokenize=True)
+    expected = list(expected["input_ids"]) if "input_ids" in expected else list(expected)
+    ours = [
+        shards.ids[shards.offsets[i] : shards.offsets[i + 1]].tolist()
+        for shards in (corpus.train, corpus.val)
+        for i in range(shards.num_windows(SEQ))
+    ]
+    # What fmtrain trained on is what the exported tokenizer renders, but for the EOS it adds after each
+    # assistant turn (this template ends none with it): the exported model learnt to stop there.
+    assert _without(expected, eos) == expected and any(_without(o, eos) == expected for o in ours)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.eos_token_id == eos and json.loads((out / "verification.json").read_text())["max_abs_logit_diff"] < 1e-5
+
+
+def test_a_chat_is_tokenized_whole_so_sentencepiece_sees_the_text_transformers_would(tmp_path: Path) -> None:
+    import sentencepiece
+    from test_pretrained import save_sentencepiece
+
+    from fmtrain.examples import ExampleEncoder
+    from fmtrain.sources import BadRecords
+
+    save_sentencepiece(tmp_path / "sp", vocab_size=400)
+    template = tmp_path / "plain.jinja"  # turns meet mid-line: "assistant: " then the answer
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    tokenizer = Tokenizer(tmp_path / "sp" / "tokenizer.model")
+    encoder = ExampleEncoder(DataConfig(packing="none", chat_template=str(template)), tokenizer)
+    messages = [
+        {"role": "user", "content": "Is x odd?"},
+        {"role": "assistant", "content": "Yes, it is."},
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "Quite."},
+    ]
+    encoded = encoder.encode({"messages": messages}, tmp_path / "chats.jsonl", "line 1", BadRecords())
+    assert encoded is not None
+    ids, mask = encoded
+    rendered = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp" / "tokenizer.model"))
+    eos = tokenizer.eos
+    # One rendering, one encoding: SentencePiece's word-start marks where the text has them, not one more a turn.
+    assert _without(ids, eos) == sp.encode(rendered) and ids.count(eos) == 2
+    targets = sp.decode([i for i, m in zip(ids, mask, strict=True) if m and i != eos])
+    assert "Yes, it is." in targets and "Quite." in targets and "odd" not in targets and "Sure" not in targets
+    assert [i for i, m in zip(ids, mask, strict=True) if m and i == eos] == [eos, eos]  # each assistant turn ends with EOS
