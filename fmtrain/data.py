@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from fmtrain.config import ConfigError, DataConfig, TrainConfig, cache_root
-from fmtrain.examples import ExampleShards, PackedShards, build_examples
+from fmtrain.examples import EXAMPLES_FORMAT, ExampleShards, PackedShards, build_examples
 from fmtrain.sources import BadRecords, DataError, Source, mix_components, source_of
 from fmtrain.workpool import Progress, ordered_map
 
@@ -244,7 +244,7 @@ def _cache_key(cfg: DataConfig, files: list[Path], vocab_size: int, tokenizer: T
     if cfg.packing != "concat":  # examples: truncated to seq_len, rendered with the chat template
         template = Path(cfg.chat_template).expanduser()
         template_key = hashlib.sha256(template.read_bytes()).hexdigest()[:16] if template.is_file() else cfg.chat_template
-        settings += [cfg.packing, cfg.seq_len, cfg.train_on_prompt, cfg.overlong, template_key, tokenizer.pad]
+        settings += [cfg.packing, cfg.seq_len, cfg.train_on_prompt, cfg.overlong, template_key, tokenizer.pad, EXAMPLES_FORMAT]
     digest.update(json.dumps(settings).encode())
     for path in files:
         stat = path.stat()

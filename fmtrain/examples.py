@@ -46,6 +46,7 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 ROLES = ("system", "user", "assistant", "tool")
+EXAMPLES_FORMAT = 2  # in the cache key: 2, chats tokenized whole (1 tokenized them a turn at a time)
 CHUNK_RECORDS = 256  # records encoded at once (by one worker)
 NOT_PREFIXES = "does not render a conversation's first turns as the start of the whole (each turn's mask needs it)"
 
