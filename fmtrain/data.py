@@ -269,13 +269,17 @@ def _write_stream(source: Source, tokenizer: Tokenizer, out: Any, dtype: type, c
                 out.write(chunk.astype(dtype).tobytes())
         return bad
 
+    utf8 = tokenizer.file is not None
+
     def batches() -> Iterator[tuple[list[bytes], bool, int]]:
         batch: list[bytes] = []
         total, pending, first = 0, 0, True
-        for document in source.documents(bad):
+        for document in source.documents(bad, utf8=utf8):
             if total >= cfg.max_bytes:
                 break
-            document = document[: cfg.max_bytes - total]
+            if len(document) > cfg.max_bytes - total:  # cut at data.max_bytes, on a character's boundary for a tokenizer
+                document = document[: cfg.max_bytes - total]
+                document = document.decode("utf-8", errors="ignore").encode("utf-8") if utf8 else document
             total += len(document) + 1
             batch.append(document)
             pending += len(document)

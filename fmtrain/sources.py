@@ -87,7 +87,9 @@ class Source:
         if not self.files():
             raise ConfigError("data.paths", self.cfg.paths, "matches no file")
 
-    def documents(self, bad: BadRecords) -> Iterator[bytes]:
+    def documents(self, bad: BadRecords, utf8: bool = False) -> Iterator[bytes]:
+        """Each document's bytes; ``utf8``: only valid UTF-8 (what a tokenizer reads; the other sources'
+        are text already, text files are checked)."""
         raise NotImplementedError
 
     def records(self, bad: BadRecords) -> Iterator[tuple[Path, str, dict[str, Any]]]:
@@ -113,9 +115,16 @@ class TextFiles(Source):
             files += [Path(root, n) for n in names if n.endswith(".py")]
         return sorted(files)
 
-    def documents(self, bad: BadRecords) -> Iterator[bytes]:
+    def documents(self, bad: BadRecords, utf8: bool = False) -> Iterator[bytes]:
         for path in self.files():
-            yield path.read_bytes()
+            document = path.read_bytes()
+            if utf8 and self.cfg.name == "text_files":  # data=stdlib: a few of Python's own test files are latin-1, read as is
+                try:
+                    document.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    bad(path, f"byte {error.start}", "not UTF-8, which a tokenizer reads (data.tokenizer=bytes reads any bytes)")
+                    continue
+            yield document
 
 
 def _text(value: object, file: Path, where: str, text_field: str, bad: BadRecords) -> bytes | None:
@@ -171,7 +180,7 @@ class Jsonl(Source):
                         continue
                     yield path, where, record
 
-    def documents(self, bad: BadRecords) -> Iterator[bytes]:
+    def documents(self, bad: BadRecords, utf8: bool = False) -> Iterator[bytes]:
         key = self.cfg.text_field
         for path, where, record in self.records(bad):
             if key not in record:
@@ -225,7 +234,7 @@ class Parquet(Source):
         for path in self.files():
             self._open(path)
 
-    def documents(self, bad: BadRecords) -> Iterator[bytes]:
+    def documents(self, bad: BadRecords, utf8: bool = False) -> Iterator[bytes]:
         key = self.cfg.text_field
         for path in self.files():
             row = 0
@@ -333,7 +342,7 @@ class HFDisk(Source):
                 )
             self._open(folder)
 
-    def documents(self, bad: BadRecords) -> Iterator[bytes]:
+    def documents(self, bad: BadRecords, utf8: bool = False) -> Iterator[bytes]:
         key = self.cfg.text_field
         for folder in self.folders():
             row = 0

@@ -32,13 +32,13 @@ def _texts(cfg: DataConfig, bad: BadRecords, counts: dict[str, int]) -> Iterator
     source = source_of(cfg)
     if source.kind != "text":
         raise ConfigError("data.name", cfg.name, "holds token ids already; train a tokenizer on text (jsonl, parquet, ...)")
-    for document in source.documents(bad):
+    for document in source.documents(bad, utf8=True):
         if counts["bytes"] >= cfg.max_bytes:
             return
         document = document[: cfg.max_bytes - counts["bytes"]]
         counts["bytes"] += len(document) + 1
         counts["documents"] += 1
-        yield document.decode("utf-8", errors="replace")
+        yield document.decode("utf-8", errors="ignore")  # whole characters: only a cut at data.max_bytes splits one
 
 
 def train_tokenizer(cfg: DataConfig, vocab_size: int, out: Path, min_frequency: int = 2) -> dict[str, Any]:

@@ -129,6 +129,18 @@ def test_a_bad_jsonl_record_is_named_or_skipped_and_counted(line: bytes, problem
     assert stream(DataConfig(**{**cfg.__dict__, "on_bad_record": "skip"}), 256, Tokenizer()) == reference
 
 
+def test_a_text_file_that_is_not_utf8_is_named_for_a_tokenizer_and_read_as_bytes_without(bpe: Path, tmp_path: Path) -> None:
+    write_source("text_files", tmp_path, DOCS[:6])
+    (tmp_path / "text" / "doc_0003.txt").write_bytes("Grüße aus Köln\n".encode("latin-1"))
+    cfg = DataConfig(name="text_files", paths=[str(tmp_path / "text")], cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
+    tokenizer = Tokenizer(bpe / "tokenizer.json")
+    with pytest.raises(DataError, match=r"doc_0003.txt, byte 2: not UTF-8, which a tokenizer reads"):
+        prepare(cfg, 300, tokenizer)
+    skipped = prepare(DataConfig(**{**cfg.__dict__, "on_bad_record": "skip"}), 300, tokenizer)
+    assert skipped.meta["bad_records"]["count"] == 1
+    assert prepare(cfg, 256).meta["tokens"] == sum(p.stat().st_size + 1 for p in (tmp_path / "text").iterdir()) - 1  # bytes
+
+
 def test_bad_parquet_rows_and_files(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
