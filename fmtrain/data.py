@@ -465,19 +465,30 @@ class Mixture:
     parts: list[Corpus]
     weights: list[float]
 
-    @cached_property
-    def train(self) -> TokenShards:
-        return TokenShards([f for part in self.parts for f in part.files("train")], self.parts[0].meta["dtype"])
+    def split(self, name: str) -> TokenShards | ConcatShards:
+        if "examples" in self.parts[0].meta:  # fine-tuning examples (data.packing none or bfd), one set a source
+            return ConcatShards([part.split(name) for part in self.parts])
+        return TokenShards([f for part in self.parts for f in part.files(name)], self.parts[0].meta["dtype"])
 
     @cached_property
-    def val(self) -> TokenShards:
-        return TokenShards([f for part in self.parts for f in part.files("val")], self.parts[0].meta["dtype"])
+    def train(self) -> TokenShards | ConcatShards:
+        return self.split("train")
+
+    @cached_property
+    def val(self) -> TokenShards | ConcatShards:
+        return self.split("val")
 
     @property
     def meta(self) -> dict[str, Any]:
-        bad = [part.meta.get("bad_records", {"count": 0, "first": []}) for part in self.parts]
+        metas = [part.meta for part in self.parts]
+        bad = [meta.get("bad_records", {"count": 0, "first": []}) for meta in metas]
         first = [line for b in bad for line in b["first"]][:5]
-        return {"bad_records": {"count": sum(b["count"] for b in bad), "first": first}, "parts": [p.meta for p in self.parts]}
+        found = {"bad_records": {"count": sum(b["count"] for b in bad), "first": first}, "parts": metas}
+        if "examples" in metas[0]:  # what the log reports of fine-tuning examples, over all sources
+            found["examples"] = {split: sum(m["examples"][split] for m in metas) for split in ("train", "val")}
+            found["overlong"] = {kind: sum(m["overlong"][kind] for m in metas) for kind in ("truncated", "dropped")}
+            found["targets"] = sum(m["targets"] for m in metas)
+        return found
 
     def _windows(self, split: str, seq_len: int) -> list[int]:
         counts = [getattr(part, split).num_windows(seq_len) for part in self.parts]
@@ -499,6 +510,40 @@ class Mixture:
             ids += [offset + (i * stride) % available for i in range(share)]
             offset += available
         return ids
+
+
+class ConcatShards:
+    """Several sources' fine-tuning examples as one split (data=mix with data.packing none or bfd):
+    window ``i`` is part ``k``'s window ``i - start_k``, as :class:`TokenShards` lays out token files."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(part.num_tokens for part in self.parts)
+
+    def num_windows(self, seq_len: int) -> int:
+        return sum(part.num_windows(seq_len) for part in self.parts)
+
+    def batch(self, indices: list[int], seq_len: int) -> dict[str, torch.Tensor]:
+        ends = np.cumsum([part.num_windows(seq_len) for part in self.parts])
+        owner = np.searchsorted(ends, indices, side="right")
+        rows: dict[int, list[int]] = {}
+        for row, k in enumerate(owner.tolist()):
+            rows.setdefault(k, []).append(row)
+        out: dict[str, torch.Tensor] = {}
+        for k, where in rows.items():
+            start = int(ends[k - 1]) if k else 0
+            part = self.parts[k].batch([indices[row] - start for row in where], seq_len)
+            for key, value in part.items():
+                if key not in out:
+                    out[key] = value.new_empty((len(indices), *value.shape[1:]))
+                out[key][where] = value
+        return out
+
+
+Shards = TokenShards | ExampleShards | ConcatShards  # what a sampler draws windows (or examples, or rows) from
 
 
 def quotas(weights: list[float], total: int) -> list[int]:
@@ -542,7 +587,7 @@ def prepare(cfg: DataConfig, vocab_size: int, tokenizer: Tokenizer = Tokenizer()
 class GlobalBatches:
     """Deterministic global batches over a split: a fresh seeded permutation every epoch."""
 
-    def __init__(self, shards: TokenShards | ExampleShards, seq_len: int, seed: int) -> None:
+    def __init__(self, shards: Shards, seq_len: int, seed: int) -> None:
         self.shards, self.seq_len, self.seed = shards, seq_len, seed
         self.num_windows = shards.num_windows(seq_len)
         if self.num_windows < 1:
@@ -573,7 +618,7 @@ class MixedBatches(GlobalBatches):
 
     BLOCK = 1024
 
-    def __init__(self, shards: TokenShards, seq_len: int, seed: int, counts: list[int], weights: list[float]) -> None:
+    def __init__(self, shards: Shards, seq_len: int, seed: int, counts: list[int], weights: list[float]) -> None:
         self.shards, self.seq_len, self.seed = shards, seq_len, seed
         self.num_windows = sum(counts)
         self.counts, self.offsets = counts, np.cumsum([0, *counts[:-1]]).tolist()

@@ -71,11 +71,7 @@ def validate_data(d: DataConfig) -> None:
     _choice("data.name", d.name, tuple(SOURCES))
     if d.chat_template not in ("auto", "chatml") and not Path(d.chat_template).expanduser().is_file():
         raise ConfigError("data.chat_template", d.chat_template, "must be auto, chatml or a Jinja template file")
-    if d.name == "mix":
-        if d.packing != "concat":
-            raise ConfigError(
-                "data.packing", d.packing, "data=mix mixes documents: data.packing=concat (examples of one source for now)"
-            )
+    if d.name == "mix":  # each entry a source of its own, with the run's data.packing
         for component, _ in mix_components(d):
             validate_data(component)
         return

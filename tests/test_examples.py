@@ -385,3 +385,45 @@ def test_a_chat_is_tokenized_whole_so_sentencepiece_sees_the_text_transformers_w
     targets = sp.decode([i for i, m in zip(ids, mask, strict=True) if m and i != eos])
     assert "Yes, it is." in targets and "Quite." in targets and "odd" not in targets and "Sure" not in targets
     assert [i for i, m in zip(ids, mask, strict=True) if m and i == eos] == [eos, eos]  # each assistant turn ends with EOS
+
+
+@pytest.mark.parametrize("packing", ["none", "bfd"])
+def test_a_mixture_of_chat_and_prompt_completion_sources_draws_each_by_weight(
+    packing: str, folder: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fmtrain.data import MixedBatches, Mixture
+
+    rows = [{"prompt": f"Twice {i}? ", "completion": f"{2 * i}."} for i in range(40)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sums.parquet")
+    entries = [
+        {"name": "jsonl", "paths": [str(folder / "examples.jsonl")], "weight": 3},
+        {"name": "parquet", "paths": [str(tmp_path / "sums.parquet")], "weight": 1},
+    ]
+    tokenizer = Tokenizer(folder / "tok" / "tokenizer.json")
+    mixture = prepare(config(folder, tmp_path, name="mix", paths=[], mix=entries, packing=packing), 320, tokenizer)
+    assert isinstance(mixture, Mixture)
+    alone = [prepare(config(folder, tmp_path, **{k: v for k, v in e.items() if k != "weight"}, packing=packing), 320, tokenizer)
+             for e in entries]  # fmt: skip
+    sampler = mixture.sampler(SEQ, seed=5)
+    assert isinstance(sampler, MixedBatches)
+    counts = [part.train.num_windows(SEQ) for part in alone]
+    drawn = [sampler._window_of(g) for g in range(MixedBatches.BLOCK)]
+    assert sum(w >= counts[0] for w in drawn) == MixedBatches.BLOCK // 4  # weights 3:1, exactly per block
+    # A batch of the mixture holds each source's own rows: the same tensors its source alone gives.
+    batch = mixture.train.batch(drawn[:16], SEQ)
+    for row, window in enumerate(drawn[:16]):
+        k, local = (0, window) if window < counts[0] else (1, window - counts[0])
+        own = alone[k].train.batch([local], SEQ)
+        assert own.keys() == batch.keys() and all(torch.equal(batch[key][row], own[key][0]) for key in own), row
+    assert mixture.meta["examples"]["train"] == sum(part.meta["examples"]["train"] for part in alone)
+    # End to end, with the examples counted over both sources in the log.
+    mix = ", ".join(f"{{name: {e['name']}, paths: [{e['paths'][0]}], weight: {e['weight']}}}" for e in entries)
+    data = ["data=mix", f"data.mix=[{mix}]", f"data.packing={packing}", f"data.seq_len={SEQ}"]
+    data += [f"data.tokenizer={folder / 'tok'}", "model.vocab_size=320", "data.val_fraction=0.2"]
+    result = fmtrain(["train", f"run_dir={tmp_path / 'run'}", *SMALL, *data, "trainer.max_steps=2"], cache_dir)
+    assert result.returncode == 0, result.stderr
+    total = sum(part.meta["examples"]["train"] + part.meta["examples"]["val"] for part in alone)
+    assert f"data: {total} examples" in result.stderr + result.stdout
