@@ -107,7 +107,7 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     models.import_modules(cfg.imports)  # a user's own model registers itself on import
     spec = models.get(m.arch)
     spec.check(m)  # what this architecture cannot build (Llama: odd rotary head dims, kv heads)
-    if d.packing == "bfd" and not spec.packed_inputs:
+    if d.packing == "bfd" and not spec.takes_packed(m):
         raise ConfigError("data.packing", "bfd", f"model.arch={m.arch} takes no position or example ids; use data.packing=none")
     if d.packing == "bfd" and cfg.strategy.sequence_parallel:
         raise ConfigError("strategy.sequence_parallel", True, "is not built for packed examples (data.packing=bfd) yet")

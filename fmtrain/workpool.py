@@ -70,7 +70,7 @@ def ordered_map(
 
 
 class Progress:
-    """``data: [#######.............] 35% 22.4 of 64.0 MB, 2.1 MB/s, 11.2M tokens, 2 workers``
+    """``data: tokenizing jsonl [#######.............]  35% 22.4 of at most 64.0 MB, 2.10 MB/s, 11,203,114 tokens, 2 workers``
 
     ``total`` (bytes) is an upper bound where it is known (None: no percentage)."""
 
@@ -96,7 +96,7 @@ class Progress:
             parts.append(f"{mb / seconds:.2f} MB/s")
         if self.items:  # examples, by their records
             parts.append(f"{self.items:,} examples ({self.items / seconds:,.0f}/s)")
-        parts.append(f"{self.tokens / 1e6:.2f}M tokens")
+        parts.append(f"{self.tokens:,} tokens")
         parts.append(f"{self.workers} worker{'s' if self.workers > 1 else ''}")
         if final:
             return f"data: tokenized {self.what} in {seconds:.1f} s: " + ", ".join(parts)

@@ -81,6 +81,33 @@ def test_hf_auto_computes_the_logits_transformers_computes(arch: str, tmp_path: 
         assert (model(ids) - reference(input_ids=ids).logits).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_rows_give_each_example_the_logits_it_has_alone(arch: str, tmp_path: Path) -> None:
+    save(arch, tmp_path / "hf")
+    assert models.get("hf_auto").takes_packed(
+        compose(["model=hf_auto", f"model.path={tmp_path / 'hf'}", "data.seq_len=64"]).model
+    )
+    model = built(tmp_path / "hf")
+    generator = torch.Generator().manual_seed(2)
+    examples = [torch.randint(0, 300, (n,), generator=generator) for n in (11, 6, 9)]
+    row = torch.cat([*examples, torch.zeros(6, dtype=torch.long)])[None]  # three examples, then padding
+    positions = torch.cat([torch.arange(len(e)) for e in examples] + [torch.zeros(6, dtype=torch.long)])[None]
+    documents = torch.cat([torch.full((len(e),), i) for i, e in enumerate(examples)] + [torch.full((6,), -1)])[None]
+    with torch.no_grad():
+        packed = model(row, position_ids=positions, document_ids=documents)[0]  # as fmtrain's step passes a packed batch
+        at = 0
+        for example in examples:
+            alone = model(example[None])[0]
+            assert (packed[at : at + len(example)] - alone).abs().max().item() < 1e-5
+            at += len(example)
+
+
+def test_a_model_with_its_own_code_does_not_take_packed_rows(tmp_path: Path) -> None:
+    write_remote_code_model(tmp_path / "hf")
+    cfg = compose(["model=hf_auto", f"model.path={tmp_path / 'hf'}", "model.trust_remote_code=true", "data.seq_len=64"]).model
+    assert not models.get("hf_auto").takes_packed(cfg)  # its masks are its own: data.packing=bfd is refused
+
+
 def test_pickle_weights_load_only_when_allowed(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

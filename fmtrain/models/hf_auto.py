@@ -29,6 +29,7 @@ import fnmatch
 import functools
 import json
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,16 @@ def _logits_class(cls: type[nn.Module]) -> type[nn.Module]:
         return _LOGITS_CLASSES[cls]
     original = cls.forward
 
-    def forward(self: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        output = original(self, input_ids=input_ids, use_cache=False)
+    def forward(
+        self: nn.Module,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # Packed rows (data.packing=bfd): transformers' masks find the examples where the positions
+        # restart (masking_utils.find_packed_sequence_indices) and keep attention within each.
+        extra = {"position_ids": position_ids} if position_ids is not None else {}
+        output = original(self, input_ids=input_ids, use_cache=False, **extra)
         return output.logits if hasattr(output, "logits") else output[0]
 
     narrowed = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
@@ -179,6 +188,13 @@ class HFAutoSpec(ModelSpec):
         )
         model.__class__ = _logits_class(type(model))
         return model
+
+    def takes_packed(self, cfg: ModelConfig) -> bool:
+        """A class whose module builds its masks with transformers' ``create_causal_mask`` (v5's decoders),
+        which reads packed examples from restarting position ids; a model's own code: not known."""
+        config = self.config(cfg)
+        cls = _transformers().AutoModelForCausalLM._model_mapping.get(type(config), None)
+        return cls is not None and hasattr(sys.modules.get(cls.__module__), "create_causal_mask")
 
     def check(self, cfg: ModelConfig) -> None:
         config = self.config(cfg)

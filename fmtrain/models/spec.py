@@ -90,6 +90,10 @@ class ModelSpec:
     # positions restarting and attention within each
     packed_inputs: bool = False
 
+    def takes_packed(self, cfg: ModelConfig) -> bool:
+        """Whether ``cfg``'s model takes packed rows (``packed_inputs``; per model where it depends on one)."""
+        return self.packed_inputs
+
     def adapter(self, cfg: ModelConfig) -> StateDictAdapter | None:
         """Names and layouts of an external format (Hugging Face's) for ``cfg``'s state dict; None: none."""
         return None
