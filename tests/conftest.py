@@ -180,6 +180,36 @@ def write_source(kind: str, folder: Path, documents: list[str], tokenizer: Any =
     raise AssertionError(kind)
 
 
+def killed_on_two_resumed_on_one(args: list[str], run_dir: Path, reference_dir: Path, cache: Path, steps: int, at: int) -> None:
+    """``fmtrain train *args`` on 2 ranks to the end (``reference_dir``), and again (``run_dir``) SIGKILLed
+    once step ``at``'s checkpoint is written, then resumed on 1 rank: every step's loss equals the reference's."""
+    import signal
+    import time
+
+    from pytest import approx
+
+    reference = fmtrain(["train", f"run_dir={reference_dir}", "launcher.nproc=2", *args], cache)
+    assert reference.returncode == 0, reference.stderr
+    process = subprocess.Popen(
+        [FMTRAIN, "train", f"run_dir={run_dir}", "launcher.nproc=2", *args],
+        env=env_with(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    checkpoint, deadline = run_dir / "checkpoints" / f"step_{at:06d}", time.monotonic() + 120
+    while not checkpoint.exists():
+        assert process.poll() is None, f"the run ended before {checkpoint} appeared:\n{process.stdout.read()}"  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, f"{checkpoint} did not appear"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert max(train_losses(run_dir)) < steps, "the kill must land mid-run"
+    resumed = fmtrain(["train", f"run_dir={run_dir}", "launcher.nproc=1", *args], cache)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr
+    want, got = train_losses(reference_dir), train_losses(run_dir)
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    for step, loss in want.items():
+        assert got[step] == approx(loss, rel=1e-5), step
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

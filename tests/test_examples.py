@@ -4,17 +4,14 @@ the loss the mean over the global batch's answer tokens, exact resume; bad recor
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FMTRAIN, SMALL, env_with, fmtrain, train_losses
+from conftest import SMALL, fmtrain, killed_on_two_resumed_on_one, train_losses
 
 from fmtrain.config import ConfigError, DataConfig
 from fmtrain.data import Tokenizer, prepare
@@ -204,26 +201,9 @@ def test_the_loss_weighs_every_answer_token_alike_whatever_the_micro_batches_and
 
 
 def test_packed_chat_examples_killed_on_two_ranks_resume_exactly_on_one(folder: Path, tmp_path: Path, cache_dir: Path) -> None:
-    from test_train import wait_for
-
-    common = ["trainer.max_steps=24", "checkpoint.interval=8", "data.packing=bfd"]  # none: the same sampler, one example a row
-    reference = fmtrain(run_args(folder, tmp_path / "ref", "launcher.nproc=2", *common), cache_dir)
-    assert reference.returncode == 0, reference.stderr
-    run_dir = tmp_path / "killed"
-    process = subprocess.Popen(
-        [FMTRAIN, *run_args(folder, run_dir, "launcher.nproc=2", *common)],
-        env=env_with(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    wait_for(run_dir / "checkpoints" / "step_000008", process)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    assert max(train_losses(run_dir)) < 24, "the kill must land mid-run"
-    resumed = fmtrain(run_args(folder, run_dir, "launcher.nproc=1", *common), cache_dir)
-    assert resumed.returncode == 0, resumed.stderr
-    want, got = train_losses(tmp_path / "ref"), train_losses(run_dir)
-    assert sorted(got) == sorted(want) == list(range(1, 25))
-    for step, loss in want.items():
-        assert got[step] == pytest.approx(loss, rel=1e-5), step
+    # packed rows; data.packing=none's examples go through the same sampler, one a row
+    args = run_args(folder, tmp_path, "trainer.max_steps=24", "checkpoint.interval=8", packing="bfd")[2:]  # no train, run_dir
+    killed_on_two_resumed_on_one(args, tmp_path / "killed", tmp_path / "ref", cache_dir, steps=24, at=8)
 
 
 def test_best_fit_decreasing_places_every_example_once_within_capacity() -> None:

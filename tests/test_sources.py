@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL, fmtrain, train_losses, write_source
+from conftest import SMALL, fmtrain, killed_on_two_resumed_on_one, train_losses, write_source
 
 from fmtrain.config import DataConfig
 from fmtrain.data import Tokenizer, cache_path, prepare
@@ -362,29 +362,7 @@ def test_bad_mixtures_are_refused_naming_the_entry(tmp_path: Path) -> None:
 
 
 def test_a_mixture_killed_on_two_ranks_resumes_exactly_on_one(tmp_path: Path, cache_dir: Path) -> None:
-    import os
-    import signal
-
-    from conftest import FMTRAIN, env_with
-    from test_train import wait_for
-
     cfg = mixture(tmp_path)
     mix = json.dumps(cfg.mix).replace('"', "")
-    common = [*SMALL, "data=mix", f"data.mix={mix}", "trainer.max_steps=30", "checkpoint.interval=10", "data.seq_len=64"]
-    reference = fmtrain(["train", f"run_dir={tmp_path / 'ref'}", "launcher.nproc=2", *common], cache_dir)
-    assert reference.returncode == 0, reference.stderr
-    run_dir = tmp_path / "killed"
-    process = subprocess.Popen(
-        [FMTRAIN, "train", f"run_dir={run_dir}", "launcher.nproc=2", *common],
-        env=env_with(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    wait_for(run_dir / "checkpoints" / "step_000010", process)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    assert max(train_losses(run_dir)) < 30, "the kill must land mid-run"
-    resumed = fmtrain(["train", f"run_dir={run_dir}", "launcher.nproc=1", *common], cache_dir)
-    assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr
-    want, got = train_losses(tmp_path / "ref"), train_losses(run_dir)
-    assert sorted(got) == sorted(want) == list(range(1, 31))
-    for step, loss in want.items():
-        assert got[step] == pytest.approx(loss, rel=1e-5), step
+    args = [*SMALL, "data=mix", f"data.mix={mix}", "trainer.max_steps=30", "checkpoint.interval=10", "data.seq_len=64"]
+    killed_on_two_resumed_on_one(args, tmp_path / "killed", tmp_path / "ref", cache_dir, steps=30, at=10)
