@@ -125,6 +125,13 @@ def summary() -> str:
             f"| `datasets.map(batched=True, num_proc=2)` {tk['datasets_mb_per_s']:.2f} MB/s "
             f"| data=jsonl {tk['fmtrain_mb_per_s']:.2f} MB/s | {tk['ratio']:.2f} | >= 1.0 |"
         )
+        if "workers2_ratio" in tk:
+            lines.append(
+                f"| `data.num_workers=2` vs 1: the same jsonl; chat records (chatml, masked answers) "
+                f"| 1 worker {tk['fmtrain_mb_per_s']:.2f} MB/s; chats {tk['chat_mb_per_s']['1']:.2f} MB/s "
+                f"| {tk['workers2_mb_per_s']:.2f} MB/s; chats {tk['chat_mb_per_s']['2']:.2f} MB/s "
+                f"| {tk['workers2_ratio']:.2f}; chats {tk['chat_workers2_ratio']:.2f} | |"
+            )
     if (RESULTS / "packing.json").is_file():
         pk = load("packing")
         best = pk["best_rows_per_s"]

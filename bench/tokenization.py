@@ -13,6 +13,10 @@ ids on disk:
 
 Both produce the same number of ids (checked; tests/test_sources.py checks the ids themselves).
 Goal: fmtrain's MB/s >= 1.0x datasets'.
+
+Beside them, ``data.num_workers=2`` against 1 on the same jsonl, and on chat records (the same text
+cut into user/assistant turns, rendered with chatml, the answers masked), where the template's
+Python work is what worker processes share out; each in its own process, alternating.
 """
 
 from __future__ import annotations
@@ -50,12 +54,29 @@ def write_corpus(path: Path, megabytes: int) -> int:
     return path.stat().st_size
 
 
-def fmtrain_ids(corpus: Path, tokenizer: Tokenizer, cache: Path) -> tuple[float, int]:
-    cfg = DataConfig(name="jsonl", paths=[str(corpus)], cache_dir=str(cache), max_bytes=1 << 40, val_fraction=0.001)
+def write_chats(corpus: Path, path: Path) -> int:
+    """The corpus's texts as conversations: each text's lines shared out into alternating turns."""
+    with open(corpus) as lines, open(path, "w") as out:
+        for line in lines:
+            text = json.loads(line)["text"].splitlines(keepends=True)
+            turns = ["".join(text[i : i + 8]) for i in range(0, len(text), 8)]
+            messages = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns[: len(turns) // 2 * 2])]
+            if messages:
+                out.write(json.dumps({"messages": messages}) + "\n")
+    return path.stat().st_size
+
+
+def fmtrain_ids(corpus: Path, tokenizer: Tokenizer, cache: Path, workers: int = 1, chat: bool = False) -> tuple[float, int]:
+    cfg = DataConfig(
+        name="jsonl", paths=[str(corpus)], cache_dir=str(cache), max_bytes=1 << 40, val_fraction=0.001, num_workers=workers
+    )
+    if chat:  # one example a conversation, truncated to 4096 tokens
+        cfg = DataConfig(**{**cfg.__dict__, "packing": "none", "seq_len": 4095, "val_fraction": 0.05})
     start = time.perf_counter()
     built = prepare(cfg, 8192, tokenizer)
     seconds = time.perf_counter() - start
-    return seconds, int(built.meta["tokens"])
+    tokens = built.train.num_tokens + built.val.num_tokens if chat else built.meta["tokens"]
+    return seconds, int(tokens)
 
 
 def datasets_ids(corpus: Path, tokenizer_dir: Path, cache: Path) -> tuple[float, int]:
@@ -91,34 +112,48 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         kind, corpus, tokenizer_dir, cache = args.one
-        if kind == "fmtrain":
-            seconds, tokens = fmtrain_ids(Path(corpus), Tokenizer(Path(tokenizer_dir) / "tokenizer.json"), Path(cache))
+        if kind != "datasets":  # fmtrain_w1, fmtrain_w2, chat_w1, chat_w2
+            tokenizer = Tokenizer(Path(tokenizer_dir) / "tokenizer.json")
+            workers, chat = int(kind[-1]), kind.startswith("chat")
+            seconds, tokens = fmtrain_ids(Path(corpus), tokenizer, Path(cache), workers, chat)
         else:
             seconds, tokens = datasets_ids(Path(corpus), Path(tokenizer_dir), Path(cache))
         print(seconds, tokens)
         return
-    result: dict = {"goal": ">= 1.0 (fmtrain MB/s / datasets MB/s)", "fmtrain_s": [], "datasets_s": []}
+    result: dict = {"goal": ">= 1.0 (fmtrain MB/s / datasets MB/s)"}
+    kinds = ["fmtrain_w1", "datasets", "fmtrain_w2", "chat_w1", "chat_w2"]
+    seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
+    ids: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         size = write_corpus(root / "corpus.jsonl", args.mb)
+        chat_size = write_chats(root / "corpus.jsonl", root / "chats.jsonl")
         train_tokenizer(DataConfig(name="jsonl", paths=[str(root / "corpus.jsonl")], max_bytes=8 << 20), 8192, root / "tok")
         for index in range(args.rounds):
-            ours, our_ids = one("fmtrain", root / "corpus.jsonl", root / "tok", root / f"fm{index}")
-            theirs, their_ids = one("datasets", root / "corpus.jsonl", root / "tok", root / f"ds{index}")
-            assert our_ids == their_ids, f"the two pipelines made {our_ids} and {their_ids} tokens"
-            result["fmtrain_s"].append(ours)
-            result["datasets_s"].append(theirs)
-            shutil.rmtree(root / f"fm{index}")
-            shutil.rmtree(root / f"ds{index}")
-            print(f"round {index + 1}: fmtrain {ours:.2f}s, datasets.map {theirs:.2f}s ({our_ids:,} tokens)", flush=True)
-    result["tokens"] = our_ids
-    result["megabytes"] = size / 2**20
-    result["fmtrain_mb_per_s"] = result["megabytes"] / min(result["fmtrain_s"])
-    result["datasets_mb_per_s"] = result["megabytes"] / min(result["datasets_s"])
+            for kind in kinds:
+                corpus = root / ("chats.jsonl" if kind.startswith("chat") else "corpus.jsonl")
+                took, ids[kind] = one(kind, corpus, root / "tok", root / f"{kind}{index}")
+                seconds[kind].append(took)
+                shutil.rmtree(root / f"{kind}{index}")
+            assert ids["fmtrain_w1"] == ids["datasets"] == ids["fmtrain_w2"], (
+                f"the pipelines made different numbers of ids: {ids}"
+            )
+            assert ids["chat_w1"] == ids["chat_w2"], ids
+            print(f"round {index + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in seconds.items()), flush=True)
+    best = {kind: min(values) for kind, values in seconds.items()}
+    result |= {f"{kind}_s": values for kind, values in seconds.items()}
+    result["tokens"], result["megabytes"], result["chat_megabytes"] = ids["fmtrain_w1"], size / 2**20, chat_size / 2**20
+    result["fmtrain_mb_per_s"] = result["megabytes"] / best["fmtrain_w1"]
+    result["datasets_mb_per_s"] = result["megabytes"] / best["datasets"]
     result["ratio"] = result["fmtrain_mb_per_s"] / result["datasets_mb_per_s"]
+    result["workers2_mb_per_s"] = result["megabytes"] / best["fmtrain_w2"]
+    result["workers2_ratio"] = best["fmtrain_w1"] / best["fmtrain_w2"]
+    result["chat_mb_per_s"] = {"1": result["chat_megabytes"] / best["chat_w1"], "2": result["chat_megabytes"] / best["chat_w2"]}
+    result["chat_workers2_ratio"] = best["chat_w1"] / best["chat_w2"]
     path = common.write("tokenization", result)
     print(f"fmtrain {result['fmtrain_mb_per_s']:.2f} MB/s, datasets.map(num_proc=2) {result['datasets_mb_per_s']:.2f} MB/s: "
-          f"{result['ratio']:.2f}x  ->  {path}")  # fmt: skip
+          f"{result['ratio']:.2f}x; data.num_workers=2: {result['workers2_ratio']:.2f}x text, "
+          f"{result['chat_workers2_ratio']:.2f}x chats  ->  {path}")  # fmt: skip
 
 
 if __name__ == "__main__":
