@@ -28,7 +28,8 @@ from pathlib import Path
 import common
 import numpy as np
 
-from fmtrain.data import prepare, tokenizer_of
+from fmtrain.data import prepare
+from fmtrain.tokenizer import tokenizer_of
 
 FMTRAIN = str(Path(sys.executable).parent / "fmtrain")
 ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", re.M)

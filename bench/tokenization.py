@@ -34,7 +34,8 @@ from pathlib import Path
 import common
 
 from fmtrain.config import DataConfig
-from fmtrain.data import Tokenizer, prepare
+from fmtrain.data import prepare
+from fmtrain.tokenizer import Tokenizer
 from fmtrain.tokenizer_train import train_tokenizer
 
 

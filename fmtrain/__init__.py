@@ -12,7 +12,9 @@ holds the exact table and checks it, imports inside functions included):
    ``manifests`` (a run's checkpoint files, without torch);
    ``models.llama_hf`` (Hugging Face's Llama layout); the models (``models.llama``) and converters
    (``models.converters``: fp8); ``models`` (the registry); then
-   ``optim``, ``metrics``, ``data``, ``losses`` (batches are dicts; a loss maps logits and a batch to a mean).
+   ``workpool`` and ``tokenizer`` (tokenizing in worker processes, without torch), ``sources`` (where
+   text comes from), ``examples`` (fine-tuning records); ``optim``, ``metrics``, ``data`` (the cached
+   shards and their samplers), ``losses`` (batches are dicts; a loss maps logits and a batch to a mean).
 3. ``validation`` (what combinations can run) and ``strategies.base`` (the strategy contract); the
    strategies, one file each; ``strategies`` (the registry) and ``plan``.
 4. ``checkpoint`` and ``step`` (one optimizer step, evaluation); ``trainer`` (the loop) and

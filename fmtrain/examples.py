@@ -30,14 +30,16 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fmtrain.config import ConfigError, DataConfig
 from fmtrain.sources import BadRecords, DataError, Source
 from fmtrain.workpool import Progress, ordered_map
+
+if TYPE_CHECKING:  # torch is imported where batches are made: a tokenizing worker process starts without it
+    import torch
 
 log = logging.getLogger("fmtrain")
 
@@ -371,6 +373,8 @@ class ExampleShards:
         return len(self.offsets) - 1
 
     def batch(self, indices: list[int], seq_len: int) -> dict[str, torch.Tensor]:
+        import torch
+
         rows = np.full((len(indices), seq_len + 1), self.pad, dtype=np.int64)
         targets = np.zeros((len(indices), seq_len + 1), dtype=np.int64)
         for row, index in enumerate(indices):
@@ -395,6 +399,8 @@ class PackedShards(ExampleShards):
         return len(self.starts) - 1
 
     def batch(self, indices: list[int], seq_len: int) -> dict[str, torch.Tensor]:
+        import torch
+
         width = seq_len + 1
         rows = np.full((len(indices), width), self.pad, dtype=np.int64)
         targets = np.zeros((len(indices), width), dtype=np.int64)

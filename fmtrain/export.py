@@ -41,10 +41,10 @@ from torch import nn
 from fmtrain import models
 from fmtrain.checkpoint import single_process_dcp
 from fmtrain.config import ConfigError, ModelConfig, TrainConfig, load
-from fmtrain.data import json_or_empty, tokenizer_of
 from fmtrain.manifests import CheckpointError, newest_valid, step_dir_name, verify
 from fmtrain.pretrained import SafetensorsFile
 from fmtrain.strategies import DTYPES
+from fmtrain.tokenizer import json_or_empty, tokenizer_of
 
 FORMATS = ("hf", "fmtrain")
 INDEX = "model.safetensors.index.json"

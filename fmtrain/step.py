@@ -24,12 +24,13 @@ from torch import nn
 
 from fmtrain import pretrained
 from fmtrain.config import TrainConfig, accumulation_steps, micro_batch_size
-from fmtrain.data import Corpus, GlobalBatches, Mixture, prepare, tokenizer_of
+from fmtrain.data import Corpus, GlobalBatches, Mixture, prepare
 from fmtrain.distributed import DistEnv
 from fmtrain.losses import LossFn, cross_entropy, cross_entropy_sum
 from fmtrain.models import recipe as model_recipe
 from fmtrain.optim import build_optimizer
 from fmtrain.strategies import Strategy, make_strategy
+from fmtrain.tokenizer import tokenizer_of
 
 log = logging.getLogger("fmtrain")
 

@@ -28,9 +28,9 @@ from fmtrain.config import (
     usable_cpus,
     world_size_of,
 )
-from fmtrain.data import tokenizer_of
 from fmtrain.parallel import TENSOR_PARALLEL, ParallelDims
 from fmtrain.sources import SOURCES, mix_components, source_of
+from fmtrain.tokenizer import tokenizer_of
 
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")

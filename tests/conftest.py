@@ -171,7 +171,7 @@ def write_source(kind: str, folder: Path, documents: list[str], tokenizer: Any =
             csv.writer(out).writerows([["text", "id"], *([d, i] for i, d in enumerate(documents))])
         return path
     if kind == "tokens":
-        from fmtrain.data import Tokenizer
+        from fmtrain.tokenizer import Tokenizer
 
         ids = (tokenizer or Tokenizer()).encode([d.encode() for d in documents])
         path = folder / "train.bin"

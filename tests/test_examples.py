@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from conftest import SMALL, fmtrain, killed_on_two_resumed_on_one, train_losses
 
 from fmtrain.config import ConfigError, DataConfig
-from fmtrain.data import Tokenizer, prepare
+from fmtrain.data import prepare
 from fmtrain.losses import cross_entropy
 from fmtrain.sources import DataError
+from fmtrain.tokenizer import Tokenizer
 from fmtrain.tokenizer_train import train_tokenizer
 
 SEQ = 48

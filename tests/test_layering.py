@@ -25,7 +25,7 @@ LAYERS = [
     ["fmtrain.models.llama_hf"],  # Hugging Face's Llama layout
     ["fmtrain.models.llama", "fmtrain.models.hf_auto", "fmtrain.models.custom", "fmtrain.models.converters"],
     ["fmtrain.models"],  # the model registry: model.arch -> spec
-    ["fmtrain.workpool"],  # tokenizing in worker processes, in order, with a progress line
+    ["fmtrain.workpool", "fmtrain.tokenizer"],  # worker processes in order, with a progress line; the tokenizer contract
     ["fmtrain.sources"],  # where text comes from: files, jsonl, parquet, datasets folders, token ids
     ["fmtrain.examples"],  # fine-tuning examples: prompt/completion, chat, target masks
     ["fmtrain.optim", "fmtrain.metrics", "fmtrain.data", "fmtrain.losses", "fmtrain.tokenizer_train"],
@@ -110,3 +110,13 @@ def test_each_module_imports_on_its_own(module: str) -> None:
     """A fresh interpreter per module: an import that works only after another module was loaded fails here."""
     result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_tokenizing_worker_starts_without_torch() -> None:
+    """data.num_workers's processes load what encodes text and examples, not torch (seconds each)."""
+    code = (
+        "import sys, fmtrain.tokenizer, fmtrain.examples, fmtrain.workpool; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert ast.literal_eval(out) == [], out

@@ -290,7 +290,8 @@ def test_a_model_directory_that_cannot_load_is_refused_before_launch(case: str, 
 
 
 def test_the_model_directorys_tokenizer_tokenizes_the_data(tmp_path: Path) -> None:
-    from fmtrain.data import prepare, tokenizer_of
+    from fmtrain.data import prepare
+    from fmtrain.tokenizer import tokenizer_of
 
     save_hf(ARCHS["llama-gqa-untied"], tmp_path / "hf")
     save_tokenizer(tmp_path / "hf")
@@ -320,7 +321,7 @@ def test_the_model_directorys_tokenizer_tokenizes_the_data(tmp_path: Path) -> No
 
 
 def test_a_sentencepiece_tokenizer_model_tokenizes_as_transformers_llama_tokenizer(tmp_path: Path) -> None:
-    from fmtrain.data import tokenizer_of
+    from fmtrain.tokenizer import tokenizer_of
 
     config = transformers.LlamaConfig(**(ARCHS["llama-gqa-untied"].to_dict() | {"vocab_size": 400}))
     save_hf(config, tmp_path / "hf")

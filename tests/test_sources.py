@@ -14,8 +14,9 @@ import pytest
 from conftest import SMALL, fmtrain, killed_on_two_resumed_on_one, train_losses, write_source
 
 from fmtrain.config import DataConfig
-from fmtrain.data import Tokenizer, cache_path, prepare
+from fmtrain.data import cache_path, prepare
 from fmtrain.sources import DataError
+from fmtrain.tokenizer import Tokenizer
 from fmtrain.tokenizer_train import EOS_TOKEN, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
