@@ -5,7 +5,8 @@
     tokenizer.encode([b"a document", b"another"])  # ids, each document followed by the end-of-document id
     tokenizer.encode_spans("<|im_start|>user...")  # a whole text's ids and each one's characters (chats)
 
-No torch here: tokenizing worker processes (``data.num_workers``) start with this module alone.
+No torch here: what a tokenizing worker process (``data.num_workers``) needs to encode loads in a
+fraction of a second (one spawned from a training rank imports the rank's main module as well).
 """
 
 from __future__ import annotations
