@@ -194,9 +194,10 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_the_previous_one_resumes(cac
 
 
 def test_default_run_learns_and_fills_its_run_directory(cache_dir: Path, tmp_path: Path) -> None:
-    """The README's main job, unchanged: ``fmtrain train`` with only a run directory."""
+    """The README's main job, unchanged: ``fmtrain train`` with only a run directory, precision=auto
+    choosing as it does for a user (bf16 where the CPU multiplies it natively), not the tests' fp32 pin."""
     run_dir = tmp_path / "run"
-    result = fmtrain(["train", f"run_dir={run_dir}"], cache_dir, timeout=600)
+    result = fmtrain(["train", f"run_dir={run_dir}"], cache_dir, timeout=600, FMTRAIN_PRECISION_AUTO="")
     assert result.returncode == 0, result.stdout + result.stderr
     records = read_metrics(run_dir)
     val = [r["val_loss"] for r in records if "val_loss" in r]
