@@ -229,9 +229,9 @@ def test_a_preempted_job_saves_requeues_and_resumes_exactly(cluster, cache_dir: 
 def test_a_job_at_its_time_limit_saves_requeues_and_resumes_exactly(cluster, cache_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "timed"
     # A 1-minute limit, warned 40 s ahead; Slurm checks about every 30 s, so USR2 comes 20-50 s in.
-    # 2000 steps of at least 40 ms (FMTRAIN_STEP_DELAY_S: however fast the machine): 80 s or more of
-    # work, so at least one requeue. A slow machine needs many more: each cycle spends 10-20 s of its
-    # 30 s starting, and one CI machine reached step 1985 of 2000 in 10 requeues; 40 are allowed.
+    # 300 steps of at least 0.2 s (FMTRAIN_STEP_DELAY_S: however fast the machine): 60 s or more of
+    # work, more than one cycle can do, so at least one requeue; the local reference's 300 steps take
+    # seconds. A slow machine needs more cycles: each spends 10-20 s of its 20-50 s starting; 40 are allowed.
     overrides = [
         *LONG,
         "launcher.tasks_per_node=1",
@@ -239,7 +239,7 @@ def test_a_job_at_its_time_limit_saves_requeues_and_resumes_exactly(cluster, cac
         "launcher.signal_delay_s=40",
         "launcher.max_requeues=40",
     ]
-    job_id = submit(cluster, cache_dir, run_dir, *overrides, env={"FMTRAIN_STEP_DELAY_S": "0.04"})[0]
+    job_id = submit(cluster, cache_dir, run_dir, *overrides, env={"FMTRAIN_STEP_DELAY_S": "0.2"})[0]
     reference = local_reference_1proc(cache_dir, tmp_path / "local")
     assert wait_state(cluster, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=1300) == "COMPLETED"
     requeues = [json.loads(line) for line in (run_dir / "requeues.jsonl").read_text().splitlines()]
@@ -247,7 +247,7 @@ def test_a_job_at_its_time_limit_saves_requeues_and_resumes_exactly(cluster, cac
     assert train_losses(run_dir) == pytest.approx(reference, rel=1e-6)
 
 
-LONG = ["trainer.max_steps=2000", "trainer.eval_interval=1000", "checkpoint.interval=1000"]  # ~60 s on 1 CPU rank
+LONG = ["trainer.max_steps=300", "trainer.eval_interval=1000", "checkpoint.interval=1000"]
 
 
 def local_reference_1proc(cache: Path, run_dir: Path) -> dict[int, float]:

@@ -87,13 +87,13 @@ def test_optuna_and_pbt_sweeps_complete(search: str, netns, ray_tmp: Path, cache
     # All 4 trials at once (half a CPU each). PBT is synchronous (tune.synch, the default): at every
     # evaluation it waits for the whole population, then the worst quarter (one trial) exploits the best.
     together = ["tune.max_concurrent=4", "tune.cpus_per_trial=0.5", "tune.perturbation_interval=1"]
-    tune(netns, cache_dir, ray_tmp, sweep, f"tune={search}", "tune.num_samples=4", "trainer.max_steps=80", *together)
+    tune(netns, cache_dir, ray_tmp, sweep, f"tune={search}", "tune.num_samples=4", *together)  # 40 steps, 4 evaluations
     rows = results(sweep)
     assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
     assert all(float(r["val_loss"]) > 0 and int(r["evaluations"]) >= 1 for r in rows)
     assert all(r["status"] in ("completed", "stopped early") for r in rows)  # Optuna's sweep stops trials by ASHA
     if search == "pbt":
-        assert [(r["status"], r["steps"], r["evaluations"]) for r in rows] == [("completed", "80", "8")] * 4
+        assert [(r["status"], r["steps"], r["evaluations"]) for r in rows] == [("completed", "40", "4")] * 4
         # PBT's exploit: a trial continued from another trial's checkpoint, copied into its own run.
         exploited = [r for r in rows if r["continued_from"]]
         assert exploited, "synchronous PBT exploits at every interval"
