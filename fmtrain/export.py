@@ -42,6 +42,7 @@ from fmtrain import models
 from fmtrain.checkpoint import single_process_dcp
 from fmtrain.config import ConfigError, ModelConfig, TrainConfig, load
 from fmtrain.manifests import CheckpointError, newest_valid, step_dir_name, verify
+from fmtrain.models.spec import meta_device
 from fmtrain.pretrained import SafetensorsFile
 from fmtrain.strategies import DTYPES
 from fmtrain.tokenizer import json_or_empty, tokenizer_of
@@ -67,7 +68,7 @@ def parse_size(text: str) -> int:
 
 def _plain_model(cfg: ModelConfig) -> nn.Module:
     spec = models.get(cfg.arch)
-    with torch.device("meta"):
+    with meta_device():
         model = spec.build(cfg)
     model.to_empty(device="cpu")
     spec.init_buffers(model)  # the weights come from the checkpoint: drawing an init would be wasted
@@ -146,7 +147,7 @@ def export(
             for code in Path(cfg.path).glob("*.py"):
                 shutil.copyfile(code, out / code.name)
     else:
-        with torch.device("meta"):
+        with meta_device():
             aliases = _aliases(spec.build(cfg))
         config = spec.export_config(cfg) | {"torch_dtype": torch_dtype}
         fmtrain_section["aliases"] = aliases
@@ -192,7 +193,7 @@ def write_streamed(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    with torch.device("meta"):
+    with meta_device():
         names = models.get(cfg.arch).build(cfg).state_dict()
     stored = dcp.FileSystemReader(str(checkpoint / "model_optim")).read_metadata().state_dict_metadata
     plan: list[tuple[str, str, list[int]]] = []  # (our name, its name in the files, shape)

@@ -29,7 +29,7 @@ from torch import nn
 from fmtrain.config import ConfigError, TrainConfig
 from fmtrain.manifests import MANIFEST, CheckpointError, verify
 from fmtrain.models import recipe as model_recipe
-from fmtrain.models.spec import Recipe
+from fmtrain.models.spec import Recipe, meta_device
 
 log = logging.getLogger("fmtrain")
 
@@ -87,7 +87,7 @@ def check(cfg: TrainConfig) -> None:
     adapter = recipe.spec.adapter(recipe.cfg)
     if adapter is None:
         raise ConfigError(field, str(path), f"model.arch={cfg.model.arch} has no Hugging Face adapter (ModelSpec.adapter)")
-    with torch.device("meta"):
+    with meta_device():
         expected = {name: list(t.shape) for name, t in adapter.to_external(recipe.build().state_dict()).items()}
     found = header_shapes(field, path, cfg.model.allow_pickle)
     missing = sorted(set(expected) - set(found))

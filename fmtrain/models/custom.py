@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from fmtrain.config import ConfigError, ModelConfig
-from fmtrain.models.spec import Assign, ModelSpec, copy_value, draw_weights
+from fmtrain.models.spec import Assign, ModelSpec, copy_value, draw_weights, meta_device
 
 
 def builder(target: str) -> Callable[..., nn.Module]:
@@ -100,7 +100,7 @@ class CustomSpec(ModelSpec):
         make = builder(cfg.target)
         options = arguments(cfg)
         try:
-            with torch.device("meta"):
+            with meta_device():
                 model = make(**options)
         except Exception as error:
             raise ConfigError(

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fmtrain.config import ConfigError, ModelConfig
-from fmtrain.models.spec import Assign, ModelSpec, copy_value, draw_weights
+from fmtrain.models.spec import Assign, ModelSpec, copy_value, draw_weights, meta_device
 
 # Styles of a transformers tp plan: the ones fmtrain splits, and the ones that leave a layer whole
 # (an embedding or head that transformers would split and gather again computes the same whole).
@@ -220,7 +220,7 @@ class HFAutoSpec(ModelSpec):
             )
 
     def adapter(self, cfg: ModelConfig) -> HFAutoAdapter:
-        with torch.device("meta"):
+        with meta_device():
             return HFAutoAdapter(cfg, self.build(cfg))
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
@@ -274,7 +274,7 @@ class HFAutoSpec(ModelSpec):
         return [("num_attention_heads", heads), ("num_key_value_heads", kv)]
 
     def check_tensor_parallel(self, cfg: ModelConfig, strategy: str, tp: int, sequence_parallel: bool) -> None:
-        with torch.device("meta"):
+        with meta_device():
             model = self.build(cfg)
         plan = _hf_tp_plan(model)
         config = type(model.config).__name__

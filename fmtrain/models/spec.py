@@ -27,14 +27,45 @@ before launch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fmtrain.config import ConfigError, ModelConfig
+
+# What modules' reset_parameters and nn.init do to a tensor in place: values only, never its shape. The
+# nn.init functions that dispatch on their own come as themselves; the others as the methods they call.
+_FILLS = frozenset(
+    [getattr(torch.Tensor, name) for name in ("normal_", "uniform_", "erfinv_", "clamp_", "fill_", "zero_", "random_")]
+    + [getattr(nn.init, name) for name in ("normal_", "uniform_", "constant_", "kaiming_uniform_")]
+)
+
+
+class _NoFillsOnMeta(TorchFunctionMode):
+    """Skips in-place fills of meta tensors: they hold no values, and ``normal_``, ``erfinv_`` or ``clamp_``
+    on meta load torch's Python meta kernels (~800 modules, 1.5 s) into a process that may need nothing
+    else of them: the CLI sizing a model before launch."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _FILLS:
+            tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def meta_device() -> Iterator[None]:
+    """``torch.device("meta")`` for building a model: shapes and dtypes without memory or init draws."""
+    with torch.device("meta"), _NoFillsOnMeta():
+        yield
+
 
 Assign = Callable[[torch.Tensor, torch.Tensor], None]  # (parameter, its whole value): copy the part it holds
 
@@ -150,7 +181,7 @@ class ModelSpec:
 
     def check_tensor_parallel(self, cfg: ModelConfig, strategy: str, tp: int, sequence_parallel: bool) -> None:
         """Refuse, before launch, tensor parallelism this model has no plan for or cannot split by ``tp``."""
-        with torch.device("meta"):
+        with meta_device():
             model = self.build(cfg)
         if self.tp_plan(model) is None:
             raise ConfigError(
@@ -190,7 +221,7 @@ class Recipe:
         return model
 
     def meta(self) -> nn.Module:
-        with torch.device("meta"):
+        with meta_device():
             return self.build()
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
