@@ -115,7 +115,7 @@ def test_a_meta_build_has_every_shape_and_loads_no_python_meta_kernels() -> None
     parameters as under torch.device("meta"), without loading torch's Python meta kernels (and sympy),
     which the first ``normal_`` on meta does (1.5 s in the CLI, sizing a model before launch)."""
     code = """
-import sys, torch, torch.nn.functional
+import sys, torch
 from fmtrain.config import ModelConfig
 from fmtrain.models.llama import Transformer
 from fmtrain.models.spec import meta_device

@@ -205,8 +205,7 @@ class Recipe:
     """A spec, its config and the converters to apply: everything a strategy needs to build the model.
 
     recipe = Recipe(get("llama"), cfg.model, converters_for(cfg))
-    with torch.device("meta"):
-        model = recipe.build()      # converters applied, nothing parallelized yet
+    model = recipe.meta()           # on meta_device(): converters applied, nothing parallelized yet
     """
 
     spec: ModelSpec
