@@ -190,6 +190,23 @@ def resolve_precision(kind: str, strategy: str, precision: str, index: int = 0) 
     return probe(kind, index, engines=strategy == "deepspeed").auto_precision(strategy)
 
 
+COMPILE_PIN = "FMTRAIN_COMPILE_AUTO"  # a site's (or the test suite's) pin of what trainer.compile=auto means
+
+
+def compile_pin() -> bool | None:
+    """What ``$FMTRAIN_COMPILE_AUTO`` pins ``trainer.compile=auto`` to (true, false), or None where it is unset."""
+    import os
+
+    pinned = os.environ.get(COMPILE_PIN)
+    if not pinned:
+        return None
+    if pinned not in ("true", "false"):
+        from fmtrain.config import ConfigError
+
+        raise ConfigError(f"${COMPILE_PIN}", pinned, "pins what trainer.compile=auto means: true or false")
+    return pinned == "true"
+
+
 def check(kind: str, strategy: str, precision: str, index: int = 0) -> None:
     """Refuse what device ``kind`` (``"cpu"``, ``"cuda"``) number ``index`` cannot train: a
     ConfigError naming the device and the alternative. Validation asks it of this machine before a

@@ -266,6 +266,8 @@ class _Report:
         self.p = p
         self.peak = t.peak_flops or world_peak_flops(env, p.device, compute_dtype(cfg.precision.name))
         self.peak_exceeded = False
+        # trainer.compile: the first step of this process compiles; its excess over the second is logged
+        self.compile_timing: list[float] | None = [] if t.compile == "true" else None
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         log.info(
             "model %s (%s): %.2fM parameters, %.1f MFLOPs/token | %s, world %d (dp %d x tp %d), "
@@ -324,7 +326,19 @@ class _Report:
                 store_peak_flops(peak_flops_key(dtype, self.p.device, self.p.env.local_world_size), None)
         self.peak = achieved
 
+    def _time_compile(self, elapsed: float) -> None:
+        """Log how long compiling took: the first step (compile included) less the second."""
+        assert self.compile_timing is not None
+        self.compile_timing.append(elapsed)
+        if len(self.compile_timing) == 2:
+            first, second = self.compile_timing
+            what = "trainer.compile: the first step took %.1f s, the second %.2f s: about %.1f s compiling"
+            log.info(what, first, second, first - second)
+            self.compile_timing = None
+
     def step(self, step: int, outcome: StepOutcome, lr: float, elapsed: float) -> None:
+        if self.compile_timing is not None:
+            self._time_compile(elapsed)
         tokens_per_s = self.tokens_per_step / elapsed
         self._check_peak(self.p.flops_per_token * tokens_per_s)
         scale = self.p.strategy.loss_scale(self.p.optimizer)

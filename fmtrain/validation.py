@@ -37,6 +37,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZER_IMPLEMENTATIONS = ("fused", "foreach", "for_loop")
 ACTIVATION_CHECKPOINTING = ("none", "full", "every_n")
 NONFINITE = ("error", "skip")
+COMPILE = ("auto", "true", "false")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8")
 STRATEGIES = ("ddp", "fsdp", "deepspeed", "tp", "fsdp_tp")
 ZERO_STAGES = (1, 2, 3)
@@ -136,6 +137,9 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
     _choice("trainer.device", t.device, DEVICES)
     _choice("trainer.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
     _choice("trainer.on_nonfinite", t.on_nonfinite, NONFINITE)
+    _choice("trainer.compile", t.compile, COMPILE)
+    if t.compile == "auto":
+        hardware.compile_pin()  # a bad $FMTRAIN_COMPILE_AUTO is refused here, not on every rank
     if 0 < t.hang_timeout_s < 5:  # the watchdog looks once a second
         raise ConfigError("trainer.hang_timeout_s", t.hang_timeout_s, "must be 0 (no watchdog) or at least 5 seconds")
     if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():

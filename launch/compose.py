@@ -160,7 +160,7 @@ def unalias(override: str) -> str:
 
 
 def check_booleans(overrides: list[str]) -> None:
-    """Refuse ``trainer.compile=-1`` and the like: OmegaConf reads any integer as a boolean (non-zero:
+    """Refuse ``trainer.progress=-1`` and the like: OmegaConf reads any integer as a boolean (non-zero:
     true), so a typo turns a switch on. A boolean field takes true or false."""
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")

@@ -21,6 +21,9 @@ FMTRAIN = str(Path(sys.executable).parent / "fmtrain")
 # reference numbers (1e-5 across strategies and world sizes) are fp32's on every machine. Every run
 # it starts inherits this; test_hardware unsets it to test what auto chooses.
 os.environ["FMTRAIN_PRECISION_AUTO"] = "fp32"
+# trainer.compile=auto compiles a run whose estimated compute is long enough, an estimate that moves
+# with the machine: the suite's runs are eager unless a test asks (test_compile unsets it to test auto).
+os.environ["FMTRAIN_COMPILE_AUTO"] = "false"
 
 # A model and batch small enough that a multi-process run takes seconds on 2 CPU cores.
 SMALL = [

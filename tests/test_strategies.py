@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,9 @@ def test_compiled_blocks_train_like_eager(reference: Path, cache_dir: Path, tmp_
         TORCHINDUCTOR_CACHE_DIR=str(cache_dir / "inductor"),  # a warm cache turns ~30 s into ~5 s
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "compiling each block (trainer.compile=true)" in result.stdout, result.stdout
+    timing = r"trainer.compile: the first step took [\d.]+ s, the second [\d.]+ s: about -?[\d.]+ s compiling"
+    assert re.search(timing, result.stdout), result.stdout
     assert_close_to(train_losses(tmp_path), train_losses(reference), rel=1e-4)
 
 

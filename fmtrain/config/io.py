@@ -143,7 +143,7 @@ def foreign_keys(cfg: TrainConfig, keys: list[str]) -> None:
 
 
 def schema_type(key: str) -> Any:
-    """The schema's type of a dotted key (``trainer.compile`` -> bool), or None if it has none."""
+    """The schema's type of a dotted key (``trainer.progress`` -> bool), or None if it has none."""
     owner: Any = TrainConfig
     for part in key.split("."):
         if not dataclasses.is_dataclass(owner):

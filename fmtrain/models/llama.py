@@ -271,6 +271,7 @@ class LlamaSpec(ModelSpec):
     """``model.arch=llama``: :class:`Transformer`, with Megatron-style tensor and sequence parallelism."""
 
     name = "llama"
+    compiles = True  # tests/test_strategies.py: test_compiled_blocks_train_like_eager
     packed_inputs = True
 
     def build(self, cfg: ModelConfig) -> nn.Module:

@@ -120,6 +120,9 @@ class ModelSpec:
     # forward(tokens, position_ids=, document_ids=): several examples per row (data.packing=bfd),
     # positions restarting and attention within each
     packed_inputs: bool = False
+    # trainer.compile=auto may compile the blocks: they compile without graph breaks and their compiled
+    # training is tested against eager. Any architecture compiles with trainer.compile=true.
+    compiles: bool = False
 
     def takes_packed(self, cfg: ModelConfig) -> bool:
         """Whether ``cfg``'s model takes packed rows (``packed_inputs``; per model where it depends on one)."""

@@ -66,7 +66,7 @@ def prepare_blocks(blocks: Sequence[nn.Module], cfg: TrainerConfig) -> None:
         every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_n
         for index in range(0, len(blocks), every):
             checkpoint_block(blocks[index])
-    if cfg.compile:
+    if cfg.compile == "true":  # "auto" is resolved before a strategy is made (fmtrain.step.resolve_compile)
         for block in blocks:
             block.compile()
 
