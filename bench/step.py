@@ -10,7 +10,8 @@ with its GELU MLP, LayerNorm, learned positions and tied head: the nearest it ha
 FLOPs). Rounds alternate the models in one process; each model's best round counts.
 
 The profile groups each model's self time per operator: matmuls, attention, elementwise math, copies
-and casts (dtype conversions, cat/stack, contiguous), the loss, the optimizer. ``--label before``
+and casts (dtype conversions, cat/stack, contiguous), the loss, the optimizer. ``--compile`` writes
+``results/step_compiled.json`` (each model eager and compiled, in one sitting). ``--label before``
 writes ``results/step_before.json`` (run it at an older commit with this script) so the summary
 shows the profile before and after. nanoGPT's code is not part of fmtrain: clone it yourself
 (``git clone https://github.com/karpathy/nanoGPT``) and pass ``--nanogpt``. Goal: fmtrain's step
@@ -212,7 +213,10 @@ def main() -> None:
                     summary = ", ".join(f"{name} {value:,.0f}" for name, value in best.items())
                     print(f"{key}: tok/s {summary}; fmtrain/transformers {row['vs_transformers']:.2f}", flush=True)
     result["nanogpt"] = str(args.nanogpt) if args.nanogpt else "not measured: pass --nanogpt DIR"
-    path = common.write("step" if args.label == "after" else "step_before", result)
+    # --compile: its own file, eager rows included (the same sitting's baseline), so the profile
+    # before/after in step.json and step_before.json stays one machine's and one sitting's
+    name = "step" if args.label == "after" else "step_before"
+    path = common.write(f"{name}_compiled" if args.compile else name, result)
     print(f"-> {path}")
 
 

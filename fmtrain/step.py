@@ -86,12 +86,13 @@ class StepOutcome:
     optim_state_bytes: int  # the optimizer state alone
 
 
-# trainer.compile=auto compiles when the run's eager compute is estimated at this many seconds or more.
-# Per-block compile costs 15-40 s on our 2-core CPUs (the first two steps: 2.1 s eager vs 38.5 s compiled
-# at the default shape, 11.8 s vs 26.5 s at model=small) and saves 10-20% of every later step (fp32:
-# 5,197 -> 5,781 and 686 -> 850 tokens/s), so by then it has paid for itself a few times over.
+# trainer.compile=auto compiles on a GPU when the run's eager compute is estimated at this many seconds
+# or more: per-block compile costs tens of seconds and saves a share of every later step, so by then it
+# has paid for itself several times over. On CPUs it stays eager: there the first two steps took 19-43 s
+# instead of 1-13 s, and tokens/s changed by -4% to +25% by shape and dtype (bench/results/step.json:
+# the default shape gained 25%, model=small in fp32 lost), too unsure a win to take unasked.
 COMPILE_PAYS_AFTER_S = 600.0
-EAGER_MFU = 0.5  # what the estimate assumes of an eager step (measured 0.5-0.6 on CPUs in fp32)
+EAGER_MFU = 0.5  # what the estimate assumes of an eager step
 
 
 def resolve_compile(
@@ -99,10 +100,11 @@ def resolve_compile(
 ) -> tuple[bool, str]:
     """Whether to compile each block (``trainer.compile``), and why.
 
-    ``auto``: where the architecture compiles cleanly (:attr:`ModelSpec.compiles`) and the run's
-    whole compute, estimated from its FLOPs and the device's peak at :data:`EAGER_MFU`, is at least
-    :data:`COMPILE_PAYS_AFTER_S`; ``$FMTRAIN_COMPILE_AUTO`` pins it. The estimate counts
-    ``trainer.max_steps``, not the steps left, so a resumed run decides as the first did. Every rank
+    ``auto``: on a GPU, where the architecture compiles cleanly (:attr:`ModelSpec.compiles`) and the
+    run's whole compute, estimated from its FLOPs and the device's peak at :data:`EAGER_MFU`, is at
+    least :data:`COMPILE_PAYS_AFTER_S`; never on a CPU; ``$FMTRAIN_COMPILE_AUTO`` pins it. The estimate counts
+    ``trainer.max_steps``, not the steps left, so a resumed run decides as the first did (but for a
+    run right at the threshold whose peak is measured again in between). Every rank
     decides alike: the peak is the world's (one all-reduce).
     """
     from fmtrain.hardware import COMPILE_PIN, compile_pin
@@ -116,6 +118,9 @@ def resolve_compile(
         return pinned, f"trainer.compile=auto, pinned by ${COMPILE_PIN}"
     if not spec.compiles:
         return False, f"trainer.compile=auto: model.arch={cfg.model.arch} compiles only with trainer.compile=true"
+    if device.type != "cuda":
+        why = f"eager on {device.type}, where compiling is no sure win; trainer.compile=true compiles"
+        return False, f"trainer.compile=auto: {why}"
     peak = t.peak_flops or world_peak_flops(env, device, compute_dtype(cfg.precision.name))
     flops = t.max_steps * t.global_batch_size * cfg.data.seq_len * flops_per_token
     seconds = flops / (EAGER_MFU * peak)

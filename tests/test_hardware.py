@@ -202,11 +202,14 @@ def test_the_default_run_trains_in_what_auto_chooses_here_and_says_so(cache_dir:
     monkeypatch.delenv(hardware.AUTO_PIN)
     chosen, why = probe("cpu", engines=False).auto_precision("ddp")
     steps = [*SMALL, "launcher.nproc=2", "trainer.max_steps=3", "trainer.eval_interval=3"]
-    auto = fmtrain(["train", f"run_dir={tmp_path / 'auto'}", *steps], cache_dir)
+    auto = fmtrain(["train", f"run_dir={tmp_path / 'auto'}", *steps], cache_dir, FMTRAIN_COMPILE_AUTO="")
     assert auto.returncode == 0, auto.stdout + auto.stderr
     log = (tmp_path / "auto" / "logs" / "rank0.log").read_text()
     assert f"precision=auto -> {chosen}: {why}" in log
     assert f"| {chosen} on cpu" in log
+    for rank in (0, 1):  # and trainer.compile=auto, on each rank
+        rank_log = (tmp_path / "auto" / "logs" / f"rank{rank}.log").read_text()
+        assert "not compiling each block (trainer.compile=auto: eager on cpu" in rank_log, rank
     named = fmtrain(["train", f"run_dir={tmp_path / 'named'}", *steps, f"precision={chosen}"], cache_dir)
     assert named.returncode == 0, named.stdout + named.stderr
     assert "precision=auto" not in (tmp_path / "named" / "logs" / "rank0.log").read_text()
