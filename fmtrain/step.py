@@ -89,7 +89,7 @@ class StepOutcome:
 # trainer.compile=auto compiles on a GPU when the run's eager compute is estimated at this many seconds
 # or more: per-block compile costs tens of seconds and saves a share of every later step, so by then it
 # has paid for itself several times over. On CPUs it stays eager: there the first two steps took 19-43 s
-# instead of 1-13 s, and tokens/s changed by -4% to +25% by shape and dtype (bench/results/step.json:
+# instead of 1-13 s, and tokens/s changed by -4% to +25% by shape and dtype (bench/results/step_compiled.json:
 # the default shape gained 25%, model=small in fp32 lost), too unsure a win to take unasked.
 COMPILE_PAYS_AFTER_S = 600.0
 EAGER_MFU = 0.5  # what the estimate assumes of an eager step
@@ -102,9 +102,9 @@ def resolve_compile(
 
     ``auto``: on a GPU, where the architecture compiles cleanly (:attr:`ModelSpec.compiles`) and the
     run's whole compute, estimated from its FLOPs and the device's peak at :data:`EAGER_MFU`, is at
-    least :data:`COMPILE_PAYS_AFTER_S`; never on a CPU; ``$FMTRAIN_COMPILE_AUTO`` pins it. The estimate counts
-    ``trainer.max_steps``, not the steps left, so a resumed run decides as the first did (but for a
-    run right at the threshold whose peak is measured again in between). Every rank
+    least :data:`COMPILE_PAYS_AFTER_S`; never on a CPU; ``$FMTRAIN_COMPILE_AUTO`` pins it. The
+    estimate counts ``trainer.max_steps``, not the steps left, so a resumed run decides as the first
+    did (but for a run right at the threshold whose peak is measured again in between). Every rank
     decides alike: the peak is the world's (one all-reduce).
     """
     from fmtrain.hardware import COMPILE_PIN, compile_pin

@@ -146,8 +146,9 @@ class TrainerConfig:
     device: str = "auto"
     activation_checkpointing: str = "none"  # none | full | every_n
     checkpoint_every_n: int = field_in(2, gt=0, le=4096)  # with every_n: blocks 0, n, 2n, ... recompute their activations
-    # torch.compile each transformer block: true | false | auto (on when the run's estimated compute is
-    # long enough to pay for compiling, for architectures that compile cleanly: fmtrain.step.resolve_compile)
+    # torch.compile each transformer block: true | false | auto (on a GPU, when the run's estimated compute
+    # is long enough to pay for compiling, for architectures that compile cleanly; eager on a CPU:
+    # fmtrain.step.resolve_compile)
     compile: str = "auto"
     progress: bool = True
     plot: bool = True
