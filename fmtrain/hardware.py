@@ -172,39 +172,41 @@ def probe(kind: str, index: int = 0, *, engines: bool = True) -> Capabilities:
 
 
 AUTO_PIN = "FMTRAIN_PRECISION_AUTO"  # a site's pin of what precision=auto means: fp32 or bf16
+COMPILE_PIN = "FMTRAIN_COMPILE_AUTO"  # a site's (or the test suite's) pin of what trainer.compile=auto means
+
+
+def site_pin(variable: str, setting: str, choices: tuple[str, str]) -> str | None:
+    """The value environment ``variable`` pins ``setting`` (an ``auto``) to, or None where it is unset.
+
+    Raises:
+        ConfigError: naming the variable, its value and the choices.
+    """
+    import os
+
+    pinned = os.environ.get(variable)
+    if not pinned:
+        return None
+    if pinned not in choices:
+        from fmtrain.config import ConfigError
+
+        raise ConfigError(f"${variable}", pinned, f"pins what {setting} means: {' or '.join(choices)}")
+    return pinned
 
 
 def resolve_precision(kind: str, strategy: str, precision: str, index: int = 0) -> tuple[str, str]:
     """``precision`` itself, or for ``auto`` what this device trains fastest in without loss scaling
     (:meth:`Capabilities.auto_precision`), unless ``$FMTRAIN_PRECISION_AUTO`` pins it; and why."""
-    import os
-
     if precision != "auto":
         return precision, "asked for"
-    if pinned := os.environ.get(AUTO_PIN):
-        if pinned not in ("fp32", "bf16"):
-            from fmtrain.config import ConfigError
-
-            raise ConfigError(f"${AUTO_PIN}", pinned, "pins what precision=auto means: fp32 or bf16")
+    if pinned := site_pin(AUTO_PIN, "precision=auto", ("fp32", "bf16")):
         return pinned, f"${AUTO_PIN}={pinned}"
     return probe(kind, index, engines=strategy == "deepspeed").auto_precision(strategy)
 
 
-COMPILE_PIN = "FMTRAIN_COMPILE_AUTO"  # a site's (or the test suite's) pin of what trainer.compile=auto means
-
-
 def compile_pin() -> bool | None:
     """What ``$FMTRAIN_COMPILE_AUTO`` pins ``trainer.compile=auto`` to (true, false), or None where it is unset."""
-    import os
-
-    pinned = os.environ.get(COMPILE_PIN)
-    if not pinned:
-        return None
-    if pinned not in ("true", "false"):
-        from fmtrain.config import ConfigError
-
-        raise ConfigError(f"${COMPILE_PIN}", pinned, "pins what trainer.compile=auto means: true or false")
-    return pinned == "true"
+    pinned = site_pin(COMPILE_PIN, "trainer.compile=auto", ("true", "false"))
+    return None if pinned is None else pinned == "true"
 
 
 def check(kind: str, strategy: str, precision: str, index: int = 0) -> None:
