@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
+# Test workers (pytest-xdist): while one worker's Slurm job or Ray head waits, the other trains. 2 suit 2 cores.
+TEST_WORKERS ?= 2
+XDIST   = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 .PHONY: setup train test test-fast lint format typecheck bench clean
 
@@ -20,10 +23,10 @@ train: setup
 	$(BIN)/fmtrain train $(ARGS)
 
 test: setup lint
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -ra -m "not slow and not slurm and not ray and not root" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra $(XDIST) -m "not slow and not slurm and not ray and not root" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -71,11 +71,48 @@ MARKERS_OF_FIXTURES = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for fixture in getattr(item, "fixturenames", ()):
             for marker in MARKERS_OF_FIXTURES.get(fixture, ()):
                 item.add_marker(marker)
+        if group := shared_fixture_group(item):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def shared_fixture_group(item: pytest.Item) -> str | None:
+    """Tests that share a module-scoped fixture (a Slurm cluster, a run made once and read by many)
+    run on one pytest-xdist worker (``--dist loadgroup``), which makes it once: the test's file."""
+    info = getattr(item, "_fixtureinfo", None)
+    for name in getattr(item, "fixturenames", ()):
+        for fixturedef in info.name2fixturedefs.get(name, ()) if info else ():
+            if fixturedef.scope in ("module", "class", "package"):
+                return item.nodeid.split("::")[0]
+    return None
+
+
+class LongestFirst:
+    """On pytest-xdist workers, the tests that take longest (Slurm jobs, Ray clusters, multi-process runs)
+    come first in the collection, the order the workers take them in: two workers then end together,
+    not one waiting out a Slurm test that came last. A group's tests stay together (one unit of work)."""
+
+    RANK: ClassVar[dict[str, int]] = {"slurm": 0, "ray": 1, "slow": 2}
+
+    @pytest.hookimpl(trylast=True)  # after pytest's own ordering by fixture scope
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        items.sort(key=lambda item: min((self.RANK.get(m.name, 3) for m in item.iter_markers()), default=3))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        config.pluginmanager.register(LongestFirst())
+
+
+# `make test` runs the suite on pytest-xdist workers (a worker's Slurm job or Ray head mostly waits while
+# the other trains). Each worker gets its share of the CPUs, as the local launcher gives each rank its share.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (len(os.sched_getaffinity(0)) or 1) // workers)))
 
 
 # Tests whose outcome depends on this machine's hardware say which branch they took; the summary lists them.
@@ -84,8 +121,15 @@ HARDWARE_BRANCHES: list[str] = []
 
 @pytest.fixture
 def hardware_branch(request: pytest.FixtureRequest) -> Any:
-    """``hardware_branch("refused: ...")``: record which behaviour this machine called for."""
-    return lambda branch: HARDWARE_BRANCHES.append(f"{request.node.nodeid}: {branch}")
+    """``hardware_branch("refused: ...")``: record which behaviour this machine called for (in the test's
+    report, which reaches the main process from a pytest-xdist worker)."""
+    return lambda branch: request.node.user_properties.append(("hardware_branch", branch))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        nodeid = report.nodeid.split("@")[0]  # pytest-xdist's loadgroup suffixes the group
+        HARDWARE_BRANCHES.extend(f"{nodeid}: {value}" for name, value in report.user_properties if name == "hardware_branch")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
