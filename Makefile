@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
 # Test workers (pytest-xdist): while one worker's Slurm job or Ray head waits, the other trains. 2 suit 2 cores.
 TEST_WORKERS ?= 2
-XDIST   = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+XDIST   = -n $(TEST_WORKERS) --no-loadscope-reorder
 
 .PHONY: setup train test test-fast lint format typecheck bench clean
 

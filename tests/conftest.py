@@ -71,31 +71,68 @@ MARKERS_OF_FIXTURES = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+@pytest.hookimpl(tryfirst=True)  # before the mark plugin deselects by them (make test-fast)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for fixture in getattr(item, "fixturenames", ()):
             for marker in MARKERS_OF_FIXTURES.get(fixture, ()):
                 item.add_marker(marker)
-        if group := shared_fixture_group(item):
-            item.add_marker(pytest.mark.xdist_group(group))
+        path, fixture = item.nodeid.split("::")[0], shared_fixture(item)
+        if fixture and path not in WHOLE_FILES and f"{path}::{fixture}" not in MADE_PER_WORKER:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the module-scoped fixture {fixture}: add {path} to WHOLE_FILES, or "
+                f"{path}::{fixture} to MADE_PER_WORKER if making it once per worker is cheap and safe"
+            )
 
 
-def shared_fixture_group(item: pytest.Item) -> str | None:
-    """Tests that share a module-scoped fixture (a Slurm cluster, a run made once and read by many)
-    run on one pytest-xdist worker (``--dist loadgroup``), which makes it once: the test's file."""
+# `make test` runs the suite on pytest-xdist workers, a test at a time to whichever worker is free, except
+# these files' tests: they share a module-scoped fixture that must exist once (a Slurm cluster on fixed
+# ports) or takes long to make (runs made once and read by many tests), so each file goes whole to one
+# worker. (xdist's own --dist loadgroup groups nothing under pytest 9.2: pytest-dev/pytest-xdist#1386.)
+WHOLE_FILES = {
+    "tests/test_layering.py",
+    "tests/test_model_seam.py",
+    "tests/test_slurm.py",
+    "tests/test_strategies.py",
+    "tests/test_tune_slurm.py",
+}
+# Module-scoped fixtures made in seconds, in folders of their own: a worker that runs a test using one makes it.
+MADE_PER_WORKER = {
+    "tests/test_compat.py::zero",
+    "tests/test_examples.py::folder",
+    "tests/test_sources.py::bpe",
+    "tests/test_train.py::reference",
+}
+
+
+def shared_fixture(item: pytest.Item) -> str | None:
+    """The first module-, class- or package-scoped fixture ``item`` uses, if any."""
     info = getattr(item, "_fixtureinfo", None)
     for name in getattr(item, "fixturenames", ()):
         for fixturedef in info.name2fixturedefs.get(name, ()) if info else ():
             if fixturedef.scope in ("module", "class", "package"):
-                return item.nodeid.split("::")[0]
+                return name
     return None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByTestOrSharedFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return path if path in WHOLE_FILES else nodeid
+
+    return ByTestOrSharedFile(config, log)
 
 
 class LongestFirst:
     """On pytest-xdist workers, the tests that take longest (Slurm jobs, Ray clusters, multi-process runs)
     come first in the collection, the order the workers take them in: two workers then end together,
-    not one waiting out a Slurm test that came last. A group's tests stay together (one unit of work)."""
+    not one waiting out a Slurm test that came last. A whole file's tests stay together."""
 
     RANK: ClassVar[dict[str, int]] = {"slurm": 0, "ray": 1, "slow": 2}
 
@@ -128,8 +165,7 @@ def hardware_branch(request: pytest.FixtureRequest) -> Any:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "call":
-        nodeid = report.nodeid.split("@")[0]  # pytest-xdist's loadgroup suffixes the group
-        HARDWARE_BRANCHES.extend(f"{nodeid}: {value}" for name, value in report.user_properties if name == "hardware_branch")
+        HARDWARE_BRANCHES.extend(f"{report.nodeid}: {v}" for name, v in report.user_properties if name == "hardware_branch")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
