@@ -146,10 +146,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(LongestFirst())
 
 
-# `make test` runs the suite on pytest-xdist workers (a worker's Slurm job or Ray head mostly waits while
-# the other trains). Each worker gets its share of the CPUs, as the local launcher gives each rank its share.
+# Each pytest-xdist worker gets its share of the CPUs, as the local launcher gives each rank its share.
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (len(os.sched_getaffinity(0)) or 1) // workers)))
+    from fmtrain.config import usable_cpus
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // workers)))
 
 
 # Tests whose outcome depends on this machine's hardware say which branch they took; the summary lists them.
