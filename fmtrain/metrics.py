@@ -7,6 +7,7 @@ methods, so the trainer never branches on the rank to log.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -76,18 +77,21 @@ def cached_peak_flops(dtype: torch.dtype, device: torch.device, sharing: int) ->
 def store_peak_flops(key: str, value: float | None) -> None:
     """Keep the probe's result for ``key`` (None: forget it, so the next run measures again)."""
     path = cache_root() / "peak_flops.json"
-    try:
-        known = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        known = {}
-    if value is None:
-        known.pop(key, None)
-    else:
-        known[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, indent=1))
-    os.replace(tmp, path)
+    # Runs sharing the cache update it one at a time, so that none loses another's entry.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            known = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            known = {}
+        if value is None:
+            known.pop(key, None)
+        else:
+            known[key] = value
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -27,21 +27,21 @@ def test_mfu_is_never_above_one_and_a_probe_that_proved_low_is_measured_again(ca
     assert "above trainer.peak_flops" in run.stdout + run.stderr
 
     # A probed peak cached far too low (the probe ran on a busy CPU): capped, then forgotten.
+    # A cache of this test's own: another test worker's run must not read, or forget, the planted peaks.
+    own_cache = tmp_path / "cache"
     probed = [*SMALL, "trainer.max_steps=4", "trainer.peak_flops=null"]
-    first = fmtrain(["train", f"run_dir={tmp_path / 'probe'}", *probed], cache_dir)
+    first = fmtrain(["train", f"run_dir={tmp_path / 'probe'}", *probed], own_cache)
     assert first.returncode == 0, first.stdout + first.stderr
-    cache = cache_dir / "peak_flops.json"
-    original = cache.read_text()
-    try:
-        cache.write_text(json.dumps(dict.fromkeys(json.loads(original), 1.0)))
-        low = fmtrain(["train", f"run_dir={tmp_path / 'low'}", *probed], cache_dir)
-        assert low.returncode == 0, low.stdout + low.stderr
-        mfus = [r["mfu"] for r in read_metrics(tmp_path / "low") if "mfu" in r]
-        assert all(0 < m <= 1.0 for m in mfus), mfus
-        left = json.loads(cache.read_text())
-        assert len(left) == len(json.loads(original)) - 1, left  # this machine's entry: to be measured again
-    finally:
-        cache.write_text(original)
+    peaks = own_cache / "peak_flops.json"
+    probed_peaks = json.loads(peaks.read_text())
+    assert len(probed_peaks) == 1, probed_peaks
+    peaks.write_text(json.dumps({**dict.fromkeys(probed_peaks, 1.0), "another machine|threads=8": 1.0}))
+    low = fmtrain(["train", f"run_dir={tmp_path / 'low'}", *probed], own_cache)
+    assert low.returncode == 0, low.stdout + low.stderr
+    mfus = [r["mfu"] for r in read_metrics(tmp_path / "low") if "mfu" in r]
+    assert all(0 < m <= 1.0 for m in mfus), mfus
+    left = json.loads(peaks.read_text())
+    assert left == {"another machine|threads=8": 1.0}, left  # this machine's entry: to be measured again
 
 
 CKPT = [*SMALL, "trainer.eval_interval=5", "checkpoint.interval=5", "checkpoint.keep_last=5"]
