@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fmtrain.config import TrainConfig
 from launch.commands import FMTRAIN_FLAGS, split_flags, usage
 from launch.compose import UsageError, check_option_keys, compose, conf_dir, expand_sweep
 
@@ -18,10 +19,11 @@ def _gpus_available() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> int:
+def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> list[TrainConfig]:
     """Compose and validate every job the command line asks for (and for Slurm, check the request
-    against the cluster); return how many jobs there are."""
+    against the cluster); return their configs."""
     checked: set[str] = set()
+    configs: list[TrainConfig] = []
     jobs = expand_sweep(overrides)
     if len(jobs) > 1 and not multirun:
         raise UsageError(f"{' '.join(overrides)} describes a sweep of {len(jobs)} runs; add -m to run them all")
@@ -48,7 +50,8 @@ def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> 
             except LaunchError as error:
                 raise UsageError(str(error)) from error
             checked.add(repr(cfg.launcher))
-    return len(jobs)
+        configs.append(cfg)
+    return configs
 
 
 _exit_codes: list[int] = []
@@ -99,9 +102,9 @@ def main(args: list[str]) -> int:
         return 0
     flags, overrides = split_flags(args)
     multirun = "-m" in flags or "--multirun" in flags
-    check_train(overrides, multirun, dry_run="--dry-run" in flags)
+    configs = check_train(overrides, multirun, dry_run="--dry-run" in flags)
     if "--dry-run" in flags:
-        return _dry_run(overrides)
+        return _dry_run(expand_sweep(overrides), configs)
     flags = [f for f in flags if f not in FMTRAIN_FLAGS]
 
     import hydra
@@ -134,12 +137,10 @@ def _submit_queued(multirun: bool) -> None:
         print(f"{JobRecord.read(job.run_dir).job_id}\t{job.run_dir}")
 
 
-def _dry_run(overrides: list[str]) -> int:
+def _dry_run(jobs: list[list[str]], configs: list[TrainConfig]) -> int:
     """Print what would run: the resolved config of each job, and the sbatch script for Slurm."""
     from fmtrain.config import to_yaml
 
-    jobs = expand_sweep(overrides)
-    configs = [compose(job) for job in jobs]
     for job, cfg in zip(jobs, configs, strict=True):
         print(f"# config ({' '.join(job)})\n{to_yaml(cfg)}")
     from fmtrain.plan import make_plan
