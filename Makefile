@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
-# Test workers (pytest-xdist): while one worker's Slurm job or Ray head waits, the other trains. 2 suit 2 cores.
-TEST_WORKERS ?= 2
+# Test workers (pytest-xdist). The whole suite: 3 on 2 cores, as one worker runs the Slurm and Ray tests,
+# which mostly wait (WAITING_FILES in tests/conftest.py), beside two that compute. The fast set only computes: 2.
+test: TEST_WORKERS ?= 3
+test-fast: TEST_WORKERS ?= 2
 XDIST   = -n $(TEST_WORKERS) --no-loadscope-reorder
 
 .PHONY: setup train test test-fast lint format typecheck bench clean

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -78,6 +80,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             for marker in MARKERS_OF_FIXTURES.get(fixture, ()):
                 item.add_marker(marker)
         path, fixture = item.nodeid.split("::")[0], shared_fixture(item)
+        if path not in WAITING_FILES and any(item.get_closest_marker(m) for m in ("slurm", "ray")):
+            raise pytest.UsageError(f"{item.nodeid} is marked slurm or ray: add {path} to WAITING_FILES")
         if fixture and path not in WHOLE_FILES and f"{path}::{fixture}" not in MADE_PER_WORKER:
             raise pytest.UsageError(
                 f"{item.nodeid} uses the module-scoped fixture {fixture}: add {path} to WHOLE_FILES, or "
@@ -122,16 +126,33 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
 
     class ByTestOrSharedFile(LoadScopeScheduling):
+        """Worker gw0 takes the tests that mostly wait (WAITING_FILES) while there are any, the others take
+        the rest; a worker whose kind has run out takes the other kind, so none idles while tests remain."""
+
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::")[0]
             return path if path in WHOLE_FILES else nodeid
 
+        def _assign_work_unit(self, node: Any) -> None:
+            waiter = node.gateway.id == "gw0"
+            for scope in self.workqueue:  # the collection's order: the longest first
+                if (scope.split("::")[0] in WAITING_FILES) == waiter:
+                    self.workqueue.move_to_end(scope, last=False)
+                    break
+            super()._assign_work_unit(node)
+
     return ByTestOrSharedFile(config, log)
+
+
+# Files whose tests spend most of their time waiting (on a Slurm cluster's daemons and time limits, on Ray's
+# processes): one worker runs them, one after another, beside workers that run the tests that compute.
+# Every test marked slurm or ray must be in one (checked at collection).
+WAITING_FILES = {"tests/test_ray.py", "tests/test_slurm.py", "tests/test_tune.py", "tests/test_tune_slurm.py"}
 
 
 class LongestFirst:
     """On pytest-xdist workers, the tests that take longest (Slurm jobs, Ray clusters, multi-process runs)
-    come first in the collection, the order the workers take them in: two workers then end together,
+    come first in the collection, the order the workers take each kind in: the workers then end together,
     not one waiting out a Slurm test that came last. A whole file's tests stay together."""
 
     RANK: ClassVar[dict[str, int]] = {"slurm": 0, "ray": 1, "slow": 2}
@@ -164,12 +185,45 @@ def hardware_branch(request: pytest.FixtureRequest) -> Any:
     return lambda branch: request.node.user_properties.append(("hardware_branch", branch))
 
 
+# Where the suite's time goes, by kind of test: seconds of wall time, and of CPU time in the test's process
+# and the processes it waited for (a Slurm or Ray daemon's are not counted). The summary prints them.
+TIME_BY_KIND: dict[str, list[float]] = {}
+STARTED = pytest.StashKey[tuple[float, float]]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[STARTED] = (time.monotonic(), cpu_seconds())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    if call.when == "teardown" and STARTED in item.stash:  # the test's last report carries its cost
+        wall, cpu = item.stash[STARTED]
+        item.user_properties.append(("cost", (time.monotonic() - wall, cpu_seconds() - cpu)))
+    return (yield)
+
+
+def cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "call":
         HARDWARE_BRANCHES.extend(f"{report.nodeid}: {v}" for name, v in report.user_properties if name == "hardware_branch")
+    for wall, cpu in (value for name, value in report.user_properties if name == "cost"):
+        kind = "waiting files" if report.nodeid.split("::")[0] in WAITING_FILES else "the rest"
+        totals = TIME_BY_KIND.setdefault(kind, [0, 0.0, 0.0])
+        totals[0], totals[1], totals[2] = totals[0] + 1, totals[1] + wall, totals[2] + cpu
 
 
+@pytest.hookimpl(trylast=True)  # after the slowest durations, the end of the log that CI shows
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if TIME_BY_KIND:
+        terminalreporter.section("test time by kind")
+        for kind, (tests, wall, cpu) in sorted(TIME_BY_KIND.items()):
+            terminalreporter.write_line(f"{kind}: {tests:.0f} tests, {wall:,.0f} s of wall time, {cpu:,.0f} s of CPU")
     if HARDWARE_BRANCHES:
         from fmtrain.hardware import probe
 
