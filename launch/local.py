@@ -94,7 +94,11 @@ def failure_report(error: Any) -> str:
             if message.startswith(kind):
                 return f"rank {rank}: {message.removeprefix(kind)}"
         detail = detail.get("extraInfo", {}).get("py_callstack") or message
-    return f"rank {rank} failed (exit code {failure.exitcode}, pid {failure.pid}):\n{detail}".rstrip()
+    status = f"exit code {failure.exitcode}"
+    if failure.exitcode < 0 and failure.error_file and os.path.isfile(failure.error_file):
+        # It raised, and the agent stopped it while it was exiting: another rank's exit came first.
+        status = f"raised, then stopped by {signal.Signals(-failure.exitcode).name} as the job ended"
+    return f"rank {rank} failed ({status}, pid {failure.pid}):\n{detail}".rstrip()
 
 
 class LocalLauncher(ForegroundLauncher):

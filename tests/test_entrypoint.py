@@ -50,3 +50,34 @@ def test_an_entry_point_called_in_process_raises_on_a_nonzero_return(tmp_path: P
         Entrypoint("returns_three", ("a", "b")).call()
     assert Entrypoint.training(Path("r/config.yaml")).process_args() == ["-u", "-m", "fmtrain.worker", "r/config.yaml"]
     assert Entrypoint("pkg.job", ("x",)).process_args() == ["-u", "-m", "fmtrain.worker", "-m", "pkg.job", "x"]
+
+
+# (rank: (exit code, seconds after the first error file that its own is written; None: no file)) -> the report's first line
+FAILURES = [
+    ({0: (1, 0.5), 1: (1, 0.0)}, "rank 1 failed (exit code 1, pid 101):"),
+    # rank 1 raised; rank 0 saw its peer go and exited first, so the agent stopped rank 1 as it exited
+    ({0: (1, 0.5), 1: (-15, 0.0)}, "rank 1 failed (raised, then stopped by SIGTERM as the job ended, pid 101):"),
+    ({0: (-9, None), 1: (-15, None)}, "rank 0 failed (exit code -9, pid 100):"),  # killed, no error file: the lower rank
+]
+
+
+@pytest.mark.parametrize(("ranks", "first_line"), FAILURES)
+def test_a_failed_jobs_report_names_the_rank_that_failed_first_and_how(ranks: dict, first_line: str, tmp_path: Path) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from launch.local import failure_report
+
+    failures = {}
+    for rank, (exit_code, written_after) in ranks.items():
+        error_file = tmp_path / f"rank{rank}.error.json"
+        if written_after is not None:
+            trace = {"py_callstack": f"Traceback: rank {rank}", "timestamp": "0"}
+            message = {"message": f"RuntimeError: on rank {rank}", "extraInfo": trace}
+            error_file.write_text(json.dumps({"message": message}))
+            os.utime(error_file, ns=(0, 10**18 + int(written_after * 1e9)))
+        failures[rank] = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exit_code, error_file=str(error_file))
+    report = failure_report(ChildFailedError("fmtrain.worker", failures))
+    assert report.splitlines()[0] == first_line, report
+    rank = int(first_line.split()[1])
+    detail = f"Traceback: rank {rank}" if ranks[rank][1] is not None else "Signal 9 (SIGKILL) received by PID 100"
+    assert report.splitlines()[1:] == [detail], report
