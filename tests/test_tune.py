@@ -117,6 +117,32 @@ def test_a_trial_without_its_metric_says_why_in_the_results(netns, ray_tmp: Path
     assert bad["status"] == "error: fmtrain.config.ConfigError: model.n_heads=3 is invalid: must divide model.dim=64"
 
 
+COMPLETED = {"status": "completed", "step": 40}
+EVALS = [{"step": 20, "val_loss": 3.5}, {"step": 40, "val_loss": 3.0}]
+
+
+@pytest.mark.parametrize(
+    ("result", "params", "evaluations"),
+    [
+        (COMPLETED, {"optim.lr": 0.001}, EVALS),  # a completed run with the trial's values: reported, not run again
+        (COMPLETED, {"optim.lr": 0.002}, None),  # another trial's values
+        ({"status": "stopped", "step": 20}, {"optim.lr": 0.001}, None),  # stopped: it resumes
+        ({"status": "completed", "step": 20}, {"optim.lr": 0.001}, None),  # ended before max_steps
+        (None, {"optim.lr": 0.001}, None),  # no result.json: it never ended
+    ],
+)
+def test_a_restarted_trial_reports_a_completed_run_instead_of_running_it_again(
+    result: dict | None, params: dict, evaluations: list | None, tmp_path: Path
+) -> None:
+    from launch.tune.trials import _completed_evaluations
+
+    (tmp_path / "params.json").write_text(json.dumps({"optim.lr": 0.001}))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 10, "loss": 4.0}, *EVALS]))
+    if result is not None:
+        (tmp_path / "result.json").write_text(json.dumps(result))
+    assert _completed_evaluations(tmp_path, params, max_steps=40) == evaluations
+
+
 @pytest.mark.slow
 def test_a_sweep_whose_driver_is_stopped_resumes_without_rerunning_finished_trials(
     netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path

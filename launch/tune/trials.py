@@ -37,6 +37,13 @@ def _trial(params: dict[str, Any], base_yaml: str, sweep_dir: str, hand_over_che
     trial_dir = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()
     trial_dir.mkdir(parents=True, exist_ok=True)  # first: a trial whose values fail validation has its row too
     cfg = _trial_config(params, base_yaml, trial_dir)
+    if (evaluations := _completed_evaluations(trial_dir, params, cfg.trainer.max_steps)) is not None:
+        # A resumed sweep restarts a trial whose run completed after the sweep's state was last saved
+        # (its driver stopped in between): the run's evaluations are reported again, the run is not.
+        log.info("trial %s: its run completed before the sweep stopped; reporting its evaluations", trial_dir.name)
+        for record in evaluations:
+            tune.report({"val_loss": record["val_loss"], "step": record["step"]})
+        return
     if hand_over_checkpoints:
         # PBT may hand any reported checkpoint to another trial later: keep them all (Ray keeps
         # only pointers to them, so nothing is stored twice).
@@ -63,6 +70,23 @@ def _trial(params: dict[str, Any], base_yaml: str, sweep_dir: str, hand_over_che
         _follow(_LocalTrialJob.start(trial_dir, cfg.tune.cpus_per_trial), trial_dir, cfg.trainer.max_steps)
     else:
         _run_here(cfg, hand_over_checkpoints)
+
+
+def _completed_evaluations(trial_dir: Path, params: dict[str, Any], max_steps: int) -> list[dict[str, Any]] | None:
+    """The evaluations in ``trial_dir``'s metrics, if a run with these values completed there."""
+    from fmtrain.metrics import read_jsonl
+    from launch.spec import RESULT_FILE, run_outcome
+
+    try:
+        same_values = json.loads((trial_dir / "params.json").read_text()) == json.loads(json.dumps(params))
+        if not same_values or not (trial_dir / RESULT_FILE).is_file():
+            return None
+        outcome = run_outcome(trial_dir)
+    except (OSError, ValueError):
+        return None
+    if outcome.get("status") != "completed" or outcome.get("step") != max_steps:
+        return None
+    return [r for r in read_jsonl(trial_dir / "metrics.jsonl") if "val_loss" in r]
 
 
 def _trial_config(params: dict[str, Any], base_yaml: str, trial_dir: Path) -> TrainConfig:
