@@ -19,11 +19,11 @@ def _gpus_available() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> list[TrainConfig]:
+def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> list[tuple[list[str], TrainConfig]]:
     """Compose and validate every job the command line asks for (and for Slurm, check the request
-    against the cluster); return their configs."""
+    against the cluster); return each job's overrides and config."""
     checked: set[str] = set()
-    configs: list[TrainConfig] = []
+    checked_jobs: list[tuple[list[str], TrainConfig]] = []
     jobs = expand_sweep(overrides)
     if len(jobs) > 1 and not multirun:
         raise UsageError(f"{' '.join(overrides)} describes a sweep of {len(jobs)} runs; add -m to run them all")
@@ -50,8 +50,8 @@ def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> 
             except LaunchError as error:
                 raise UsageError(str(error)) from error
             checked.add(repr(cfg.launcher))
-        configs.append(cfg)
-    return configs
+        checked_jobs.append((job, cfg))
+    return checked_jobs
 
 
 _exit_codes: list[int] = []
@@ -102,9 +102,9 @@ def main(args: list[str]) -> int:
         return 0
     flags, overrides = split_flags(args)
     multirun = "-m" in flags or "--multirun" in flags
-    configs = check_train(overrides, multirun, dry_run="--dry-run" in flags)
+    jobs = check_train(overrides, multirun, dry_run="--dry-run" in flags)
     if "--dry-run" in flags:
-        return _dry_run(expand_sweep(overrides), configs)
+        return _dry_run(jobs)
     flags = [f for f in flags if f not in FMTRAIN_FLAGS]
 
     import hydra
@@ -137,22 +137,23 @@ def _submit_queued(multirun: bool) -> None:
         print(f"{JobRecord.read(job.run_dir).job_id}\t{job.run_dir}")
 
 
-def _dry_run(jobs: list[list[str]], configs: list[TrainConfig]) -> int:
+def _dry_run(jobs: list[tuple[list[str], TrainConfig]]) -> int:
     """Print what would run: the resolved config of each job, and the sbatch script for Slurm."""
     from fmtrain.config import to_yaml
 
-    for job, cfg in zip(jobs, configs, strict=True):
+    for job, cfg in jobs:
         print(f"# config ({' '.join(job)})\n{to_yaml(cfg)}")
     from fmtrain.plan import make_plan
     from launch.launchers import make_launcher
 
-    world = make_launcher(configs[0].launcher).world_size(configs[0].launcher)
-    print(f"# plan per rank\n{make_plan(configs[0], world).table()}\n")
-    if configs[0].launcher.name == "slurm":
+    first = jobs[0][1]
+    world = make_launcher(first.launcher).world_size(first.launcher)
+    print(f"# plan per rank\n{make_plan(first, world).table()}\n")
+    if first.launcher.name == "slurm":
         from launch.slurm import SlurmError, check_against_cluster, render_sbatch
 
-        lc = configs[0].launcher
-        root = Path(configs[0].run_dir).resolve()
+        lc = first.launcher
+        root = Path(first.run_dir).resolve()
         root = root.parent if len(jobs) > 1 else root
         print("# sbatch script (submitit fills in %j)")
         print(
