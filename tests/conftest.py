@@ -80,7 +80,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             for marker in MARKERS_OF_FIXTURES.get(fixture, ()):
                 item.add_marker(marker)
         path, fixture = item.nodeid.split("::")[0], shared_fixture(item)
-        if path not in WAITING_FILES and any(item.get_closest_marker(m) for m in ("slurm", "ray")):
+        if not waits(item.nodeid) and any(item.get_closest_marker(m) for m in ("slurm", "ray")):
             raise pytest.UsageError(f"{item.nodeid} is marked slurm or ray: add {path} to WAITING_FILES")
         if fixture and path not in WHOLE_FILES and f"{path}::{fixture}" not in MADE_PER_WORKER:
             raise pytest.UsageError(
@@ -136,7 +136,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         def _assign_work_unit(self, node: Any) -> None:
             waiter = node.gateway.id == "gw0"
             for scope in self.workqueue:  # the collection's order: the longest first
-                if (scope.split("::")[0] in WAITING_FILES) == waiter:
+                if waits(scope) == waiter:
                     self.workqueue.move_to_end(scope, last=False)
                     break
             super()._assign_work_unit(node)
@@ -148,6 +148,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 # processes): one worker runs them, one after another, beside workers that run the tests that compute.
 # Every test marked slurm or ray must be in one (checked at collection).
 WAITING_FILES = {"tests/test_ray.py", "tests/test_slurm.py", "tests/test_tune.py", "tests/test_tune_slurm.py"}
+
+
+def waits(nodeid: str) -> bool:
+    """Whether a test (or a scheduler's scope: a test or a whole file) is in WAITING_FILES."""
+    return nodeid.split("::")[0] in WAITING_FILES
 
 
 class LongestFirst:
@@ -213,7 +218,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "call":
         HARDWARE_BRANCHES.extend(f"{report.nodeid}: {v}" for name, v in report.user_properties if name == "hardware_branch")
     for wall, cpu in (value for name, value in report.user_properties if name == "cost"):
-        kind = "waiting files" if report.nodeid.split("::")[0] in WAITING_FILES else "the rest"
+        kind = "waiting files" if waits(report.nodeid) else "the rest"
         totals = TIME_BY_KIND.setdefault(kind, [0, 0.0, 0.0])
         totals[0], totals[1], totals[2] = totals[0] + 1, totals[1] + wall, totals[2] + cpu
 
