@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import signal
 import time
@@ -285,6 +286,8 @@ class _Report:
             cfg.precision.name,
             p.device,
         )
+        if (niceness := os.nice(0)) > 0:  # a rank started under `nice`, or by a Ray that kept its default
+            log.warning("this rank runs at nice %d: the node's other processes take the CPU before it", niceness)
         self.real_share: float | None = None  # fine-tuning examples: the share of real (not padding) tokens per row
         if "examples" in p.corpus.meta:  # fine-tuning examples, padded
             meta, width = p.corpus.meta, cfg.data.seq_len + 1

@@ -98,6 +98,13 @@ def torch_trainer(
     )
 
 
+# Ray starts the processes of tasks and actors at nice 15 (RAY_worker_niceness), to keep its own daemons
+# responsive. fmtrain's ranks, and a sweep's trials with the ranks they start, are the job itself: they run at
+# nice 0, as under the local and Slurm launchers, or any other process on the node takes the CPU before them
+# (at nice 15 a rank gets 1/28 of a nice-0 process's share of a busy core). Ray Jobs does the same for its drivers.
+JOB_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+
+
 def ray_environment() -> dict[str, str]:
     """Ray settings for processes fmtrain starts: no usage reporting, no implicit auth token file."""
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
@@ -239,6 +246,7 @@ class RayLauncher(ForegroundLauncher):
         started_here = not ray.is_initialized() and lc.address is None
         if not ray.is_initialized():
             options: dict[str, Any] = {"address": lc.address, "logging_level": logging.WARNING, "log_to_driver": False}
+            options["runtime_env"] = JOB_RUNTIME_ENV
             if lc.address is None:
                 options |= {"include_dashboard": False, "object_store_memory": lc.object_store_mb * 1024 * 1024}
             ray.init(**options)

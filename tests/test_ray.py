@@ -39,6 +39,7 @@ def test_two_ray_workers_equal_the_local_launcher(netns, ray_tmp: Path, cache_di
     # Ray Train's gloo group, the same ranks and data as the local 2-process run: equal numbers.
     assert train_losses(tmp_path / "ray") == pytest.approx(reference, rel=1e-6)
     assert '"launcher": "ray"' in (tmp_path / "ray" / "job.json").read_text()
+    assert "runs at nice" not in (tmp_path / "ray" / "logs" / "rank1.log").read_text()
 
 
 def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
@@ -51,6 +52,7 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
         assert time.monotonic() < deadline, "the run did not get past step 12"
         time.sleep(0.2)
     pid = int(re.findall(r"rank1 pid (\d+)", (run_dir / "logs" / "rank1.log").read_text())[-1])
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 0, "a rank runs at Ray's worker niceness (15), not at 0"
     os.kill(pid, signal.SIGKILL)
     reference = local_reference(cache_dir, tmp_path / "local", 200)
     output, _ = job.communicate(timeout=400)
@@ -151,6 +153,7 @@ def test_a_ray_jobs_submission_returns_an_id_that_status_logs_and_cancel_work_on
             assert time.monotonic() < deadline, status(job_id)
             time.sleep(0.5)
         ranks = [int(re.findall(r"rank\d pid (\d+)", (run_dir / "logs" / f"rank{r}.log").read_text())[0]) for r in (0, 1)]
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in ranks] == [0, 0], "ranks at Ray's worker niceness"
         cancelled = cli("cancel", job_id)
         assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
         summary = status(job_id)

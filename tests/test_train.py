@@ -258,6 +258,18 @@ def test_multirun_gives_each_value_its_own_run_directory(cache_dir: Path, tmp_pa
     assert "lr: 0.001" in configs[0] and "lr: 0.002" in configs[1]
 
 
+def test_a_rank_started_under_nice_says_so_in_its_log(cache_dir: Path, tmp_path: Path) -> None:
+    """At nice > 0 a rank trains, but a busy node's other processes come first: its log says so
+    (launcher=ray undoes Ray's default, nice 15, for the ranks: test_ray)."""
+    command = ["nice", "-n", "5", FMTRAIN, "train", f"run_dir={tmp_path}", *SMALL, "trainer.max_steps=1"]
+    result = subprocess.run(command, env=env_with(cache_dir), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        "this rank runs at nice 5: the node's other processes take the CPU before it"
+        in (tmp_path / "logs" / "rank0.log").read_text()
+    )
+
+
 @pytest.mark.parametrize("policy", ["error", "skip"])
 def test_a_non_finite_update_stops_the_run_or_is_skipped(policy: str, cache_dir: Path, tmp_path: Path) -> None:
     # Weights of 1e30 overflow the gradients on the first step, deterministically (model.init_std=1e30

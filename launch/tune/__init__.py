@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fmtrain.config import ConfigError, TrainConfig, TuneConfig
+from launch.ray import JOB_RUNTIME_ENV, ray_environment
 from launch.tune.results import write_results
 from launch.tune.space import Distribution, apply_overrides, check_trials, check_values, parse_space
 from launch.tune.trials import _stop_runs_callback, _trial, stop_trial_run
@@ -82,7 +83,7 @@ def _search(tune_cfg: TuneConfig, seed: int) -> Any:
 
 def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> Path:
     """Run (or resume) the sweep described by ``cfg.tune`` into ``cfg.run_dir``; return that folder."""
-    os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
+    os.environ.update(ray_environment())
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
@@ -111,6 +112,7 @@ def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> P
     started_here = not ray.is_initialized()
     if started_here:
         options: dict[str, Any] = {"address": tune_cfg.address, "logging_level": logging.WARNING, "log_to_driver": False}
+        options["runtime_env"] = JOB_RUNTIME_ENV  # trials, and the ranks they start, at nice 0
         if tune_cfg.address is None:
             options |= {"include_dashboard": False, "object_store_memory": 256 * 1024 * 1024}
         ray.init(**options)
