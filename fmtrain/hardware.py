@@ -209,6 +209,17 @@ def compile_pin() -> bool | None:
     return None if pinned is None else pinned == "true"
 
 
+def cpu_compiler() -> str | None:
+    """The C++ compiler inductor builds a CPU graph's kernels with (``$CXX``, else ``g++``), or None where
+    there is none: ``torch.compile`` on a CPU fails at the first step without one."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # InvalidCxxCompiler; or a torch whose private layout moved: no compiler we can vouch for
+        return None
+
+
 def check(kind: str, strategy: str, precision: str, index: int = 0) -> None:
     """Refuse what device ``kind`` (``"cpu"``, ``"cuda"``) number ``index`` cannot train: a
     ConfigError naming the device and the alternative. Validation asks it of this machine before a

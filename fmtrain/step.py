@@ -86,13 +86,14 @@ class StepOutcome:
     optim_state_bytes: int  # the optimizer state alone
 
 
-# trainer.compile=auto compiles on a GPU when the run's eager compute is estimated at this many seconds
-# or more: per-block compile costs tens of seconds and saves a share of every later step, so by then it
-# has paid for itself several times over. On CPUs it stays eager: there the first two steps took 19-43 s
-# instead of 1-13 s, and tokens/s changed by -4% to +25% by shape and dtype (bench/results/step_compiled.json:
-# the default shape gained 25%, model=small in fp32 lost), too unsure a win to take unasked.
+# trainer.compile=auto compiles when the run's eager compute is estimated at this many seconds or more:
+# per-block compile costs tens of seconds and saves a share of every later step, so by then it has paid
+# for itself. On 2 CPU cores (bench/results/step_compiled.json, one sitting, alternating rounds) compiled
+# blocks were 5-24% faster than eager at both shapes and both dtypes, and the first two steps took 20-40 s
+# longer with a cold inductor cache (a few seconds with a warm one): 10 minutes of compute pays that on a
+# CPU too. The default run (~1 minute) stays eager.
 COMPILE_PAYS_AFTER_S = 600.0
-EAGER_MFU = 0.5  # what the estimate assumes of an eager step
+EAGER_MFU = 0.5  # what the estimate assumes of an eager step (CPUs reach 16-62%: their runs last longer)
 
 
 def resolve_compile(
@@ -100,14 +101,14 @@ def resolve_compile(
 ) -> tuple[bool, str]:
     """Whether to compile each block (``trainer.compile``), and why.
 
-    ``auto``: on a GPU, where the architecture compiles cleanly (:attr:`ModelSpec.compiles`) and the
-    run's whole compute, estimated from its FLOPs and the device's peak at :data:`EAGER_MFU`, is at
-    least :data:`COMPILE_PAYS_AFTER_S`; never on a CPU; ``$FMTRAIN_COMPILE_AUTO`` pins it. The
-    estimate counts ``trainer.max_steps``, not the steps left, so a resumed run decides as the first
-    did (but for a run right at the threshold whose peak is measured again in between). Every rank
-    decides alike: the peak is the world's (one all-reduce).
+    ``auto``: on a GPU or a CPU, where the architecture compiles cleanly (:attr:`ModelSpec.compiles`)
+    and the run's whole compute, estimated from its FLOPs and the device's peak at :data:`EAGER_MFU`,
+    is at least :data:`COMPILE_PAYS_AFTER_S` (on a CPU, if every rank has the C++ compiler inductor needs);
+    ``$FMTRAIN_COMPILE_AUTO`` pins it. The estimate counts ``trainer.max_steps``, not the steps left,
+    so a resumed run decides as the first did (but for a run right at the threshold whose peak is
+    measured again in between). Every rank decides alike: the peak is the world's (one all-reduce).
     """
-    from fmtrain.hardware import COMPILE_PIN, compile_pin
+    from fmtrain.hardware import COMPILE_PIN, compile_pin, cpu_compiler
     from fmtrain.metrics import world_peak_flops
     from fmtrain.strategies import compute_dtype
 
@@ -118,8 +119,8 @@ def resolve_compile(
         return pinned, f"trainer.compile=auto, pinned by ${COMPILE_PIN}"
     if not spec.compiles:
         return False, f"trainer.compile=auto: model.arch={cfg.model.arch} compiles only with trainer.compile=true"
-    if device.type != "cuda":
-        why = f"eager on {device.type}, where compiling is no sure win; trainer.compile=true compiles"
+    if device.type not in ("cuda", "cpu"):
+        why = f"eager on {device.type}, where compiling is not measured; trainer.compile=true compiles"
         return False, f"trainer.compile=auto: {why}"
     peak = t.peak_flops or world_peak_flops(env, device, compute_dtype(cfg.precision.name))
     flops = t.max_steps * t.global_batch_size * cfg.data.seq_len * flops_per_token
@@ -127,6 +128,13 @@ def resolve_compile(
     estimate = f"{t.max_steps} steps estimated at {seconds / 60:.1f} min eager ({EAGER_MFU:.0%} of {peak:.3g} FLOP/s)"
     if seconds < COMPILE_PAYS_AFTER_S:
         return False, f"trainer.compile=auto: {estimate}, under the {COMPILE_PAYS_AFTER_S / 60:.0f} min compiling needs to pay"
+    if device.type == "cpu":  # all ranks compile, or none: each asks, and they agree (the same branch: the world's peak)
+        able = torch.tensor(float(cpu_compiler() is not None))
+        if env.distributed:
+            dist.all_reduce(able, op=dist.ReduceOp.MIN)
+        if not able.item():
+            why = "but a rank has no C++ compiler for inductor's CPU kernels (g++, or $CXX): eager"
+            return False, f"trainer.compile=auto: {estimate}, long enough for compiling to pay, {why}"
     return True, f"trainer.compile=auto: {estimate}, long enough for compiling to pay"
 
 

@@ -1,15 +1,17 @@
-"""trainer.compile: true and false as asked; auto compiles only a GPU run long enough to pay for it.
+"""trainer.compile: true and false as asked; auto compiles a GPU or CPU run long enough to pay for it.
 
-The GPU cases are decided from numbers alone (a set ``trainer.peak_flops``): nothing runs on the GPU."""
+The cases are decided from numbers alone (a set ``trainer.peak_flops``): nothing runs on a GPU."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
+from conftest import spawn_ranks
 
-from fmtrain import models
+from fmtrain import hardware, models
 from fmtrain.distributed import DistEnv
 from fmtrain.hardware import COMPILE_PIN
 from fmtrain.models.custom import CustomSpec
@@ -48,24 +50,37 @@ def test_an_explicit_choice_is_kept_whatever_the_length(asked, steps, unpinned, 
     assert decide(f"trainer.compile={asked}", f"trainer.max_steps={steps}")[0] == (asked == "true")
 
 
-def test_auto_compiles_from_the_estimated_compute_on(unpinned) -> None:
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_auto_compiles_from_the_estimated_compute_on(device, unpinned) -> None:
     at = steps_to_pay()
     below, above = math.floor(at), math.ceil(at) + 1
     assert below > 120, "at 1 TFLOP/s, the default run's 120 steps stay eager"
-    compiled, why = decide(f"trainer.max_steps={below}")
+    compiled, why = decide(f"trainer.max_steps={below}", device=device)
     assert not compiled
     assert why.startswith(f"trainer.compile=auto: {below} steps estimated at ") and "under the 10 min" in why, why
-    compiled, why = decide(f"trainer.max_steps={above}")
+    compiled, why = decide(f"trainer.max_steps={above}", device=device)
     assert compiled and why.endswith("long enough for compiling to pay"), why
     assert "of 1e+12 FLOP/s" in why, why
 
 
-def test_auto_stays_eager_on_a_cpu_however_long_the_run(unpinned) -> None:
-    for steps in (1, 10**9):
-        compiled, why = decide(f"trainer.max_steps={steps}", device="cpu")
-        assert not compiled
-        assert why == "trainer.compile=auto: eager on cpu, where compiling is no sure win; trainer.compile=true compiles"
+def test_auto_stays_eager_on_a_cpu_without_a_cpp_compiler(unpinned, monkeypatch) -> None:
+    """inductor builds a CPU graph's kernels with a C++ compiler: this machine has one (the suite's
+    compiled tests use it); without one, a run long enough to pay stays eager and says why."""
+    assert hardware.cpu_compiler() is not None
+    monkeypatch.setattr(hardware, "cpu_compiler", lambda: None)
+    compiled, why = decide(f"trainer.max_steps={math.ceil(steps_to_pay()) + 1}", device="cpu")
+    assert not compiled
+    assert why.endswith(
+        "long enough for compiling to pay, but a rank has no C++ compiler for inductor's CPU kernels (g++, or $CXX): eager"
+    ), why
+    assert decide("trainer.max_steps=1000000000", device="cuda")[0], "a GPU's kernels need no C++ compiler"
     assert decide("trainer.compile=true", device="cpu") == (True, "trainer.compile=true")
+
+
+def test_auto_stays_eager_on_other_devices(unpinned) -> None:
+    compiled, why = decide("trainer.max_steps=1000000000", device="meta")
+    assert not compiled
+    assert why == "trainer.compile=auto: eager on meta, where compiling is not measured; trainer.compile=true compiles"
 
 
 @pytest.mark.parametrize("spec", [HFAutoSpec(), CustomSpec()], ids=["hf_auto", "custom"])
@@ -94,3 +109,32 @@ def test_a_bad_pin_or_value_is_refused_naming_it(monkeypatch) -> None:
 @pytest.mark.parametrize(("given", "kept"), [("true", "true"), ("True", "true"), ("false", "false"), ("auto", "auto")])
 def test_one_spelling(given, kept) -> None:
     assert compose([f"trainer.compile={given}"]).trainer.compile == kept
+
+
+def _decide_as_rank(rank: int, result: Any) -> None:
+    """One of 2 CPU ranks deciding trainer.compile=auto for a run long enough to pay, where only rank 1
+    lacks a C++ compiler."""
+    import os
+
+    from fmtrain import hardware
+
+    os.environ.pop(COMPILE_PIN, None)
+    env = DistEnv.from_environ()
+    device = env.init("cpu")
+    if rank == 1:
+        hardware.cpu_compiler = lambda: None  # type: ignore[assignment]
+    cfg = compose([f"trainer.peak_flops={PEAK}", f"trainer.max_steps={math.ceil(steps_to_pay()) + 1}", "launcher.nproc=2"])
+    recipe = models.recipe(cfg)
+    result[rank] = resolve_compile(cfg, recipe.spec, env, device, recipe.sizes(cfg.data.seq_len)[1])[0]
+    torch.distributed.barrier()
+    env.close()
+
+
+def test_cpu_ranks_compile_only_if_every_one_can() -> None:
+    """A rank without a C++ compiler leaves every rank eager (none leaves the agreement's all-reduce early)."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        result = manager.dict()
+        spawn_ranks(_decide_as_rank, 2, result)
+        assert dict(result) == {0: False, 1: False}
