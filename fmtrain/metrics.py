@@ -224,13 +224,20 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     log.propagate = False
 
 
+_WORLD_PEAKS: dict[tuple[str, str, int], float] = {}  # this process's answers: trainer.compile=auto and MFU both ask
+
+
 def world_peak_flops(env: DistEnv, device: torch.device, dtype: torch.dtype) -> float:
     """Peak FLOP/s of the whole world: every rank probes at once and the results are summed.
 
     The probe's result is cached per machine (CPU, threads, ranks sharing it, dtype), so only the
-    first run on a machine pays for it.
+    first run on a machine pays for it; a process asking again gets its first answer, with no
+    collective (every rank asks in the same order).
     """
     key, cached = cached_peak_flops(dtype, device, env.local_world_size)
+    asked = (str(cache_root()), key, env.world_size)
+    if asked in _WORLD_PEAKS:
+        return _WORLD_PEAKS[asked]
     need = torch.tensor(float(cached is None), device=device)
     if env.distributed:
         torch.distributed.all_reduce(need)
@@ -241,7 +248,8 @@ def world_peak_flops(env: DistEnv, device: torch.device, dtype: torch.dtype) -> 
     mine = torch.tensor(cached, dtype=torch.float64, device=device)
     if env.distributed:
         torch.distributed.all_reduce(mine)
-    return float(mine)
+    _WORLD_PEAKS[asked] = float(mine)
+    return _WORLD_PEAKS[asked]
 
 
 def warm_imports(plot: bool) -> None:

@@ -18,6 +18,24 @@ from fmtrain.config import ConfigError
 pytestmark = pytest.mark.slow
 
 
+def test_a_process_asking_for_the_world_peak_again_gets_its_first_answer(tmp_path: Path, monkeypatch) -> None:
+    """trainer.compile=auto and the MFU both ask: one probe (or cache read), with no second collective."""
+    import torch
+
+    from fmtrain import metrics
+    from fmtrain.distributed import DistEnv
+
+    probes: list[torch.dtype] = []
+    monkeypatch.setenv("FMTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(metrics, "measure_peak_flops", lambda dtype, device: probes.append(dtype) or 1e9 * len(probes))
+    cpu = torch.device("cpu")
+    assert [metrics.world_peak_flops(DistEnv(), cpu, torch.float32) for _ in range(3)] == [1e9, 1e9, 1e9]
+    assert metrics.world_peak_flops(DistEnv(), cpu, torch.bfloat16) == 2e9  # another dtype: its own probe
+    assert probes == [torch.float32, torch.bfloat16]
+    monkeypatch.setenv("FMTRAIN_CACHE", str(tmp_path / "another"))  # another cache: asked afresh
+    assert metrics.world_peak_flops(DistEnv(), cpu, torch.float32) == 3e9
+
+
 def test_mfu_is_never_above_one_and_a_probe_that_proved_low_is_measured_again(cache_dir: Path, tmp_path: Path) -> None:
     # A peak set below what the CPU does (1 MFLOP/s): every step beats it.
     run = fmtrain(["train", f"run_dir={tmp_path / 'set'}", *SMALL, "trainer.max_steps=4", "trainer.peak_flops=1e6"], cache_dir)
