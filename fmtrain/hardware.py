@@ -209,15 +209,21 @@ def compile_pin() -> bool | None:
     return None if pinned is None else pinned == "true"
 
 
-def cpu_compiler() -> str | None:
-    """The C++ compiler inductor builds a CPU graph's kernels with (``$CXX``, else ``g++``), or None where
-    there is none: ``torch.compile`` on a CPU fails at the first step without one."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
+def cpu_compile_problem() -> str | None:
+    """Why ``torch.compile`` cannot build CPU kernels here, or None: a one-line function is compiled and
+    run as a block's would be (inductor needs a C++ compiler, ``$CXX`` or ``g++``, and Python's headers).
+    Costs a few seconds (about 10 with a cold inductor cache), most of which a block's compile then saves."""
+    import torch
 
-        return get_cpp_compiler()
-    except Exception:  # InvalidCxxCompiler; or a torch whose private layout moved: no compiler we can vouch for
-        return None
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x) * 2 + 1
+
+    x = torch.linspace(0, 1, 8)
+    try:
+        compiled = torch.compile(probe, fullgraph=True, dynamic=False)(x)
+    except Exception as error:  # InductorError (InvalidCxxCompiler, a failed build): its first line says which
+        return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    return None if torch.allclose(compiled, probe(x)) else "a compiled function computed other values than eager"
 
 
 def check(kind: str, strategy: str, precision: str, index: int = 0) -> None:

@@ -103,12 +103,12 @@ def resolve_compile(
 
     ``auto``: on a GPU or a CPU, where the architecture compiles cleanly (:attr:`ModelSpec.compiles`)
     and the run's whole compute, estimated from its FLOPs and the device's peak at :data:`EAGER_MFU`,
-    is at least :data:`COMPILE_PAYS_AFTER_S` (on a CPU, if every rank has the C++ compiler inductor needs);
+    is at least :data:`COMPILE_PAYS_AFTER_S` (on a CPU, if every rank compiles a probe: inductor needs a C++ compiler);
     ``$FMTRAIN_COMPILE_AUTO`` pins it. The estimate counts ``trainer.max_steps``, not the steps left,
     so a resumed run decides as the first did (but for a run right at the threshold whose peak is
     measured again in between). Every rank decides alike: the peak is the world's (one all-reduce).
     """
-    from fmtrain.hardware import COMPILE_PIN, compile_pin, cpu_compiler
+    from fmtrain.hardware import COMPILE_PIN, compile_pin, cpu_compile_problem
     from fmtrain.metrics import world_peak_flops
     from fmtrain.strategies import compute_dtype
 
@@ -128,13 +128,14 @@ def resolve_compile(
     estimate = f"{t.max_steps} steps estimated at {seconds / 60:.1f} min eager ({EAGER_MFU:.0%} of {peak:.3g} FLOP/s)"
     if seconds < COMPILE_PAYS_AFTER_S:
         return False, f"trainer.compile=auto: {estimate}, under the {COMPILE_PAYS_AFTER_S / 60:.0f} min compiling needs to pay"
-    if device.type == "cpu":  # all ranks compile, or none: each asks, and they agree (the same branch: the world's peak)
-        able = torch.tensor(float(cpu_compiler() is not None))
+    if device.type == "cpu":  # all ranks compile, or none: each tries, and they agree (the same branch: the world's peak)
+        problem = cpu_compile_problem()
+        able = torch.tensor(float(problem is None))
         if env.distributed:
             dist.all_reduce(able, op=dist.ReduceOp.MIN)
         if not able.item():
-            why = "but a rank has no C++ compiler for inductor's CPU kernels (g++, or $CXX): eager"
-            return False, f"trainer.compile=auto: {estimate}, long enough for compiling to pay, {why}"
+            why = f"this rank cannot: {problem}" if problem else "another rank cannot"
+            return False, f"trainer.compile=auto: {estimate}, long enough to pay, but torch.compile fails on CPU ({why}): eager"
     return True, f"trainer.compile=auto: {estimate}, long enough for compiling to pay"
 
 
