@@ -89,7 +89,8 @@ class StepOutcome:
 # trainer.compile=auto compiles when the run's eager compute is estimated at this many seconds or more:
 # per-block compile costs tens of seconds and saves a share of every later step, so by then it has paid
 # for itself. On 2 CPU cores (bench/results/step_compiled.json, one sitting, alternating rounds) compiled
-# blocks were 5-24% faster than eager at both shapes and both dtypes, and the first two steps took 20-40 s
+# blocks were 1-20% faster than eager at both shapes and both dtypes (an earlier sitting: -4% to +25%; the
+# bf16 that precision=auto picks where the CPU has it gained 14-20%), and the first two steps took 20-40 s
 # longer with a cold inductor cache (a few seconds with a warm one): 10 minutes of compute pays that on a
 # CPU too. The default run (~1 minute) stays eager.
 COMPILE_PAYS_AFTER_S = 600.0
