@@ -231,13 +231,13 @@ def world_peak_flops(env: DistEnv, device: torch.device, dtype: torch.dtype) -> 
     """Peak FLOP/s of the whole world: every rank probes at once and the results are summed.
 
     The probe's result is cached per machine (CPU, threads, ranks sharing it, dtype), so only the
-    first run on a machine pays for it; a process asking again gets its first answer, with no
-    collective (every rank asks in the same order).
+    first run on a machine pays for it; a process asking again gets its first answer, with no cache
+    read or collective (every rank asks in the same order).
     """
-    key, cached = cached_peak_flops(dtype, device, env.local_world_size)
-    asked = (str(cache_root()), key, env.world_size)
+    asked = (str(cache_root()), peak_flops_key(dtype, device, env.local_world_size), env.world_size)
     if asked in _WORLD_PEAKS:
         return _WORLD_PEAKS[asked]
+    key, cached = cached_peak_flops(dtype, device, env.local_world_size)
     need = torch.tensor(float(cached is None), device=device)
     if env.distributed:
         torch.distributed.all_reduce(need)
