@@ -105,6 +105,16 @@ def torch_trainer(
 JOB_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
+def init_options(address: str | None, object_store_mb: int) -> dict[str, Any]:
+    """``ray.init``'s arguments for a run or a sweep: quiet, processes at nice 0, and a Ray started here
+    (no ``address``) without a dashboard and with a small object store (fmtrain moves no data through it)."""
+    options: dict[str, Any] = {"address": address, "logging_level": logging.WARNING, "log_to_driver": False}
+    options["runtime_env"] = JOB_RUNTIME_ENV
+    if address is None:
+        options |= {"include_dashboard": False, "object_store_memory": object_store_mb * 1024 * 1024}
+    return options
+
+
 def ray_environment() -> dict[str, str]:
     """Ray settings for processes fmtrain starts: no usage reporting, no implicit auth token file."""
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
@@ -245,11 +255,7 @@ class RayLauncher(ForegroundLauncher):
         (spec.run_dir / RESULT_FILE).unlink(missing_ok=True)
         started_here = not ray.is_initialized() and lc.address is None
         if not ray.is_initialized():
-            options: dict[str, Any] = {"address": lc.address, "logging_level": logging.WARNING, "log_to_driver": False}
-            options["runtime_env"] = JOB_RUNTIME_ENV
-            if lc.address is None:
-                options |= {"include_dashboard": False, "object_store_memory": lc.object_store_mb * 1024 * 1024}
-            ray.init(**options)
+            ray.init(**init_options(lc.address, lc.object_store_mb))
         try:
             check_resources(lc, ray.cluster_resources())
             record.job_id = record.job_id or ray.get_runtime_context().get_job_id()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fmtrain.config import ConfigError, TrainConfig, TuneConfig
-from launch.ray import JOB_RUNTIME_ENV, ray_environment
+from launch.ray import init_options, ray_environment
 from launch.tune.results import write_results
 from launch.tune.space import Distribution, apply_overrides, check_trials, check_values, parse_space
 from launch.tune.trials import _stop_runs_callback, _trial, stop_trial_run
@@ -111,11 +111,7 @@ def run_sweep(cfg: TrainConfig, argv: list[str], base_overrides: list[str]) -> P
     trial_resources = {"cpu": tune_cfg.cpus_per_trial * lc.nproc if lc.name == "local" else 0.01}
     started_here = not ray.is_initialized()
     if started_here:
-        options: dict[str, Any] = {"address": tune_cfg.address, "logging_level": logging.WARNING, "log_to_driver": False}
-        options["runtime_env"] = JOB_RUNTIME_ENV  # trials, and the ranks they start, at nice 0
-        if tune_cfg.address is None:
-            options |= {"include_dashboard": False, "object_store_memory": 256 * 1024 * 1024}
-        ray.init(**options)
+        ray.init(**init_options(tune_cfg.address, object_store_mb=256))  # trials, and the ranks they start, at nice 0
     try:
         cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
         if trial_resources["cpu"] > cluster_cpus:  # Ray Tune would leave every trial pending
