@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -83,8 +84,13 @@ def median(values: list[float]) -> float:
 
 
 def write(name: str, result: dict) -> Path:
+    """``results/<name>.json``; with ``BENCH_TAG=<tag>`` set, ``results/<name>@<tag>.json``: another machine
+    kind's numbers beside the first's (``run.py`` lists both in the summary)."""
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    tag = os.environ.get("BENCH_TAG", "")
+    if tag and not tag.replace("-", "").isalnum():
+        raise SystemExit(f"BENCH_TAG={tag!r}: letters, digits and '-' only")
+    path = RESULTS / (f"{name}@{tag}.json" if tag else f"{name}.json")
     result = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), **result}
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
