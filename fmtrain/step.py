@@ -92,9 +92,11 @@ class StepOutcome:
 # blocks were 1-20% faster than eager at both shapes and both dtypes (an earlier sitting: -4% to +25%; the
 # bf16 that precision=auto picks where the CPU has it gained 14-20%), and the first two steps took 20-40 s
 # longer with a cold inductor cache (a few seconds with a warm one): 10 minutes of compute pays that on a
-# CPU too. The default run (~1 minute) stays eager.
+# CPU too. That was an Intel CPU with AMX; on an AMD EPYC (step_compiled@amd.json, 2026-12-06) compiled
+# blocks were 0.95-1.06x eager, inside that sitting's noise: there compiling neither pays nor costs more
+# than its start (<= 7% of a 10-minute run). The default run (~1 minute) stays eager.
 COMPILE_PAYS_AFTER_S = 600.0
-EAGER_MFU = 0.5  # what the estimate assumes of an eager step (CPUs reach 16-62%: their runs last longer)
+EAGER_MFU = 0.5  # what the estimate assumes of an eager step (CPUs reach 16-76%: their runs last longer)
 
 
 def resolve_compile(
