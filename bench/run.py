@@ -1,6 +1,7 @@
 """Run every benchmark, then write bench/results/summary.md from their JSON files.
 
     python bench/run.py            # or: make bench
+    python bench/run.py --summary  # only summary.md, from the results already there
 
 Benchmarks compare against a baseline measured in the same run (ratios, not absolute seconds).
 Run them on an otherwise idle machine.
@@ -8,6 +9,7 @@ Run them on an otherwise idle machine.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -248,6 +250,11 @@ def common_median(values: list[float]) -> float:
 
 def main() -> None:
     """``NANOGPT_DIR``: a clone of github.com/karpathy/nanoGPT, for the comparisons with it (else left out)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--summary", action="store_true", help="write summary.md from the results there, run nothing")
+    if parser.parse_args().summary:
+        (RESULTS / "summary.md").write_text(summary())
+        return
     nanogpt = os.environ.get("NANOGPT_DIR")
     scripts = [["throughput.py"], ["startup.py"], ["mfu.py"], ["step.py", *(["--nanogpt", nanogpt] if nanogpt else [])]]
     scripts += [["nanogpt.py", "--nanogpt", nanogpt]] if nanogpt else []
