@@ -36,7 +36,7 @@ def summary() -> str:
     def add(result: dict, row: str) -> None:
         """A row of the main table, with the machine and date its numbers come from: the benchmarks are
         run one at a time, so rows can come from different machines of the pool (Intel, AMD)."""
-        lines.append(f"{row} {result['machine']['cpu']}, {result['date'].split()[0]} |")
+        lines.append(f"{row} {measured_on(result)} |")
 
     for t in map(load, tagged("throughput")):
         add(
@@ -137,11 +137,12 @@ def summary() -> str:
         )
     for name in [*tagged("step"), *tagged("step_compiled")]:
         st = load(name)
+        base, _, tag = name.partition("@")
+        # step_compiled's eager rows are its compiled rows' baseline: shown only where no step.json of the kind has eager
+        eager_elsewhere = base == "step_compiled" and (RESULTS / f"step{'@' + tag if tag else ''}.json").is_file()
         for key, row in st["shapes"].items():
-            base, _, tag = name.partition("@")
-            eager_elsewhere = (RESULTS / f"step{'@' + tag if tag else ''}.json").is_file()
-            if base == "step_compiled" and not key.endswith("compiled") and eager_elsewhere:
-                continue  # its eager rows are the compiled ones' baseline: step.json has eager
+            if eager_elsewhere and not key.endswith("compiled"):
+                continue
             best = row["best_tokens_per_s"]
             nano = f"; nanoGPT's GPT {best['nanoGPT']:,.0f} ({row['vs_nanogpt']:.2f}x)" if "nanoGPT" in best else ""
             # compiled: what compiling cost, as each model's first two steps (compile included)
@@ -197,7 +198,7 @@ def summary() -> str:
     if (RESULTS / "strategies.json").is_file():
         strategies = load("strategies")
         cells = strategies["cells"]
-        where = f"{strategies['machine']['cpu']}, {strategies['date'].split()[0]}"
+        where = measured_on(strategies)
         lines += ["", f"Strategy x precision, 2 CPU ranks, tiny model (one run on {where}; relative to DDP fp32):", ""]
         lines += [
             "| strategy | precision | tokens/s | vs DDP fp32 | state bytes per rank | vs DDP | optimizer state vs DDP |",
@@ -214,6 +215,11 @@ def summary() -> str:
     return "\n".join(lines) + "\n"
 
 
+def measured_on(result: dict) -> str:
+    """The CPU and the day a result was measured: "AMD EPYC, 2026-12-06"."""
+    return f"{result['machine']['cpu']}, {result['date'].split()[0]}"
+
+
 def tagged(name: str) -> list[str]:
     """The results of benchmark ``name``: ``name.json`` and those of other machine kinds, ``name@<tag>.json``
     (written with ``BENCH_TAG=<tag>``), so that a number measured on one kind does not replace another's."""
@@ -223,9 +229,7 @@ def tagged(name: str) -> list[str]:
 
 def profile_tables(after: dict, before: dict | None) -> list[str]:
     """Milliseconds per step by operator group: fmtrain before and after, and its peers, per shape."""
-    where = f"{after['machine']['cpu']}, {after['date'].split()[0]}"
-    if before:
-        where += f"; before: {before['machine']['cpu']}, {before['date'].split()[0]}"
+    where = measured_on(after) + (f"; before: {measured_on(before)}" if before else "")
     lines = ["", f"Where one training step's time goes (ms per step, self time by operator group, `bench/step.py`; {where}):"]
     for key, row in after["shapes"].items():
         if "profile" not in row:
