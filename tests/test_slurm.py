@@ -228,15 +228,16 @@ def test_a_preempted_job_saves_requeues_and_resumes_exactly(cluster, cache_dir: 
 @pytest.mark.timeout(1500)
 def test_a_job_at_its_time_limit_saves_requeues_and_resumes_exactly(cluster, cache_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "timed"
-    # A 1-minute limit, warned 40 s ahead; Slurm checks about every 30 s, so USR2 comes 20-50 s in.
-    # 300 steps of at least 0.2 s (FMTRAIN_STEP_DELAY_S: however fast the machine): 60 s or more of
-    # work, more than one cycle can do, so at least one requeue; the local reference's 300 steps take
-    # seconds. A slow machine needs more cycles: each spends 10-20 s of its 20-50 s starting; 40 are allowed.
+    # The one test that waits on a real time limit (the others send the signal themselves): Slurm's
+    # shortest, 1 minute, warned 50 s ahead; Slurm checks about every 30 s, so USR2 comes 10-40 s in.
+    # 200 steps of at least 0.2 s (FMTRAIN_STEP_DELAY_S: however fast the machine): 40 s or more of
+    # work, more than one cycle can do, so at least one requeue; the local reference's 200 steps take
+    # seconds. A slow machine needs more cycles: each spends 10-20 s of its 10-40 s starting; 40 are allowed.
     overrides = [
         *LONG,
         "launcher.tasks_per_node=1",
         "launcher.time_min=1",
-        "launcher.signal_delay_s=40",
+        "launcher.signal_delay_s=50",
         "launcher.max_requeues=40",
     ]
     job_id = submit(cluster, cache_dir, run_dir, *overrides, env={"FMTRAIN_STEP_DELAY_S": "0.2"})[0]
@@ -247,7 +248,7 @@ def test_a_job_at_its_time_limit_saves_requeues_and_resumes_exactly(cluster, cac
     assert train_losses(run_dir) == pytest.approx(reference, rel=1e-6)
 
 
-LONG = ["trainer.max_steps=300", "trainer.eval_interval=1000", "checkpoint.interval=1000"]
+LONG = ["trainer.max_steps=200", "trainer.eval_interval=1000", "checkpoint.interval=1000"]
 
 
 def local_reference_1proc(cache: Path, run_dir: Path) -> dict[int, float]:
@@ -297,7 +298,8 @@ def test_the_scheduler_state_of_queued_jobs_and_array_tasks(cluster, monkeypatch
     from launch.slurm import scheduler_state
 
     monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])
-    held = slurm(cluster, "sbatch", "--parsable", "--hold", "--array=0-2", "--wrap", "true").strip()
+    # Its output to /dev/null: sbatch writes slurm-<id>.out into the current directory, the checkout, otherwise.
+    held = slurm(cluster, "sbatch", "--parsable", "--hold", "--array=0-2", "--output=/dev/null", "--wrap", "true").strip()
     try:
         # Held tasks are one queue record, ID_[0-2]: each task reads PENDING from it.
         assert [scheduler_state(f"{held}_{task}") for task in range(3)] == ["PENDING"] * 3
