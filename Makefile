@@ -3,13 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
-# Test workers (pytest-xdist). The whole suite: 3 on 2 cores, as one worker runs the Slurm and Ray tests,
-# which mostly wait (WAITING_FILES in tests/conftest.py), beside two that compute. The fast set only computes: 2.
-test: TEST_WORKERS ?= 3
+# Test workers (pytest-xdist). The whole suite: 4 on 2 cores, as one worker runs the Slurm tests and one the Ray
+# tests, which mostly wait (WAITING_FILES in tests/conftest.py), beside two that compute. The fast set only computes: 2.
+test: TEST_WORKERS ?= 4
+test-times: TEST_WORKERS ?= 4
 test-fast: TEST_WORKERS ?= 2
 XDIST   = -n $(TEST_WORKERS) --no-loadscope-reorder
 
-.PHONY: setup train test test-fast lint format typecheck bench clean
+.PHONY: setup train test test-fast test-times lint format typecheck bench clean
 
 $(BIN)/fmtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,11 @@ train: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -q -ra $(XDIST) $(PYTEST_ARGS)
+
+# Where the suite's time goes: the whole suite with a JUnit report, then its tables (tests/times.py).
+test-times: setup
+	$(BIN)/python -m pytest -q $(XDIST) --junitxml=.cache/test-times.xml $(PYTEST_ARGS) || true
+	$(BIN)/python tests/times.py .cache/test-times.xml
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra $(XDIST) -m "not slow and not slurm and not ray and not root" $(PYTEST_ARGS)

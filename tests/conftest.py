@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import budget
 import pytest
 
 from bench.netns import loopback_namespace, run_in
@@ -125,18 +126,21 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    workers = int(config.getvalue("numprocesses") or 0)
+
     class ByTestOrSharedFile(LoadScopeScheduling):
-        """Worker gw0 takes the tests that mostly wait (WAITING_FILES) while there are any, the others take
-        the rest; a worker whose kind has run out takes the other kind, so none idles while tests remain."""
+        """Each worker takes the kind of test its role says while there are any (:func:`worker_kinds`): the
+        Slurm tests and the Ray tests, which mostly wait, each on a worker of its own, beside workers that
+        take the tests that compute; a worker whose kind has run out takes another, so none idles."""
 
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::")[0]
             return path if path in WHOLE_FILES else nodeid
 
         def _assign_work_unit(self, node: Any) -> None:
-            waiter = node.gateway.id == "gw0"
+            kinds = worker_kinds(int(node.gateway.id.removeprefix("gw")), workers)
             for scope in self.workqueue:  # the collection's order: the longest first
-                if waits(scope) == waiter:
+                if kind_of(scope) in kinds:
                     self.workqueue.move_to_end(scope, last=False)
                     break
             super()._assign_work_unit(node)
@@ -145,14 +149,34 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 
 # Files whose tests spend most of their time waiting (on a Slurm cluster's daemons and time limits, on Ray's
-# processes): one worker runs them, one after another, beside workers that run the tests that compute.
-# Every test marked slurm or ray must be in one (checked at collection).
-WAITING_FILES = {"tests/test_ray.py", "tests/test_slurm.py", "tests/test_tune.py", "tests/test_tune_slurm.py"}
+# processes), by what they wait on: a worker of their own runs each kind, one test after another, beside workers
+# that run the tests that compute. Every test marked slurm or ray must be in one (checked at collection).
+WAITING_FILES = {
+    "tests/test_slurm.py": "slurm",
+    "tests/test_tune_slurm.py": "slurm",
+    "tests/test_ray.py": "ray",
+    "tests/test_tune.py": "ray",
+}
+
+
+def kind_of(nodeid: str) -> str:
+    """What a test (or a scheduler's scope: a test or a whole file) mostly does: wait on slurm or ray, or compute."""
+    return WAITING_FILES.get(nodeid.split("::")[0], "compute")
 
 
 def waits(nodeid: str) -> bool:
-    """Whether a test (or a scheduler's scope: a test or a whole file) is in WAITING_FILES."""
-    return nodeid.split("::")[0] in WAITING_FILES
+    """Whether a test (or a scheduler's scope) is in WAITING_FILES."""
+    return kind_of(nodeid) != "compute"
+
+
+def worker_kinds(index: int, workers: int) -> tuple[str, ...]:
+    """The kinds of test worker ``gw<index>`` of ``workers`` takes first: with 4 or more, the first waits on
+    Slurm, the second on Ray, the others compute; with 3, the first waits on both; with fewer, any."""
+    if workers >= 4:
+        return ("slurm",) if index == 0 else ("ray",) if index == 1 else ("compute",)
+    if workers == 3:
+        return ("slurm", "ray") if index == 0 else ("compute",)
+    return ("slurm", "ray", "compute")
 
 
 class LongestFirst:
@@ -170,6 +194,38 @@ class LongestFirst:
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         config.pluginmanager.register(LongestFirst())
+    else:  # the process that sees every test's report: pytest's own, or xdist's controller
+        config.pluginmanager.register(budget.Budget(budget.SLOW_TESTS, budget.LIMIT_S))
+        config.pluginmanager.register(TreeUnchanged())
+
+
+class TreeUnchanged:
+    """The suite leaves the working tree as it found it: a file a test writes into the checkout (a Slurm
+    job's output, a run directory under outputs/) fails the run, named. Ignored paths (.venv, .cache) are
+    not looked at: ``git status --porcelain``, before and after."""
+
+    def __init__(self) -> None:
+        self.before = self.status()
+
+    @staticmethod
+    def status() -> set[str]:
+        root = Path(__file__).resolve().parent.parent
+        found = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, capture_output=True, text=True
+        )
+        return set(found.stdout.splitlines()) if found.returncode == 0 else set()
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        self.changed = sorted(self.status() - self.before)
+        if self.changed and exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if getattr(self, "changed", None):
+            terminalreporter.section("the suite changed the working tree", red=True)
+            for line in self.changed:
+                terminalreporter.write_line(f"{line}  (a test must write under its tmp_path, never into the checkout)", red=True)
 
 
 # Each pytest-xdist worker gets its share of the CPUs, as the local launcher gives each rank its share.
@@ -203,6 +259,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    if call.when == "setup":  # a shared fixture's making shows here, in the first test that uses it
+        item.user_properties.append(("setup_s", round(call.duration, 2)))
     if call.when == "teardown" and STARTED in item.stash:  # the test's last report carries its cost
         wall, cpu = item.stash[STARTED]
         item.user_properties.append(("cost", (time.monotonic() - wall, cpu_seconds() - cpu)))
@@ -218,7 +276,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "call":
         HARDWARE_BRANCHES.extend(f"{report.nodeid}: {v}" for name, v in report.user_properties if name == "hardware_branch")
     for wall, cpu in (value for name, value in report.user_properties if name == "cost"):
-        kind = "waiting files" if waits(report.nodeid) else "the rest"
+        kind = {"slurm": "waiting on Slurm", "ray": "waiting on Ray"}.get(kind_of(report.nodeid), "computing")
         totals = TIME_BY_KIND.setdefault(kind, [0, 0.0, 0.0])
         totals[0], totals[1], totals[2] = totals[0] + 1, totals[1] + wall, totals[2] + cpu
 
@@ -246,14 +304,91 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def env_with(cache: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, FMTRAIN_CACHE=str(cache), PYTHONUNBUFFERED="1")
-    env.pop("FMTRAIN_FAULT", None)
-    env.pop("FMTRAIN_STEP_DELAY_S", None)
+    # FMTRAIN_INVOKED_AT: the CLI's start, set by main(); a test that called main() here must not pass its own on.
+    for name in ("FMTRAIN_FAULT", "FMTRAIN_STEP_DELAY_S", "FMTRAIN_INVOKED_AT"):
+        env.pop(name, None)
     env.update(extra)
     return env
 
 
 def fmtrain(args: list[str], cache: Path, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([FMTRAIN, *args], env=env_with(cache, **extra_env), capture_output=True, text=True, timeout=timeout)
+    """``fmtrain ARGS`` to its end: its exit code, stdout and stderr, run as :func:`cli` runs it."""
+    return cli(args, env_with(cache, **extra_env), timeout)
+
+
+def cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The ``fmtrain`` command's entry point (``launch.cli.entry``) with ``args`` and ``env``, in a fork of
+    this process: a process of its own (its exit code, its output on fds 1 and 2, its environment, signals
+    and globals; the ranks it launches are the real processes), without the 2 s a fresh interpreter spends
+    importing torch and fmtrain. The tests of the command's own process boundary (signals to its process
+    group, a closed pipe, ``nice``, the installed script) start the real ``fmtrain`` with :data:`FMTRAIN`."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                _become_cli(env, out.fileno(), err.fileno())
+                from launch.cli import importable_here, main
+
+                importable_here()
+                code = main(list(args))
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        try:
+            status = _wait(pid, timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise
+        out.seek(0)
+        err.seek(0)
+        code = os.waitstatus_to_exitcode(status)
+        return subprocess.CompletedProcess(["fmtrain", *args], code, out.read().decode(), err.read().decode())
+
+
+def _become_cli(env: dict[str, str], out: int, err: int) -> None:
+    """In a fork of a test process: what a fresh ``fmtrain`` process starts with."""
+    import io
+    import signal
+
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+    os.environ.clear()
+    os.environ.update(env)
+    for number in (signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(number, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import logging
+
+    root = logging.getLogger()  # pytest's capturing handlers: the command configures its own
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if "torch" in sys.modules:  # this process's OpenMP threads are not the fork's: compute on one
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _wait(pid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(["fmtrain"], timeout)
+        time.sleep(0.02)
 
 
 def pids_mentioning(text: str | Path) -> list[int]:
