@@ -196,6 +196,13 @@ def validate(cfg: TrainConfig, *, gpus_available: int | None = None, world_size:
                 raise ConfigError("launcher.nproc", lnch.nproc, f"must be <= {limit} ({what})")
         if lnch.name == "local":  # this machine's device runs it: ask it (Slurm and Ray nodes: each rank asks its own)
             hardware.check("cuda" if wants_gpu else "cpu", cfg.strategy.name, cfg.precision.name)
+            if wants_gpu and lnch.start == "fork":
+                raise ConfigError(
+                    "launcher.start",
+                    lnch.start,
+                    "ranks on GPUs start as fresh processes (launcher.start=exec or auto): CUDA cannot run in a "
+                    "process forked from one that initialized it",
+                )
         elif cfg.precision.name == "fp8" and not wants_gpu:
             raise ConfigError(
                 "precision.name",

@@ -2,6 +2,7 @@
 
     python -m fmtrain.worker RUN_DIR/config.yaml       # a rank of a training run
     python -m fmtrain.worker -m MODULE ARGS...         # a rank of any entry point: MODULE.main(ARGS)
+    forked(*ARGS)                                      # either, in a process forked from the local launcher
     main([config_path])                                # a training rank in-process (Ray worker, Slurm task)
 
 A launcher starts this once per rank with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import os
 import re
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
@@ -72,6 +75,63 @@ def main(argv: list[str]) -> int:
 @record
 def process_main(argv: list[str]) -> int:
     """``python -m fmtrain.worker CONFIG_YAML`` or ``-m MODULE ARGS...``: one rank as a process of its own."""
+    return rank_main(argv)
+
+
+def forked(*argv: str) -> None:
+    """One rank forked from the local launcher's process (``launcher.start=fork``; torch's elastic agent calls
+    this in the child, its error file recorded as ``@record`` does): the state a fresh ``python -u -m
+    fmtrain.worker ARGV`` starts with, then the same work, without the seconds a fresh interpreter spends
+    importing torch. A non-zero exit code ends the process with that code, as it would end the interpreter."""
+    fresh_process_state()
+    sys.argv = [__file__, *argv]  # as python -m fmtrain.worker ARGV has it
+    try:
+        code = rank_main(list(argv))
+    except Exception as error:  # as an interpreter would: the traceback on stderr, exit code 1
+        traceback.print_exc()
+        get_error_handler().record_exception(error)
+        record_pid()
+        code = 1
+    if code:
+        raise SystemExit(code)
+
+
+def record_pid() -> None:
+    """Add this process's pid to the error file just written: torch's agent reports one ended process of a
+    forked group, perhaps a peer that only saw this one go; the launcher finds this one by its file
+    (``launch.local.first_failure``)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE", "")
+    if os.path.isfile(path):
+        with open(path) as f:
+            data = json.load(f)
+        data["message"]["extraInfo"]["pid"] = str(os.getpid())
+        with open(path, "w") as f:
+            json.dump(data, f)
+
+
+def fresh_process_state() -> None:
+    """Undo what a forked rank inherits from its launcher and a new interpreter would not have: the agent's
+    signal handlers (a SIGTERM must reach the run's own handler, not raise the agent's exception), the
+    command's log handlers, buffered output (``python -u``), and the OpenMP thread count the launcher's
+    process read at ``import torch``, before the launcher set OMP_NUM_THREADS for its ranks."""
+    import io
+    import logging
+
+    import torch
+
+    for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+        signal.signal(number, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+    logging.root.handlers.clear()
+    logging.root.setLevel(logging.WARNING)
+    if threads := os.environ.get("OMP_NUM_THREADS", "").strip():
+        torch.set_num_threads(int(threads))
+
+
+def rank_main(argv: list[str]) -> int:
+    """What a rank process runs, however it started: the training run of a config, or ``-m MODULE ARGS``."""
     if len(argv) >= 2 and argv[0] == "-m":
         entry: Callable[[list[str]], int] = importlib.import_module(argv[1]).main
         args = argv[2:]

@@ -14,6 +14,7 @@ Per-rank output: rank 0 prints to this terminal; every other rank's stdout and s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -67,24 +68,42 @@ class RunDirLogs(LogsSpecs):
         return dest
 
 
-def first_failure(error: Any) -> tuple[int, Any]:
+def first_failure(error: Any, log_dir: Path | None = None) -> tuple[int, Any]:
     """The rank that failed first, from a ChildFailedError: the oldest error file, to the nanosecond
     (torch's own choice compares whole seconds, so a rank that only saw its peer go, a reset
-    connection in a collective, ties with the rank whose error it was and wins by its lower number)."""
+    connection in a collective, ties with the rank whose error it was and wins by its lower number).
+    Forked ranks (``launcher.start=fork``): torch reports the first ended process it finds, which may be
+    the peer; the other ranks' error files in ``log_dir``, each with its pid, are candidates too."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    failures = dict(error.failures)
+    for path in sorted(log_dir.glob("rank*.error.json")) if log_dir else ():
+        rank = int(path.name.removeprefix("rank").split(".")[0])
+        if rank not in failures and (pid := recorded_pid(path)):  # a forked rank that raised: exit code 1
+            failures[rank] = ProcessFailure(local_rank=rank, pid=pid, exitcode=1, error_file=str(path))
 
     def written(rank: int) -> tuple[float, int]:
         try:
-            return os.stat(error.failures[rank].error_file).st_mtime_ns, rank
+            return os.stat(failures[rank].error_file).st_mtime_ns, rank
         except OSError:  # no error file: killed, or died before it could write one
             return float("inf"), rank
 
-    rank = min(error.failures, key=written)
-    return rank, error.failures[rank]
+    rank = min(failures, key=written)
+    return rank, failures[rank]
 
 
-def failure_report(error: Any) -> str:
-    """The first failing rank, its exit code and its traceback, from a ChildFailedError."""
-    rank, failure = first_failure(error)
+def recorded_pid(error_file: Path) -> int | None:
+    """The pid a forked rank wrote into its error file (:func:`fmtrain.worker.forked`), if any."""
+    try:
+        return int(json.loads(error_file.read_text())["message"]["extraInfo"]["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def failure_report(error: Any, log_dir: Path | None = None) -> str:
+    """The first failing rank, its exit code and its traceback, from a ChildFailedError (and the ranks'
+    error files in ``log_dir``: :func:`first_failure`)."""
+    rank, failure = first_failure(error, log_dir)
     detail = failure.message
     if isinstance(detail, dict):
         message = detail.get("message", "")
@@ -99,6 +118,27 @@ def failure_report(error: Any) -> str:
         # It raised, and the agent stopped it while it was exiting: another rank's exit came first.
         status = f"raised, then stopped by {signal.Signals(-failure.exitcode).name} as the job ended"
     return f"rank {rank} failed ({status}, pid {failure.pid}):\n{detail}".rstrip()
+
+
+def forks(cfg: TrainConfig) -> bool:
+    """Whether the ranks are forked from this process (``launcher.start``): auto forks them where they run on
+    CPUs, and starts a fresh interpreter per rank (as torchrun does) where they use GPUs: CUDA cannot run in
+    a process forked from one that initialized it, and this process asks the GPUs for their memory."""
+    if cfg.launcher.start != "auto":
+        return cfg.launcher.start == "fork"
+    if cfg.trainer.device == "cpu":
+        return True
+    import torch
+
+    return cfg.trainer.device == "auto" and not torch.cuda.is_available()
+
+
+class ForkedRankFailure(logging.Filter):
+    """Drops torch's own log line for a forked rank that failed: a traceback of the agent's, not the rank's,
+    whose error this launcher reports (:func:`failure_report`) as it does for a rank started afresh."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed (exitcode")
 
 
 class LocalLauncher(ForegroundLauncher):
@@ -151,6 +191,9 @@ class LocalLauncher(ForegroundLauncher):
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
         os.environ["FMTRAIN_DIE_WITH_PARENT"] = "1"
         logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+        processes = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+        if not any(isinstance(f, ForkedRankFailure) for f in processes.filters):
+            processes.addFilter(ForkedRankFailure())
 
         run_id = f"fmtrain-{uuid.uuid4().hex[:12]}"
         record = JobRecord(
@@ -183,9 +226,16 @@ class LocalLauncher(ForegroundLauncher):
             logs_specs=RunDirLogs(spec.run_dir / "logs"),
         )
         try:
-            elastic_launch(config, sys.executable)(*spec.entry.process_args())
+            if forks(spec.config):
+                import fmtrain.worker  # what the ranks run, imported once here: each forked rank has it
+
+                config.start_method = "fork"
+                elastic_launch(config, fmtrain.worker.forked)(*spec.entry.worker_args())
+            else:
+                elastic_launch(config, sys.executable)(*spec.entry.process_args())
         except ChildFailedError as error:
-            record.state, record.exit_code, record.message = "failed", 1, failure_report(error)
+            record.state, record.exit_code = "failed", 1
+            record.message = failure_report(error, spec.run_dir / "logs")
         except SignalException as error:
             record.state, record.exit_code = "stopped", 128 + int(error.sigval)
             record.message = f"stopped by {signal.Signals(error.sigval).name}; rerun the same command to resume"

@@ -52,11 +52,13 @@ class Entrypoint:
         """fmtrain's training run of a written config (:mod:`fmtrain.worker`)."""
         return cls(TRAINING, (str(config_path),))
 
+    def worker_args(self) -> list[str]:
+        """The arguments of :mod:`fmtrain.worker` that run this entry point."""
+        return list(self.args) if self.module == TRAINING else ["-m", self.module, *self.args]
+
     def process_args(self) -> list[str]:
         """The arguments of the Python interpreter that runs this entry point as a process."""
-        if self.module == TRAINING:
-            return ["-u", "-m", TRAINING, *self.args]
-        return ["-u", "-m", TRAINING, "-m", self.module, *self.args]
+        return ["-u", "-m", TRAINING, *self.worker_args()]
 
     def call(self) -> None:
         """Run it in this process; a non-zero return is raised as an error."""

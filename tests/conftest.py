@@ -302,6 +302,56 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(os.environ.get("FMTRAIN_CACHE") or tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(scope="session")
+def made_once(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``made_once(name, make)``: the folder ``make(folder)`` fills, made once for the whole test session, by
+    whichever pytest-xdist worker asks first while the others wait for it (a file lock): reference runs and
+    model directories that tests in several files compare with or read. Tests only read what it returns."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "made-once"
+    root.mkdir(exist_ok=True)
+
+    def get(name: str, make: Any) -> Path:
+        folder = root / name
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (root / f"{name}.done").exists():
+                shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed half-way left
+                folder.mkdir()
+                make(folder)
+                (root / f"{name}.done").touch()
+        return folder
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_run(made_once: Any, cache_dir: Path) -> Any:
+    """``reference_run(*overrides)``: the run directory of ``fmtrain train *overrides`` run to its end, once
+    for the session whichever tests ask for it (the same overrides in the same order)."""
+    import hashlib
+
+    def get(*overrides: str) -> Path:
+        def train(run_dir: Path) -> None:
+            result = fmtrain(["train", f"run_dir={run_dir}", *overrides], cache_dir)
+            assert result.returncode == 0, result.stdout + result.stderr
+
+        return made_once("run-" + hashlib.sha256("\0".join(overrides).encode()).hexdigest()[:16], train)
+
+    return get
+
+
+# What a run on a Slurm or Ray launcher is compared with: the same SMALL run on the local launcher.
+LAUNCHER_STEPS = ["trainer.eval_interval=10", "checkpoint.interval=10", "checkpoint.keep_last=10"]
+
+
+def local_losses(reference_run: Any, steps: int, nproc: int = 2) -> dict[int, float]:
+    """Each step's loss of SMALL trained ``steps`` steps on ``nproc`` local ranks (one run for the session)."""
+    return train_losses(reference_run(*SMALL, *LAUNCHER_STEPS, f"trainer.max_steps={steps}", f"launcher.nproc={nproc}"))
+
+
 def env_with(cache: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, FMTRAIN_CACHE=str(cache), PYTHONUNBUFFERED="1")
     # FMTRAIN_INVOKED_AT: the CLI's start, set by main(); a test that called main() here must not pass its own on.
@@ -322,6 +372,8 @@ def cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subproces
     and globals; the ranks it launches are the real processes), without the 2 s a fresh interpreter spends
     importing torch and fmtrain. The tests of the command's own process boundary (signals to its process
     group, a closed pipe, ``nice``, the installed script) start the real ``fmtrain`` with :data:`FMTRAIN`."""
+    import fmtrain.worker  # noqa: F401  (what the launcher imports before forking ranks: once a test process)
+
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -81,3 +81,21 @@ def test_a_failed_jobs_report_names_the_rank_that_failed_first_and_how(ranks: di
     rank = int(first_line.split()[1])
     detail = f"Traceback: rank {rank}" if ranks[rank][1] is not None else "Signal 9 (SIGKILL) received by PID 100"
     assert report.splitlines()[1:] == [detail], report
+
+
+def test_a_forked_ranks_error_file_names_it_where_torch_reported_its_peer(tmp_path: Path) -> None:
+    """launcher.start=fork: torch's agent reports one ended process, here rank 0, which only saw rank 1 go;
+    rank 1's error file, older and carrying its pid, names it (fmtrain.worker.forked writes the pid)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from launch.local import failure_report
+
+    for rank, pid, written in ((0, None, 2), (1, "4242", 1)):
+        trace = {"py_callstack": f"Traceback: rank {rank}", "timestamp": "0", **({"pid": pid} if pid else {})}
+        error_file = tmp_path / f"rank{rank}.error.json"
+        error_file.write_text(json.dumps({"message": {"message": f"RuntimeError: on rank {rank}", "extraInfo": trace}}))
+        os.utime(error_file, ns=(0, 10**18 + written * 10**9))
+    reported = {0: ProcessFailure(local_rank=0, pid=100, exitcode=1, error_file=str(tmp_path / "rank0.error.json"))}
+    report = failure_report(ChildFailedError("fmtrain.worker", reported), tmp_path)
+    assert report.splitlines() == ["rank 1 failed (exit code 1, pid 4242):", "Traceback: rank 1"], report
+    assert failure_report(ChildFailedError("fmtrain.worker", reported)).startswith("rank 0 failed (exit code 1, pid 100)")

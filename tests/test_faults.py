@@ -48,10 +48,13 @@ def test_mfu_is_never_above_one_and_a_probe_that_proved_low_is_measured_again(ca
     # A cache of this test's own: another test worker's run must not read, or forget, the planted peaks.
     own_cache = tmp_path / "cache"
     probed = [*SMALL, "trainer.max_steps=4", "trainer.peak_flops=null"]
-    first = fmtrain(["train", f"run_dir={tmp_path / 'probe'}", *probed], own_cache)
-    assert first.returncode == 0, first.stdout + first.stderr
     peaks = own_cache / "peak_flops.json"
-    probed_peaks = json.loads(peaks.read_text())
+    for attempt in range(3):  # a probe that a step then beats (a busy CPU) is forgotten as designed: probe again
+        first = fmtrain(["train", f"run_dir={tmp_path / f'probe{attempt}'}", *probed], own_cache)
+        assert first.returncode == 0, first.stdout + first.stderr
+        probed_peaks = json.loads(peaks.read_text())
+        if probed_peaks:
+            break
     assert len(probed_peaks) == 1, probed_peaks
     peaks.write_text(json.dumps({**dict.fromkeys(probed_peaks, 1.0), "another machine|threads=8": 1.0}))
     low = fmtrain(["train", f"run_dir={tmp_path / 'low'}", *probed], own_cache)

@@ -213,41 +213,48 @@ def assert_reloads(out: Path, run_dir: Path, step: int, model_cfg: object, **opt
 
 
 @pytest.mark.slow
-def test_gpt2_under_fsdp_killed_and_resumed_equals_one_process_and_exports(cache_dir: Path, tmp_path: Path) -> None:
+def gpt2_one_process(made_once, reference_run) -> tuple[Path, list[str], dict[int, float]]:
+    """The GPT-2 saved here, the fine-tune's overrides, and its losses in one process (made once a session)."""
+    hf = made_once("hf-gpt2", lambda folder: save("gpt2", folder))
+    base = ["model=hf_auto", f"model.path={hf}", *FINE_TUNE, "trainer.max_steps=6"]
+    return hf, base, train_losses(reference_run(*base))
+
+
+@pytest.mark.slow
+def test_gpt2_under_fsdp_killed_and_resumed_equals_one_process_and_exports(
+    cache_dir: Path, tmp_path: Path, made_once, reference_run
+) -> None:
     """GPT-2 (outside the Llama family), fsdp on 2 ranks with activation checkpointing, killed after
-    step 4 and run again: its 9 losses equal one process's within 1e-5; the export reloads in transformers."""
-    save("gpt2", tmp_path / "hf")
-    base = ["train", "model=hf_auto", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=9"]
-    one = fmtrain([*base, f"run_dir={tmp_path / 'one'}"], cache_dir)
-    assert one.returncode == 0, one.stdout + one.stderr
-    two = [*base, f"run_dir={tmp_path / 'two'}", "strategy=fsdp", "launcher.nproc=2", "trainer.activation_checkpointing=full"]
+    step 4 and run again from step 3's checkpoint: its 6 losses equal one process's within 1e-5; the
+    export reloads in transformers."""
+    hf, base, expected = gpt2_one_process(made_once, reference_run)
+    two = ["train", *base, f"run_dir={tmp_path / 'two'}", "strategy=fsdp", "launcher.nproc=2"]
+    two += ["trainer.activation_checkpointing=full"]
     killed = fmtrain(two, cache_dir, FMTRAIN_FAULT="0:5:kill")
     assert killed.returncode != 0
     again = fmtrain(two, cache_dir)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from" in (tmp_path / "two" / "logs" / "rank0.log").read_text()
-    expected, got = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
-    assert expected.keys() == got.keys() == set(range(1, 10))
+    got = train_losses(tmp_path / "two")
+    assert expected.keys() == got.keys() == set(range(1, 7))
     for step, loss in expected.items():
         assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
-    model_cfg = compose(["model=hf_auto", f"model.path={tmp_path / 'hf'}", "data.seq_len=64"]).model
+    model_cfg = compose(["model=hf_auto", f"model.path={hf}", "data.seq_len=64"]).model
     out = export(tmp_path / "two")
     assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
-    assert_reloads(out, tmp_path / "two", 9, model_cfg)
+    assert_reloads(out, tmp_path / "two", 6, model_cfg)
 
 
 @pytest.mark.slow
-def test_gpt2_under_ddp_and_zero3_built_partitioned_equals_one_process(cache_dir: Path, tmp_path: Path) -> None:
+def test_gpt2_under_ddp_and_zero3_built_partitioned_equals_one_process(
+    cache_dir: Path, tmp_path: Path, made_once, reference_run
+) -> None:
     """The other strategies: DDP on 2 ranks, and ZeRO-3 with zero.Init, where each parameter is
     gathered alone while the file's tensor is copied in."""
-    save("gpt2", tmp_path / "hf")
-    base = ["train", "model=hf_auto", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=6"]
-    one = fmtrain([*base, f"run_dir={tmp_path / 'one'}"], cache_dir)
-    assert one.returncode == 0, one.stdout + one.stderr
-    expected = train_losses(tmp_path / "one")
+    _, base, expected = gpt2_one_process(made_once, reference_run)
     zero3 = ["strategy=deepspeed", "strategy.zero_stage=3", "strategy.zero_init=true"]
     for name, strategy in (("ddp", ["strategy=ddp"]), ("zero3", zero3)):
-        run = fmtrain([*base, f"run_dir={tmp_path / name}", *strategy, "launcher.nproc=2"], cache_dir)
+        run = fmtrain(["train", *base, f"run_dir={tmp_path / name}", *strategy, "launcher.nproc=2"], cache_dir)
         assert run.returncode == 0, run.stdout + run.stderr
         got = train_losses(tmp_path / name)
         assert got.keys() == expected.keys() == set(range(1, 7))

@@ -137,11 +137,9 @@ def seam_env(cache: Path) -> dict[str, str]:
 
 
 def train(cache: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    from conftest import FMTRAIN
+    from conftest import cli
 
-    return subprocess.run(
-        [FMTRAIN, "train", f"run_dir={run_dir}", *GPT, *extra], env=seam_env(cache), capture_output=True, text=True, timeout=300
-    )
+    return cli(["train", f"run_dir={run_dir}", *GPT, *extra], seam_env(cache))
 
 
 @pytest.fixture(scope="module")

@@ -375,14 +375,15 @@ FINE_TUNE += ["trainer.plot=false", "trainer.eval_interval=3", "checkpoint.inter
     ],
     ids=["fsdp", "tp", "zero3-init"],
 )
-def test_a_fine_tune_on_two_ranks_equals_one_process(strategy: list[str], cache_dir: Path, tmp_path: Path) -> None:
-    save_hf(ARCHS["llama-gqa-untied"], tmp_path / "hf")
-    base = ["train", "model=hf", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=10"]
-    one = fmtrain([*base, f"run_dir={tmp_path / 'one'}"], cache_dir)
-    assert one.returncode == 0, one.stdout + one.stderr
-    two = fmtrain([*base, f"run_dir={tmp_path / 'two'}", *strategy, "launcher.nproc=2"], cache_dir)
+def test_a_fine_tune_on_two_ranks_equals_one_process(
+    strategy: list[str], cache_dir: Path, tmp_path: Path, made_once, reference_run
+) -> None:
+    hf = made_once("hf-llama-gqa-untied", lambda folder: save_hf(ARCHS["llama-gqa-untied"], folder))
+    base = ["model=hf", f"model.path={hf}", *FINE_TUNE, "trainer.max_steps=10"]
+    one = reference_run(*base)  # one process: trained once for the three strategies
+    two = fmtrain(["train", *base, f"run_dir={tmp_path / 'two'}", *strategy, "launcher.nproc=2"], cache_dir)
     assert two.returncode == 0, two.stdout + two.stderr
-    expected, got = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    expected, got = train_losses(one), train_losses(tmp_path / "two")
     assert expected.keys() == got.keys() == set(range(1, 11))
     for step, loss in expected.items():
         assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)

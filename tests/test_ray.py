@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FMTRAIN, SMALL, fmtrain, pids_mentioning, ray_env, train_losses
+from conftest import FMTRAIN, LAUNCHER_STEPS, SMALL, fmtrain, local_losses, pids_mentioning, ray_env, train_losses
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["trainer.eval_interval=10", "checkpoint.interval=10", "checkpoint.keep_last=10"]
+STEPS = LAUNCHER_STEPS
 
 
 def ray_train(netns: list[str], cache: Path, ray_tmp: Path, run_dir: Path, *overrides: str) -> subprocess.Popen[str]:
@@ -25,15 +25,9 @@ def ray_train(netns: list[str], cache: Path, ray_tmp: Path, run_dir: Path, *over
     return subprocess.Popen(args, env=ray_env(cache, ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def local_reference(cache: Path, run_dir: Path, steps: int) -> dict[int, float]:
-    result = fmtrain(["train", f"run_dir={run_dir}", *SMALL, *STEPS, f"trainer.max_steps={steps}", "launcher.nproc=2"], cache)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return train_losses(run_dir)
-
-
-def test_two_ray_workers_equal_the_local_launcher(netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path) -> None:
+def test_two_ray_workers_equal_the_local_launcher(netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path, reference_run) -> None:
     job = ray_train(netns, cache_dir, ray_tmp, tmp_path / "ray", "trainer.max_steps=20", "launcher.num_workers=2")
-    reference = local_reference(cache_dir, tmp_path / "local", 20)
+    reference = local_losses(reference_run, 20)
     output, _ = job.communicate(timeout=300)
     assert job.returncode == 0, output
     # Ray Train's gloo group, the same ranks and data as the local 2-process run: equal numbers.
@@ -43,7 +37,7 @@ def test_two_ray_workers_equal_the_local_launcher(netns, ray_tmp: Path, cache_di
 
 
 def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
-    netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path
+    netns, ray_tmp: Path, cache_dir: Path, tmp_path: Path, reference_run
 ) -> None:
     run_dir = tmp_path / "ray"
     job = ray_train(netns, cache_dir, ray_tmp, run_dir, "trainer.max_steps=200", "launcher.max_failures=1")
@@ -54,7 +48,7 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
     pid = int(re.findall(r"rank1 pid (\d+)", (run_dir / "logs" / "rank1.log").read_text())[-1])
     assert os.getpriority(os.PRIO_PROCESS, pid) == 0, "a rank runs at Ray's worker niceness (15), not at 0"
     os.kill(pid, signal.SIGKILL)
-    reference = local_reference(cache_dir, tmp_path / "local", 200)
+    reference = local_losses(reference_run, 200)
     output, _ = job.communicate(timeout=400)
     assert job.returncode == 0, output
     assert train_losses(run_dir) == pytest.approx(reference, rel=1e-6)
@@ -69,7 +63,7 @@ def test_more_workers_than_the_cluster_has_cpus_is_refused(netns, ray_tmp: Path,
 
 
 def test_a_two_node_dev_cluster_runs_a_job_on_both_nodes_and_goes_down_by_pid(
-    cache_dir: Path, ray_tmp: Path, tmp_path: Path
+    cache_dir: Path, ray_tmp: Path, tmp_path: Path, reference_run
 ) -> None:
     """ray-cluster/dev-cluster.sh: a head and a node on 127.0.0.2, 1 CPU each, in their own namespace."""
     script = Path(__file__).resolve().parent.parent / "ray-cluster" / "dev-cluster.sh"
@@ -87,7 +81,7 @@ def test_a_two_node_dev_cluster_runs_a_job_on_both_nodes_and_goes_down_by_pid(
         job = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         # One worker per 1-CPU node: ranks on two emulated nodes, and still the local run's numbers.
-        assert train_losses(run_dir) == pytest.approx(local_reference(cache_dir, tmp_path / "local", 20), rel=1e-6)
+        assert train_losses(run_dir) == pytest.approx(local_losses(reference_run, 20), rel=1e-6)
     finally:
         down = subprocess.run([str(script), "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stderr

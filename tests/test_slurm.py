@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, fmtrain, pids_mentioning, train_losses
+from conftest import LAUNCHER_STEPS, SMALL, fmtrain, local_losses, pids_mentioning, train_losses
 
 from launch.env import PORT_BASE, PORT_SPAN, expand_nodelist, rendezvous_port, torch_env_from_slurm
 from launch.slurm import secret_names
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "slurm" / "dev-cluster.sh"
-STEPS = ["trainer.eval_interval=10", "checkpoint.interval=10", "checkpoint.keep_last=10"]
+STEPS = LAUNCHER_STEPS
 
 
 # ----------------------------------------------------------------------------- no cluster needed
@@ -157,16 +157,8 @@ def status(cluster: dict[str, str], cache: Path, run_dir: Path) -> dict:
     return json.loads(result.stdout)
 
 
-def local_reference(cache: Path, run_dir: Path, steps: int, nproc: int = 2) -> dict[int, float]:
-    result = fmtrain(
-        ["train", f"run_dir={run_dir}", *SMALL, *STEPS, f"trainer.max_steps={steps}", f"launcher.nproc={nproc}"], cache
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return train_losses(run_dir)
-
-
 @pytest.mark.slow
-def test_one_and_two_node_jobs_equal_the_local_launcher(cluster, cache_dir: Path, tmp_path: Path) -> None:
+def test_one_and_two_node_jobs_equal_the_local_launcher(cluster, cache_dir: Path, tmp_path: Path, reference_run) -> None:
     secrets = {"FMTRAIN_TEST_TOKEN": "s3cr3t-value", "FMTRAIN_ALLOWED_TOKEN": "passed-on"}
     env_file = tmp_path / "job-env.txt"
     one = submit(
@@ -184,7 +176,7 @@ def test_one_and_two_node_jobs_equal_the_local_launcher(cluster, cache_dir: Path
     # One task per node, each starting 2 ranks under torch's elastic agent (the GPU-node layout).
     per_node = ("launcher.nodes=2", "launcher.tasks_per_node=1", "launcher.procs_per_task=2")
     four = submit(cluster, cache_dir, tmp_path / "per node", "trainer.max_steps=20", *per_node)[0]
-    reference = {2: local_reference(cache_dir, tmp_path / "local", 20), 4: local_reference(cache_dir, tmp_path / "local4", 20, 4)}
+    reference = {2: local_losses(reference_run, 20), 4: local_losses(reference_run, 20, nproc=4)}
     for job_id, run_dir, world in ((one, tmp_path / "one node", 2), (two, tmp_path / "two", 2), (four, tmp_path / "per node", 4)):
         state = wait_state(cluster, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
         assert state == "COMPLETED", (run_dir / "job.json").read_text()
@@ -210,12 +202,12 @@ def test_one_and_two_node_jobs_equal_the_local_launcher(cluster, cache_dir: Path
 
 
 @pytest.mark.slow
-def test_a_preempted_job_saves_requeues_and_resumes_exactly(cluster, cache_dir: Path, tmp_path: Path) -> None:
+def test_a_preempted_job_saves_requeues_and_resumes_exactly(cluster, cache_dir: Path, tmp_path: Path, reference_run) -> None:
     run_dir = tmp_path / "preempted"
     job_id = submit(cluster, cache_dir, run_dir, "trainer.max_steps=200", "launcher.tasks_per_node=2")[0]
     wait_steps(run_dir, 12)
     slurm(cluster, "scancel", "--signal=USR2", job_id)  # what a preempting scheduler sends (--signal=USR2@...)
-    reference = local_reference(cache_dir, tmp_path / "local", 200)
+    reference = local_losses(reference_run, 200)
     assert wait_state(cluster, job_id, ("COMPLETED", "FAILED", "CANCELLED")) == "COMPLETED"
     requeues = [json.loads(line) for line in (run_dir / "requeues.jsonl").read_text().splitlines()]
     assert [(r["reason"], r["requeued"]) for r in requeues] == [("preemption", True)]

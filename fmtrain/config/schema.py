@@ -211,7 +211,7 @@ class LauncherConfig:
     refused (:func:`foreign_keys`), so ``launcher=local launcher.partition=gpu`` is an error."""
 
     OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "local": ("nproc", "max_restarts", "shutdown_timeout", "monitor_interval"),
+        "local": ("nproc", "max_restarts", "shutdown_timeout", "monitor_interval", "start"),
         "slurm": (
             "nodes", "tasks_per_node", "procs_per_task", "gpus_per_node", "cpus_per_task", "mem_gb", "time_min",
             "partition", "account", "qos", "constraint", "exclude", "job_name", "sbatch", "setup", "signal_delay_s",
@@ -226,6 +226,9 @@ class LauncherConfig:
     max_restarts: int = field_in(0, ge=0, le=1000)
     shutdown_timeout: int = field_in(30, gt=0, le=86400)
     monitor_interval: float = field_in(0.1, gt=0, le=3600)
+    # how each rank's process starts: fork (from the launcher, which already imported torch: seconds sooner),
+    # exec (a fresh interpreter, as torchrun starts them); auto: fork on CPUs, exec where ranks use GPUs
+    start: str = field_in("auto", choices=("auto", "fork", "exec"))
     # slurm: sbatch through submitit (see conf/launcher/slurm.yaml and conf/cluster/)
     nodes: int = field_in(1, gt=0, le=10**5)
     # None: gpus_per_node when > 0 (one task per GPU), else 1
