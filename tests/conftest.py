@@ -42,7 +42,8 @@ SMALL = [
 ]
 
 # Steps of ~0.1 s (SMALL's take ~0.02 s). A sweep's trial of them: a trial's run that trains outside Ray Tune
-# (N local ranks, a Slurm job) is still running when the scheduler stops the trial.
+# (N local ranks, a Slurm job) is still running when the scheduler stops the trial at its first evaluation
+# (step 20: 80 steps, 8 s or more, before it would end by itself).
 SLOWER = [
     "model.dim=128",
     "model.n_layers=2",
@@ -55,7 +56,7 @@ SLOW_TRIAL = [
     *SLOWER,
     "trainer.eval_batches=2",
     "trainer.plot=false",
-    "trainer.max_steps=200",
+    "trainer.max_steps=100",
     "trainer.eval_interval=20",
     "checkpoint.interval=20",
 ]
@@ -170,8 +171,8 @@ def waits(nodeid: str) -> bool:
 
 
 def worker_kinds(index: int, workers: int) -> tuple[str, ...]:
-    """The kinds of test worker ``gw<index>`` of ``workers`` takes first: with 4 or more, the first waits on
-    Slurm, the second on Ray, the others compute; with 3, the first waits on both; with fewer, any."""
+    """The kinds of test worker ``gw<index>`` of ``workers`` takes first: with 4 or more (make test: 5), the
+    first waits on Slurm, the second on Ray, the others compute; with 3, the first waits on both; with fewer, any."""
     if workers >= 4:
         return ("slurm",) if index == 0 else ("ray",) if index == 1 else ("compute",)
     if workers == 3:
@@ -188,14 +189,18 @@ class LongestFirst:
 
     @pytest.hookimpl(trylast=True)  # after pytest's own ordering by fixture scope
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        items.sort(key=lambda item: min((self.RANK.get(m.name, 3) for m in item.iter_markers()), default=3))
+        def rank(item: pytest.Item) -> tuple[int, bool]:  # of each kind, the tests listed as slow first
+            kind = min((self.RANK.get(m.name, 3) for m in item.iter_markers()), default=3)
+            return kind, not budget.listed(item.nodeid, budget.SLOW_TESTS)
+
+        items.sort(key=rank)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         config.pluginmanager.register(LongestFirst())
     else:  # the process that sees every test's report: pytest's own, or xdist's controller
-        config.pluginmanager.register(budget.Budget(budget.SLOW_TESTS, budget.LIMIT_S))
+        config.pluginmanager.register(budget.Budget(budget.SLOW_TESTS, budget.machine_limit_s()))
         config.pluginmanager.register(TreeUnchanged())
 
 

@@ -167,7 +167,7 @@ def test_defaults_and_overrides_reach_the_typed_config() -> None:
         (
             ["launcher=local", "launcher.partition=gpu"],
             r"launcher.partition='gpu' is invalid: a key of launcher=slurm, not of launcher=local; "
-            r"the keys of launcher=local: name, nproc, max_restarts, shutdown_timeout, monitor_interval$",
+            r"the keys of launcher=local: name, nproc, max_restarts, shutdown_timeout, monitor_interval, start$",
         ),
         (["launcher.num_workers=4"], r"launcher.num_workers=4 is invalid: a key of launcher=ray, not of launcher=local"),
         (["launcher=slurm", "launcher.nproc=2"], r"launcher.nproc=2 is invalid: a key of launcher=local, not of launcher=slurm"),

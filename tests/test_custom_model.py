@@ -117,7 +117,7 @@ def test_the_example_trains_under_ddp_fsdp_and_tp_alike_and_resumes_exactly(cach
     assert one.returncode == 0, one.stdout + one.stderr
     expected = train_losses(tmp_path / "one")
     assert expected.keys() == set(range(1, 10)) and expected[9] < expected[1] - 0.3
-    for strategy in ("fsdp", "tp"):
+    for strategy in ("ddp", "fsdp", "tp"):
         args = [*base, f"run_dir={tmp_path / strategy}", f"strategy={strategy}", "launcher.nproc=2"]
         if strategy == "fsdp":  # killed after step 5: the same command resumes from step 3's checkpoint
             killed = fmtrain(args, cache_dir, FMTRAIN_FAULT="0:5:kill", **here)

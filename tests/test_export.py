@@ -25,7 +25,7 @@ def test_an_fsdp_checkpoint_exports_to_a_plain_model_with_equal_logits(cache_dir
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
-    exported = subprocess.run([FMTRAIN, "export", str(run_dir)], capture_output=True, text=True, timeout=120)
+    exported = fmtrain(["export", str(run_dir)], cache_dir, timeout=120)
     assert exported.returncode == 0, exported.stderr
     out = Path(exported.stdout.strip())
     assert out == run_dir / "export" / "step_000006"
@@ -93,7 +93,7 @@ def test_export_names_a_missing_checkpoint(tmp_path: Path, cache_dir: Path) -> N
     run_dir = tmp_path / "run"
     result = fmtrain(["train", f"run_dir={run_dir}", *SMALL, "trainer.max_steps=2"], cache_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    missing = subprocess.run([FMTRAIN, "export", str(run_dir), "--step", "7"], capture_output=True, text=True)
+    missing = fmtrain(["export", str(run_dir), "--step", "7"], cache_dir)
     assert missing.returncode == 2
     assert f"{run_dir}/checkpoints/step_000007: no such checkpoint" in missing.stderr
 

@@ -171,7 +171,7 @@ def test_a_full_disk_during_a_checkpoint_is_named_cleaned_up_and_resumable(cache
     assert re.match(expected + r"about \d+ MB needed, \d+ MB free", record["message"]), record["message"]
     assert "Traceback" not in record["message"] and "MB free" in record["message"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith((".", "step"))) == ["step_000003"]
-    status = json.loads(subprocess.run([FMTRAIN, "status", str(run_dir)], capture_output=True, text=True, check=True).stdout)
+    status = json.loads(fmtrain(["status", str(run_dir)], cache_dir).stdout)
     assert status["state"] == "failed" and "no space left" in status["message"], status
 
     tmpfs.remount("size=256m")  # room again: the run resumes from its last good checkpoint

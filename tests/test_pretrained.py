@@ -7,9 +7,7 @@ The Hugging Face models are tiny random ones that transformers itself builds and
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -404,11 +402,7 @@ def test_fine_tune_export_and_transformers_reloads_it(tokenizer: str, cache_dir:
         ["train", "model=hf", f"model.path={tmp_path / 'hf'}", *FINE_TUNE, "trainer.max_steps=6", f"run_dir={run_dir}"], cache_dir
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    exported = subprocess.run(
-        [os.path.join(os.path.dirname(__import__("sys").executable), "fmtrain"), "export", str(run_dir)],
-        capture_output=True,
-        text=True,
-    )
+    exported = fmtrain(["export", str(run_dir)], cache_dir)
     assert exported.returncode == 0, exported.stderr
     out = Path(exported.stdout.strip())
     verification = json.loads((out / "verification.json").read_text())

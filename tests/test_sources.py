@@ -294,9 +294,10 @@ def test_bad_input_is_refused_before_launch_or_ends_the_run_naming_the_record(tm
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nocolumn.parquet")
-    refused = fmtrain(["train", "data=parquet", f"data.paths=[{tmp_path / 'nocolumn.parquet'}]", *SMALL], cache_dir)
+    data = ["data=parquet", f"data.paths=[{tmp_path / 'nocolumn.parquet'}]"]
+    refused = fmtrain(["train", *data, f"run_dir={tmp_path / 'refused'}", *SMALL], cache_dir)
     assert refused.returncode == 2 and "nocolumn.parquet: has no column 'text'" in refused.stderr
-    assert "Traceback" not in refused.stderr and not (tmp_path / "run").exists()
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()  # the run it was given: not made
     path = tmp_path / "docs.jsonl"
     path.write_bytes(jsonl_with(b'{"txt": "typo"}', at=5))
     failed = fmtrain(["train", "data=jsonl", f"data.paths=[{path}]", f"run_dir={tmp_path / 'run'}", *SMALL], cache_dir)

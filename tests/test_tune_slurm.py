@@ -56,7 +56,7 @@ def test_a_slurm_sweep_cancels_the_trials_asha_stops_and_completes(slurm_in_netn
     with open(sweep / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and float(rows[0]["optim.lr"]) == 0.003
-    assert (rows[0]["status"], rows[0]["steps"]) == ("completed", "200")
+    assert (rows[0]["status"], rows[0]["steps"]) == ("completed", "100")
     assert [r["status"] for r in rows[1:]] == ["stopped early"] * 2 and {r["steps"] for r in rows[1:]} == {"20"}
     assert "optim.lr: 0.003" in (sweep / "best_overrides.yaml").read_text()
 
