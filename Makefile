@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
-# Test workers (pytest-xdist). The whole suite: 5 on 2 cores, as one worker runs the Slurm tests and one the Ray
-# tests, which mostly wait (WAITING_FILES in tests/conftest.py), beside three whose tests compute but also wait on
-# the processes they start. The fast set only computes: 2.
-test: TEST_WORKERS ?= 5
-test-times: TEST_WORKERS ?= 5
+# Test workers (pytest-xdist). The whole suite: 4 on 2 cores, as one worker runs the Slurm tests and one the Ray
+# tests, which mostly wait (WAITING_FILES in tests/conftest.py), beside two that compute (5 measured slower: the
+# cores are the limit). The fast set only computes: 2.
+test: TEST_WORKERS ?= 4
+test-times: TEST_WORKERS ?= 4
 test-fast: TEST_WORKERS ?= 2
 XDIST   = -n $(TEST_WORKERS) --no-loadscope-reorder
 

@@ -28,16 +28,20 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    node_rank: int = 0  # which of the job's nodes this rank is on
     owns_group: bool = field(default=False, compare=False)  # init() created the process group (close() ends it)
 
     @classmethod
     def from_environ(cls) -> DistEnv:
+        """The launcher's variables: torchrun's (GROUP_RANK: the node), as every launcher sets them; Ray Train
+        names the node NODE_RANK."""
         get = os.environ.get
         return cls(
             rank=int(get("RANK", 0)),
             world_size=int(get("WORLD_SIZE", 1)),
             local_rank=int(get("LOCAL_RANK", 0)),
             local_world_size=int(get("LOCAL_WORLD_SIZE", 1)),
+            node_rank=int(get("GROUP_RANK") or get("NODE_RANK") or 0),
         )
 
     @property

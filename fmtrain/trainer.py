@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from socket import gethostname
 from typing import Any
 
 import torch
@@ -119,6 +120,7 @@ def run(cfg: TrainConfig, on_eval: EvalHook | None = None, on_step: StepHook | N
     if (problem := run_dir_problem(run_dir)) is not None:  # before training, not at the first save
         raise ConfigError("run_dir", cfg.run_dir, problem)
     setup_logging(run_dir, env.rank)
+    log.info("rank %d of %d: node %d (%s), local rank %d", env.rank, env.world_size, env.node_rank, gethostname(), env.local_rank)
     # The process group's timeout: past the watchdog's, which speaks first (naming ranks, writing stacks).
     device = env.init(cfg.trainer.device, timeout_s=(cfg.trainer.hang_timeout_s or 1800) + 60)
     try:

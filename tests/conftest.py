@@ -171,7 +171,7 @@ def waits(nodeid: str) -> bool:
 
 
 def worker_kinds(index: int, workers: int) -> tuple[str, ...]:
-    """The kinds of test worker ``gw<index>`` of ``workers`` takes first: with 4 or more (make test: 5), the
+    """The kinds of test worker ``gw<index>`` of ``workers`` takes first: with 4 or more (make test: 4), the
     first waits on Slurm, the second on Ray, the others compute; with 3, the first waits on both; with fewer, any."""
     if workers >= 4:
         return ("slurm",) if index == 0 else ("ray",) if index == 1 else ("compute",)

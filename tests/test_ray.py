@@ -80,7 +80,11 @@ def test_a_two_node_dev_cluster_runs_a_job_on_both_nodes_and_goes_down_by_pid(
         args += [f"run_dir={run_dir}", *SMALL, *STEPS, "trainer.max_steps=20", "launcher.num_workers=2"]
         job = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        # One worker per 1-CPU node: ranks on two emulated nodes, and still the local run's numbers.
+        # One worker per 1-CPU node: ranks on two emulated nodes (each rank logs the node Ray Train placed it
+        # on), and still the local run's numbers.
+        logs = [(run_dir / "logs" / f"rank{rank}.log").read_text() for rank in (0, 1)]
+        nodes = [re.search(rf"rank {rank} of 2: node (\d+) ", log) for rank, log in enumerate(logs)]
+        assert sorted(int(node.group(1)) for node in nodes if node) == [0, 1], logs
         assert train_losses(run_dir) == pytest.approx(local_losses(reference_run, 20), rel=1e-6)
     finally:
         down = subprocess.run([str(script), "down"], env=env, capture_output=True, text=True, timeout=120)

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -145,18 +146,18 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def test_an_exception_in_rank_1_ends_the_job_quickly_with_its_error(cache_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    started = time.monotonic()
     result = fmtrain(
         ["train", f"run_dir={run_dir}", *SMALL, "trainer.max_steps=50", "launcher.nproc=2"], cache_dir, FMTRAIN_FAULT="1:3"
     )
-    elapsed = time.monotonic() - started
     assert result.returncode == 1
     output = result.stdout + result.stderr
     # Exit code 1; or, when rank 0 saw its peer go and exited first, the agent stopped rank 1 as it exited.
     assert re.search(r"rank 1 failed \((exit code 1|raised, then stopped by SIGTERM as the job ended), pid \d+\)", output), output
     assert "RuntimeError: injected fault (FMTRAIN_FAULT) in rank 1 at step 3" in output
-    assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
-    assert json.loads((run_dir / "job.json").read_text())["state"] == "failed"
+    # The job's own record of its start and end: the failure at step 3 ends it, not a collective's timeout.
+    job = json.loads((run_dir / "job.json").read_text())
+    took = datetime.fromisoformat(job["ended"]) - datetime.fromisoformat(job["started"])
+    assert job["state"] == "failed" and took.total_seconds() < 60, job
     assert _processes_mentioning(str(run_dir)) == [], "no process of the job is left"
 
 
@@ -194,15 +195,22 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_the_previous_one_resumes(cac
     assert not (run_dir / "checkpoints" / ".step_000030.tmp").exists()
 
 
-def test_default_run_learns_and_fills_its_run_directory(cache_dir: Path, tmp_path: Path) -> None:
+def test_default_run_learns_and_fills_its_run_directory(cache_dir: Path, tmp_path: Path, hardware_branch) -> None:
     """The README's main job, unchanged: ``fmtrain train`` with only a run directory, precision=auto
     choosing as it does for a user (bf16 where the CPU multiplies it natively), not the tests' fp32 pin,
     and trainer.compile=auto too."""
     run_dir = tmp_path / "run"
     result = fmtrain(["train", f"run_dir={run_dir}"], cache_dir, timeout=600, FMTRAIN_PRECISION_AUTO="", FMTRAIN_COMPILE_AUTO="")
     assert result.returncode == 0, result.stdout + result.stderr
-    eager = r"not compiling each block \(trainer.compile=auto: 120 steps estimated at [\d.]+ min eager .* under the 10 min"
-    assert re.search(eager, result.stdout), result.stdout
+    # compile=auto's choice follows its own estimate of this machine's eager compute (10 min or more: compile,
+    # where torch.compile works), not a threshold this test assumes the machine falls under.
+    chose = next(line for line in result.stdout.splitlines() if "(trainer.compile=auto: 120 steps estimated at" in line)
+    minutes = float(re.search(r"estimated at ([\d.]+) min eager", chose).group(1))  # type: ignore[union-attr]
+    if minutes < 10:
+        assert "not compiling each block" in chose and "under the 10 min compiling needs to pay" in chose, chose
+    else:
+        assert "not compiling" not in chose or "torch.compile fails on CPU" in chose, chose
+    hardware_branch(chose.split("] ", 1)[-1])
     records = read_metrics(run_dir)
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert val[-1] < 0.55 * math.log(256), f"final validation loss {val[-1]:.3f} vs uniform {math.log(256):.3f}"

@@ -178,19 +178,20 @@ def test_distributed_trials_train_on_two_ranks_and_stopped_ones_are_stopped(
     result = subprocess.run(args, env=ray_env(cache_dir, ray_tmp), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = results(sweep)
-    assert [(float(r["optim.lr"]), r["status"], r["steps"]) for r in rows] == [
-        (0.003, "completed", "100"),
-        (0.00002, "stopped early", "20"),
-        (0.00001, "stopped early", "20"),
-    ]
+    # What ASHA guarantees, not one sweep's details: the best learning rate (the grid's first) trains to the end;
+    # the trials it stops, at least one of two 150-300x worse, end at an evaluation (every 20 steps) before it.
+    assert len(rows) == 3 and (float(rows[0]["optim.lr"]), rows[0]["status"], rows[0]["steps"]) == (0.003, "completed", "100")
+    stopped = [row for row in rows[1:] if row["status"] == "stopped early"]
+    assert stopped and all(int(row["steps"]) < 100 and int(row["steps"]) % 20 == 0 for row in stopped), rows
+    assert all(row["status"] == "completed" for row in rows[1:] if row not in stopped), rows
     for row in rows:
         run_dir = Path(row["run_dir"])
         assert "world 2 (dp 2" in (run_dir / "logs" / "rank0.log").read_text()
         rank1 = (run_dir / "logs" / "rank1.log").read_text()
         assert "rank1 pid" in rank1 and "runs at nice" not in rank1, rank1  # a trial's ranks: nice 0, not Ray's 15
-    for row in rows[1:]:
+    for row in stopped:
         note = json.loads((Path(row["run_dir"]) / "cancelled.json").read_text())
-        assert note["launcher"] == "local" and note["stopped_at_step"] == 20
+        assert note["launcher"] == "local" and note["stopped_at_step"] == int(row["steps"])
         assert max(r["step"] for r in read_metrics(Path(row["run_dir"])) if "loss" in r) < 100
     deadline = time.monotonic() + 60
     while pids_mentioning(sweep):
