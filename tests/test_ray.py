@@ -115,13 +115,13 @@ def test_a_ray_jobs_submission_returns_an_id_that_status_logs_and_cancel_work_on
         )
 
     def submit(run_dir: Path, steps: int) -> str:
-        started = time.monotonic()
         result = cli("train", "launcher=ray", "launcher.submit=jobs", f"launcher.address={dashboard}", f"run_dir={run_dir}",
                      *SMALL, *STEPS, f"trainer.max_steps={steps}", "trainer.progress=false")  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert time.monotonic() - started < 60, "the submission waited for the job"
         job_id, printed_dir = result.stdout.strip().splitlines()[-1].split("\t")
         assert printed_dir == str(run_dir) and re.fullmatch(r"fmtrain-\d{8}-\d{6}-[0-9a-f]{6}", job_id), result.stdout
+        # The submission returned before its job ended (Ray Train alone takes ~30 s to start the workers): no clock.
+        assert not (run_dir / "result.json").exists(), "the submission waited for the job"
         return job_id
 
     def status(job_id: str) -> dict:
