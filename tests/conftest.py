@@ -414,27 +414,23 @@ def cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subproces
 
 
 def _become_cli(env: dict[str, str], out: int, err: int) -> None:
-    """In a fork of a test process: what a fresh ``fmtrain`` process starts with."""
-    import io
+    """In a fork of a test process: what a fresh ``fmtrain`` process starts with: its own stdin, stdout and
+    stderr and environment, then what a forked rank resets too (:func:`fmtrain.worker.fresh_process_state`:
+    signal and log handlers, here pytest's, and unbuffered output), and pytest-timeout's alarm undone."""
     import signal
+
+    import torch
+
+    from fmtrain.worker import fresh_process_state
 
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(out, 1)
     os.dup2(err, 2)
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
     os.environ.clear()
     os.environ.update(env)
-    for number in (signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(number, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    import logging
-
-    root = logging.getLogger()  # pytest's capturing handlers: the command configures its own
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    if "torch" in sys.modules:  # this process's OpenMP threads are not the fork's: compute on one
-        sys.modules["torch"].set_num_threads(1)
+    fresh_process_state()
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    torch.set_num_threads(1)  # this process's OpenMP threads are not the fork's: the command computes on one
 
 
 def _wait(pid: int, timeout: float) -> int:

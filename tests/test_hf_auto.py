@@ -212,7 +212,6 @@ def assert_reloads(out: Path, run_dir: Path, step: int, model_cfg: object, **opt
         assert (theirs.eval()(input_ids=ids).logits - trained.eval()(ids)).abs().max().item() < 1e-5
 
 
-@pytest.mark.slow
 def gpt2_one_process(made_once, reference_run) -> tuple[Path, list[str], dict[int, float]]:
     """The GPT-2 saved here, the fine-tune's overrides, and its losses in one process (made once a session)."""
     hf = made_once("hf-gpt2", lambda folder: save("gpt2", folder))

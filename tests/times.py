@@ -21,11 +21,10 @@ def read(report: Path) -> list[dict]:
     """One record per test: id, file, seconds, CPU seconds, setup seconds, outcome."""
     tests = []
     for case in ET.parse(report).getroot().iter("testcase"):
-        path = case.get("classname", "").replace(".", "/")
-        module = path.split("/")
-        file = "/".join(module[: module.index(next(p for p in module if p.startswith("test_"))) + 1]) + ".py"
+        parts = case.get("classname", "").split(".")  # tests.test_x, or tests.test_x.TestClass
+        file = "/".join(parts[: next(i for i, part in enumerate(parts) if part.startswith("test_")) + 1]) + ".py"
         properties = {p.get("name"): p.get("value") for p in case.iter("property")}
-        wall, cpu = ast.literal_eval(properties["cost"]) if "cost" in properties else (float(case.get("time", 0)), 0.0)
+        cpu = ast.literal_eval(properties["cost"])[1] if "cost" in properties else 0.0  # conftest's (wall, CPU)
         outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
         tests.append(
             {
@@ -33,7 +32,6 @@ def read(report: Path) -> list[dict]:
                 "file": file,
                 "seconds": float(case.get("time", 0)),
                 "cpu": float(cpu),
-                "wall": float(wall),
                 "setup": float(properties.get("setup_s", 0)),
                 "outcome": outcome,
             }
