@@ -301,6 +301,11 @@ def test_the_scheduler_state_of_queued_jobs_and_array_tasks(cluster, monkeypatch
         subprocess.run(["scancel", held], env=cluster, timeout=60)
 
 
+def queued(cluster: dict[str, str]) -> set[str]:
+    """The ids of the jobs in the queue (an earlier test's cancelled job may still be completing there)."""
+    return set(slurm(cluster, "squeue", "-h", "-o", "%i").split())
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -314,11 +319,6 @@ def test_the_scheduler_state_of_queued_jobs_and_array_tasks(cluster, monkeypatch
         (["strategy=fsdp_tp", "strategy.tp=2", "launcher.tasks_per_node=2"], "strategy=fsdp_tp needs at least 2 data-parallel"),
     ],
 )
-def queued(cluster: dict[str, str]) -> set[str]:
-    """The ids of the jobs in the queue (an earlier test's cancelled job may still be completing there)."""
-    return set(slurm(cluster, "squeue", "-h", "-o", "%i").split())
-
-
 def test_impossible_requests_are_refused_before_sbatch(overrides, message, cluster, cache_dir: Path, tmp_path: Path) -> None:
     before = queued(cluster)
     result = fmtrain(
