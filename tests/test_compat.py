@@ -116,3 +116,21 @@ def test_submitit_renders_every_parameter_fmtrain_passes() -> None:
         assert line in script, line
     assert submitit_compat.convert_mem(16) == "16GB" and submitit_compat.convert_mem(0.5) == "512MB"
     assert importlib.util.find_spec(submitit_compat.SUBMIT_MODULE) is not None
+
+
+def test_deepspeed_builds_its_shared_memory_all_reduce_only_for_an_op_marked_compatible() -> None:
+    """skip_shared_memory_all_reduce marks the op incompatible: DeepSpeed's backend checks that mark
+    before it builds the op, and uses the op for inference_all_reduce alone (training's all_reduce,
+    reduce_scatter and all_gather go to torch.distributed)."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ds_comm = importlib.import_module("deepspeed.comm.torch")  # the attribute deepspeed.comm.torch is torch itself
+
+    assert ShareMemCommBuilder.NAME == ds_compat.SHM_COMM_OP
+    build = inspect.getsource(ds_comm.build_shm_op)
+    assert "if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):" in build
+    uses = inspect.getsource(ds_comm.TorchBackend).count("shm_comm_op")
+    assert uses == inspect.getsource(ds_comm.TorchBackend.__init__).count("shm_comm_op"), "used beyond its start: by what?"
+    assert "torch.ops.deepspeed.inference_all_reduce_" in inspect.getsource(ds_comm.TorchBackend.inference_all_reduce)
+    ds_compat.skip_shared_memory_all_reduce()
+    assert ds_comm.build_shm_op() is None

@@ -1,8 +1,9 @@
-"""DeepSpeed internals fmtrain relies on (ZeRO optimizers, the fp16 loss scaler).
+"""DeepSpeed internals fmtrain relies on (ZeRO optimizers, the fp16 loss scaler, its communication's start).
 
 Checked by ``tests/test_compat.py`` against the installed DeepSpeed: the attribute names read
-here, the ZeRO-3 master-copy comparison that :func:`share_fp32_master` works around, and the lazy
-link of optimizer state that :func:`link_optimizer_state` redoes.
+here, the ZeRO-3 master-copy comparison that :func:`share_fp32_master` works around, the lazy
+link of optimizer state that :func:`link_optimizer_state` redoes, and the op build that
+:func:`skip_shared_memory_all_reduce` skips.
 """
 
 from __future__ import annotations
@@ -10,6 +11,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+# The op DeepSpeed's communication backend builds when it starts on a CPU (``ShareMemCommBuilder.NAME``).
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_shared_memory_all_reduce() -> None:
+    """DeepSpeed's communication backend (``deepspeed.comm.torch.TorchBackend``) compiles its shared-memory
+    all-reduce when it starts on a CPU: a C++ op, ~50 CPU-s the first time on a machine, used only by
+    ``inference_all_reduce``. Training's collectives go through torch.distributed, so fmtrain marks the op
+    incompatible and DeepSpeed skips the build (``build_shm_op`` returns None)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
 
 # DeepSpeed's DynamicLossScaler keeps its schedule in these attributes (beside ``cur_scale``).
 SCALER_FIELDS = ("cur_iter", "last_overflow_iter", "cur_hysteresis")

@@ -34,6 +34,7 @@ from fmtrain.compat.deepspeed import (
     loss_scaler_state,
     master_partitions,
     share_fp32_master,
+    skip_shared_memory_all_reduce,
 )
 from fmtrain.config import accumulation_steps, micro_batch_size
 from fmtrain.models.spec import Recipe
@@ -158,7 +159,8 @@ class DeepSpeedStrategy(Strategy):
 
         from fmtrain.config import cache_root
 
-        # DeepSpeed compiles its CPU ops on first use (~50 s): once per machine, into fmtrain's cache.
+        # DeepSpeed compiles its CPU ops on first use (cpu_adam for offload_optimizer): once per machine, into
+        # fmtrain's cache. The shared-memory all-reduce it would build as its communication starts is not one.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions"))
         os.environ.setdefault("DS_ACCELERATOR", self.device.type)  # no probing, no warning about it
         import deepspeed
@@ -167,6 +169,7 @@ class DeepSpeedStrategy(Strategy):
         ds_logger.setLevel(logging.WARNING)
         # DeepSpeed calls torch's all_gather_into_tensor/reduce_scatter_tensor, deprecated in torch 2.13.
         warnings.filterwarnings("ignore", message=r".* is deprecated\. Please use .*_single", category=FutureWarning)
+        skip_shared_memory_all_reduce()
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its op builds to stdout
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         return deepspeed
