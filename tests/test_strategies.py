@@ -117,6 +117,42 @@ def test_deepspeed_partitions_what_its_stage_says(reference: Path, trained) -> N
     assert generated["train_micro_batch_size_per_gpu"] * generated["gradient_accumulation_steps"] * 2 == 8
 
 
+def test_zero2_partitions_the_gradients_that_zero1_accumulates_whole(
+    cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the micro-steps of a step (4 here), ZeRO-1 accumulates the whole model's gradients on each
+    rank and reduces them at the step; ZeRO-2 hands each micro-step's to its partitioned reduction.
+    Measured by the test in each rank (the forked ranks inherit its wrapper): the gradient bytes the
+    parameters hold after each backward that is not the step's last."""
+    import torch
+
+    from fmtrain.strategies.zero import DeepSpeedStrategy
+
+    backward = DeepSpeedStrategy.backward
+
+    def measured(self, wrapped, loss, *, boundary: bool) -> None:
+        backward(self, wrapped, loss, boundary=boundary)
+        params = list(wrapped.module.parameters())
+        held = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for p in params if p.grad is not None}
+        whole = sum(p.numel() * p.element_size() for p in params)
+        with open(tmp_path / f"rank{torch.distributed.get_rank()}", "a") as f:
+            f.write(json.dumps({"boundary": boundary, "held": sum(held.values()), "whole": whole}) + "\n")
+
+    monkeypatch.setattr(DeepSpeedStrategy, "backward", measured)
+    held = {}
+    for stage in (1, 2):
+        overrides = [f"strategy.zero_stage={stage}", "trainer.micro_batch_size=1", "trainer.max_steps=2"]
+        train(cache_dir, tmp_path / f"zero{stage}", "strategy=deepspeed", "launcher.nproc=2", *overrides)
+        for rank in (0, 1):
+            records = [json.loads(line) for line in (tmp_path / f"rank{rank}").read_text().splitlines()]
+            (tmp_path / f"rank{rank}").unlink()
+            assert [r["boundary"] for r in records] == [False, False, False, True] * 2
+            assert all(r["held"] == 0 for r in records if r["boundary"])  # reduced at the step, by both
+            held[stage, rank] = {(r["held"], r["whole"]) for r in records if not r["boundary"]}
+    whole = 492_800  # SMALL's fp32 parameters
+    assert held == {(1, 0): {(whole, whole)}, (1, 1): {(whole, whole)}, (2, 0): {(0, whole)}, (2, 1): {(0, whole)}}
+
+
 def test_deepspeed_zero3_checkpoint_resumes_under_fsdp_and_ddp(reference: Path, trained, cache_dir: Path, tmp_path: Path) -> None:
     """Saved by ZeRO-3 on 2 ranks, continued by FSDP2 on 1 rank and by DDP on 2: the same losses."""
     checkpoint = trained("strategy=deepspeed", "launcher.nproc=2", "strategy.zero_stage=3") / "checkpoints" / "step_000010"

@@ -24,6 +24,10 @@ def tune(netns: list[str], cache: Path, ray_tmp: Path, sweep: Path, *overrides: 
     return result.stdout
 
 
+def sorted_items(params: dict) -> list:
+    return sorted(params.items())
+
+
 def results(sweep: Path) -> list[dict[str, str]]:
     with open(sweep / "results.csv") as f:
         return list(csv.DictReader(f))
@@ -87,11 +91,24 @@ def test_optuna_and_pbt_sweeps_complete(search: str, netns, ray_tmp: Path, cache
     # All 4 trials at once (half a CPU each). PBT is synchronous (tune.synch, the default): at every
     # evaluation it waits for the whole population, then the worst quarter (one trial) exploits the best.
     together = ["tune.max_concurrent=4", "tune.cpus_per_trial=0.5", "tune.perturbation_interval=1"]
-    tune(netns, cache_dir, ray_tmp, sweep, f"tune={search}", "tune.num_samples=4", *together)  # 40 steps, 4 evaluations
+    tune(netns, cache_dir, ray_tmp, sweep, f"tune={search}", "tune.num_samples=4", *together, "seed=7")  # 40 steps, 4 evaluations
     rows = results(sweep)
     assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
     assert all(float(r["val_loss"]) > 0 and int(r["evaluations"]) >= 1 for r in rows)
     assert all(r["status"] in ("completed", "stopped early") for r in rows)  # Optuna's sweep stops trials by ASHA
+    if search == "optuna":
+        # The values are Optuna's: its TPE sampler seeded with the run's seed proposes exactly these four
+        # (all asked before any result, so from TPE's seeded start-up sampling); random search would not.
+        import optuna
+
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=7))
+        space = {
+            "optim.lr": optuna.distributions.FloatDistribution(1e-4, 3e-2, log=True),
+            "optim.weight_decay": optuna.distributions.FloatDistribution(0.0, 0.2),
+        }
+        expected = [study.ask(fixed_distributions=space).params for _ in rows]
+        proposed = [json.loads((Path(r["run_dir"]) / "params.json").read_text()) for r in rows]
+        assert sorted(map(sorted_items, proposed)) == sorted(map(sorted_items, expected))
     if search == "pbt":
         assert [(r["status"], r["steps"], r["evaluations"]) for r in rows] == [("completed", "40", "4")] * 4
         # PBT's exploit: a trial continued from another trial's checkpoint, copied into its own run.
