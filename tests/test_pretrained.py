@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -440,12 +441,20 @@ def test_an_interrupted_fine_tune_resumes_from_its_own_checkpoint(cache_dir: Pat
     assert train_losses(run_dir) == train_losses(tmp_path / "reference")
 
 
-@pytest.mark.slow
 def rss_kb(key: str) -> int:
     """This process's VmRSS or VmHWM (its resident peak), in kB, read by the test itself."""
     return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
 
 
+def resident_added_mb(work: Callable[[], object]) -> float:
+    """What ``work()`` added to this process's resident memory at its peak, in MB (the peak reset first)."""
+    Path("/proc/self/clear_refs").write_text("5")  # the peak resident set size, reset to now
+    before = rss_kb("VmRSS:")
+    work()
+    return (rss_kb("VmHWM:") - before) / 1024
+
+
+@pytest.mark.slow
 def test_loading_under_fsdp_holds_less_than_the_whole_model_per_rank(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -465,10 +474,8 @@ def test_loading_under_fsdp_holds_less_than_the_whole_model_per_rank(
     load = pretrained.load
 
     def measured_load(wrapped, recipe, source) -> None:
-        Path("/proc/self/clear_refs").write_text("5")  # the peak resident set size, reset to now
-        before = rss_kb("VmRSS:")
-        load(wrapped, recipe, source)
-        (measured / f"rank{torch.distributed.get_rank()}").write_text(str((rss_kb("VmHWM:") - before) / 1024))
+        added = resident_added_mb(lambda: load(wrapped, recipe, source))
+        (measured / f"rank{torch.distributed.get_rank()}").write_text(str(added))
 
     monkeypatch.setattr(pretrained, "load", measured_load)
     run_dir = tmp_path / "run"
@@ -486,18 +493,15 @@ def test_loading_under_fsdp_holds_less_than_the_whole_model_per_rank(
     # is bounded by its largest tensor (the 62.5 MB embedding: the tensor and DCP's read of its two
     # shards, ~2 copies; measured 128-133 MB), not by the model.
     from fmtrain.export import write_streamed
-    from fmtrain.pretrained import _peak_rss, _reset_peak_rss
 
     cfg = compose(["model=hf", f"model.path={tmp_path / 'hf'}", "data.seq_len=64"]).model
     adapter = models.get("llama").adapter(cfg)
     (tmp_path / "out").mkdir()
-    before = _reset_peak_rss()
-    write_streamed(run_dir / "checkpoints" / "step_000001", cfg, adapter.to_external, tmp_path / "out", torch.float32, 10**9, 1)
-    peak = _peak_rss()
-    assert before is not None and peak is not None
-    added = (peak - before) / 2**20
-    largest = 32000 * 512 * 4 / 2**20
-    print(f"writing the export added {added:.0f} MB at most; the largest tensor is {largest:.1f} MB, the model {whole} MB")
+    checkpoint = run_dir / "checkpoints" / "step_000001"
+    added = resident_added_mb(
+        lambda: write_streamed(checkpoint, cfg, adapter.to_external, tmp_path / "out", torch.float32, 10**9, 1)
+    )
+    print(f"writing the export added {added:.0f} MB at most; the largest tensor is {largest:.1f} MB, the model {whole:.0f} MB")
     assert added <= 2.5 * largest and added < 0.75 * whole, (added, largest, whole)
     from safetensors.torch import load_file
 

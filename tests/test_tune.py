@@ -24,10 +24,6 @@ def tune(netns: list[str], cache: Path, ray_tmp: Path, sweep: Path, *overrides: 
     return result.stdout
 
 
-def sorted_items(params: dict) -> list:
-    return sorted(params.items())
-
-
 def results(sweep: Path) -> list[dict[str, str]]:
     with open(sweep / "results.csv") as f:
         return list(csv.DictReader(f))
@@ -108,7 +104,7 @@ def test_optuna_and_pbt_sweeps_complete(search: str, netns, ray_tmp: Path, cache
         }
         expected = [study.ask(fixed_distributions=space).params for _ in rows]
         proposed = [json.loads((Path(r["run_dir"]) / "params.json").read_text()) for r in rows]
-        assert sorted(map(sorted_items, proposed)) == sorted(map(sorted_items, expected))
+        assert sorted(sorted(p.items()) for p in proposed) == sorted(sorted(p.items()) for p in expected)
     if search == "pbt":
         assert [(r["status"], r["steps"], r["evaluations"]) for r in rows] == [("completed", "40", "4")] * 4
         # PBT's exploit: a trial continued from another trial's checkpoint, copied into its own run.
