@@ -62,12 +62,12 @@ def check_run_dir(cfg: TrainConfig) -> None:
     visible = run_dir.exists() or run_dir.parent.exists()
     if visible and (problem := run_dir_problem(run_dir)) is not None:
         raise ConfigError("run_dir", cfg.run_dir, problem)
-    if (run_dir / "job.json").is_file() and handle_for(run_dir).running():
+    if (run_dir / "job.json").is_file() and (handle := handle_for(run_dir)).running():
         record = JobRecord.read(run_dir)
         raise ConfigError(
             "run_dir",
             cfg.run_dir,
-            f"job {record.job_id or record.pid} ({record.launcher}) is still {record.state} in it; "
+            f"job {record.job_id or record.pid} ({record.launcher}) is still {handle.state()} in it; "
             f"wait for it, or fmtrain cancel {cfg.run_dir}, or choose another run_dir",
         )
     if resume == "auto" and (reasons := invalid_checkpoints(run_dir / "checkpoints")):

@@ -126,20 +126,26 @@ def submit(
     return [m.group(1) for line in result.stdout.splitlines() if (m := re.match(r"^(\d+(?:_\d+)?)\t", line))]
 
 
-def sacct_state(cluster: dict[str, str], job_id: str) -> str:
-    out = slurm(cluster, "sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State")
-    states = [line.split("|")[1].split()[0] for line in out.splitlines() if line.split("|")[0] == job_id]
-    return states[-1] if states else "UNKNOWN"
+def job_state(cluster: dict[str, str], job_id: str) -> str:
+    """The job's state as fmtrain reads it (``launch.slurm.scheduler_state``): the controller's while it holds
+    the job, then accounting's. Accounting alone can say FAILED while the controller still has the job
+    COMPLETING (its processes being stopped), when fmtrain rightly refuses a new job for the same run directory."""
+    from unittest import mock
+
+    from launch.slurm import scheduler_state
+
+    with mock.patch.dict(os.environ, SLURM_CONF=cluster["SLURM_CONF"]):
+        return scheduler_state(job_id) or "UNKNOWN"
 
 
 def wait_state(cluster: dict[str, str], job_id: str, states: tuple[str, ...], timeout: float = 240) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = sacct_state(cluster, job_id)
+        state = job_state(cluster, job_id)
         if state in states:
             return state
         time.sleep(1)
-    raise AssertionError(f"job {job_id} is {sacct_state(cluster, job_id)} after {timeout} s, not {states}")
+    raise AssertionError(f"job {job_id} is {job_state(cluster, job_id)} after {timeout} s, not {states}")
 
 
 def wait_steps(run_dir: Path, steps: int, timeout: float = 120) -> None:
