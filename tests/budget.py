@@ -37,8 +37,6 @@ SLOW_TESTS: dict[str, str] = {
     "(120 steps of the default model, about a minute alone), tested once",
     "tests/test_train.py::test_sigterm_saves_and_the_same_command_resumes_exactly": "makes test_train's 2-rank reference "
     "run (its fixture), then a run stopped between checkpoints and resumed",
-    "tests/test_hf_auto.py::test_gpt2_under_ddp_and_zero3_built_partitioned_equals_one_process": "the first DeepSpeed run "
-    "of a session builds DeepSpeed's CPU communication op with g++ (~50 s, then cached), then ZeRO-3 with zero.Init",
     "tests/test_model_seam.py::test_a_registered_model_trains_under_ddp_and_fsdp_like_one_process": "its fixture trains "
     "the test's own GPT-2 for 40 steps on 1 process, 2 ddp ranks and 2 fsdp ranks (fp32 drift needs the 40 steps)",
     "tests/test_export.py::test_an_fsdp_checkpoint_exports_to_a_plain_model_with_equal_logits": "a 2-rank fsdp run, then "
