@@ -20,6 +20,12 @@ Every export writes ``verification.json``: the largest logit difference, on a fi
 the export as its consumer loads it (transformers when installed, else :func:`load_exported`) and
 the checkpoint it came from. An export that loads with missing or unexpected tensors, or whose fp32
 logits differ by more than 1e-4, is an error, not a file left behind.
+
+``--out`` (default ``RUN_DIR/export/step_<N>``) must be a new or empty folder, or an earlier export,
+known by its ``fmtrain-export.json`` (the files it wrote). The export is written and verified in a
+folder of its own inside ``--out`` first; then the earlier export's files, and only those, are
+replaced. The run directory, a folder holding it, its checkpoints and a folder with other files are
+refused before anything is written.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import math
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from importlib import metadata
@@ -41,7 +48,7 @@ from torch import nn
 from fmtrain import models
 from fmtrain.checkpoint import single_process_dcp
 from fmtrain.config import ConfigError, ModelConfig, TrainConfig, load
-from fmtrain.manifests import CheckpointError, newest_valid, step_dir_name, verify
+from fmtrain.manifests import CheckpointError, newest_valid, step_dir_name, verify, writable_problem
 from fmtrain.models.spec import meta_device
 from fmtrain.pretrained import SafetensorsFile
 from fmtrain.strategies import DTYPES
@@ -126,19 +133,33 @@ def export(
     run_cfg = load(run_dir / "config.yaml")
     models.import_modules(run_cfg.imports)
     cfg = run_cfg.model
-    spec = models.get(cfg.arch)
-    adapter = spec.adapter(cfg)
-    if format == "hf" and adapter is None:
+    if format == "hf" and models.get(cfg.arch).adapter(cfg) is None:
         raise ExportError(
             f"--format hf: model.arch={cfg.arch} has no Hugging Face adapter (ModelSpec.adapter); use --format fmtrain"
         )
     out = out or run_dir / "export" / checkpoint.name
-    if out.exists():
-        shutil.rmtree(out)  # an export is all one version: no shard of an earlier one left beside it
-    out.mkdir(parents=True)
+    replaced = check_out(out, run_dir)
+    staging = Path(tempfile.mkdtemp(prefix=PARTIAL, dir=out))  # beside its destination: moved in by rename
+    try:
+        _write(staging, checkpoint, manifest["step"], run_cfg, format, dtype, max_shard_bytes)
+        publish(staging, out, replaced)
+    except OSError as error:
+        raise ExportError(f"--out {out}: cannot write the export: {error.strerror or error}") from None
+    except ExportError as error:
+        raise ExportError(f"{out}: {error}; nothing was written there") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # fmtrain's own folder: empty once published
+    return out
+
+
+def _write(out: Path, checkpoint: Path, step: int, run_cfg: TrainConfig, format: str, dtype: str, max_shard_bytes: int) -> None:
+    """The export's files in ``out``, verified (:func:`verify_export`) before anything is published."""
+    cfg = run_cfg.model
+    spec = models.get(cfg.arch)
+    adapter = spec.adapter(cfg)
     torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
     aliases: dict[str, str] = {}
-    fmtrain_section = {"model": asdict(cfg), "step": manifest["step"], "format": format, "tokenizer": run_cfg.data.tokenizer}
+    fmtrain_section = {"model": asdict(cfg), "step": step, "format": format, "tokenizer": run_cfg.data.tokenizer}
     if format == "hf":
         assert adapter is not None
         config: dict[str, Any] = adapter.external_config() | {"torch_dtype": torch_dtype, "dtype": torch_dtype}
@@ -154,10 +175,68 @@ def export(
     config["fmtrain"] = fmtrain_section
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     convert = adapter.to_external if format == "hf" and adapter is not None else _Unaliased(aliases)
-    write_streamed(checkpoint, cfg, convert, out, DTYPES[dtype], max_shard_bytes, manifest["step"])
+    write_streamed(checkpoint, cfg, convert, out, DTYPES[dtype], max_shard_bytes, step)
     verification = verify_export(out, checkpoint, cfg, dtype)
     (out / "verification.json").write_text(json.dumps(verification, indent=1) + "\n")
-    return out
+
+
+# ----------------------------------------------------------------------------- the output folder
+#
+# fmtrain never deletes or overwrites a file it did not write. An export folder is new, empty, or an earlier
+# export, known by its record (RECORD: the files that export wrote); a new export replaces those files only,
+# and only once it is written and verified (it is written first into a folder of fmtrain's own inside --out).
+
+RECORD = "fmtrain-export.json"
+PARTIAL = ".fmtrain-export-partial-"  # a folder an export is written in; one left by a killed export is fmtrain's
+
+
+def check_out(out: Path, run_dir: Path) -> list[str]:
+    """Refuse (:class:`ExportError`) an output folder that is, holds or lies in the run's own files, holds
+    files fmtrain did not write, or cannot be written; make it, and return the files of the earlier
+    export there (those a new export replaces)."""
+    where, run = out.resolve(), run_dir.resolve()
+    if where == run or run.is_relative_to(where):
+        raise ExportError(f"--out {out} is the run directory or holds it: export into a folder of its own")
+    if where.is_relative_to(run / "checkpoints"):
+        raise ExportError(f"--out {out} is inside the run's checkpoints: export into a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder")
+    if (problem := writable_problem(out)) is not None:
+        raise ExportError(f"--out {out}: {problem}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ExportError(f"--out {out}: cannot make it: {error.strerror or error}") from None
+    theirs = sorted(entry.name for entry in out.iterdir() if not entry.name.startswith(PARTIAL))
+    if not theirs:
+        return []
+    if RECORD not in theirs:
+        shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+        raise ExportError(
+            f"--out {out} holds files fmtrain did not write ({shown}) and no {RECORD} of an earlier export: "
+            "export into a new or empty folder"
+        )
+    try:
+        files = json.loads((out / RECORD).read_text())["files"]
+        if not (isinstance(files, list) and all(isinstance(f, str) and f == Path(f).name for f in files)):
+            raise ValueError("its files are not a list of names")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ExportError(f"{out / RECORD} is not an export record ({error}): export into a new or empty folder") from None
+    return files
+
+
+def publish(staging: Path, out: Path, replaced: list[str]) -> None:
+    """Move the verified export from ``staging`` into ``out``: the earlier export's files (``replaced``)
+    removed first, so that none of its shards is left beside the new ones; any other file is kept."""
+    files = sorted(entry.name for entry in staging.iterdir())
+    for name in [*replaced, RECORD]:
+        (out / name).unlink(missing_ok=True)
+    for name in files:
+        (staging / name).replace(out / name)
+    (out / RECORD).write_text(json.dumps({"files": files}, indent=1) + "\n")
+    for leftover in out.glob(f"{PARTIAL}*"):  # of an export killed before it finished: fmtrain's own
+        if leftover != staging:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 class _Unaliased:
@@ -363,14 +442,15 @@ def verify_export(out: Path, checkpoint: Path, cfg: ModelConfig, dtype: str) -> 
         "missing_keys": missing,
         "unexpected_keys": unexpected,
     }
+    tolerance = FP32_TOLERANCE if dtype == "fp32" else None  # a bf16 export's logits are compared, not bounded
     problems = []
     if missing or unexpected:
         problems.append(f"missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
-    if not difference < (FP32_TOLERANCE if dtype == "fp32" else float("inf")):  # nan fails too
-        problems.append(f"logits differ from the checkpoint's by {difference:.3g} (tolerance {FP32_TOLERANCE:g})")
+    if not difference < (tolerance or float("inf")):  # nan fails too
+        problems.append(f"logits differ from the checkpoint's by {difference:.3g} (tolerance {tolerance:g})")
+    result |= {"tolerance": tolerance, "passed": not problems}
     if problems:
-        (out / "verification.json").write_text(json.dumps(result, indent=1) + "\n")
-        raise ExportError(f"{out} does not load back as the checkpoint ({loader}): {'; '.join(problems)}")
+        raise ExportError(f"the export does not load back as the checkpoint ({loader}): {'; '.join(problems)}")
     return result
 
 

@@ -36,6 +36,12 @@ from fmtrain.distributed import die_with_parent
 from fmtrain.trainer import run
 
 
+def preload() -> None:
+    """Import, in a launcher's process before it forks its ranks, what each rank would otherwise import on its
+    own: ``torch._dynamo``, which ``torch.optim.Optimizer``'s constructor imports (~1.4 CPU-s a process)."""
+    import torch._dynamo  # noqa: F401
+
+
 def injected_fault() -> Callable[[int], None] | None:
     """``FMTRAIN_FAULT=RANK:STEP``: a step hook that raises in that rank at that step;
     ``RANK:STEP:hang``: one that never returns there (the watchdog's test); ``RANK:STEP:gil``: one that

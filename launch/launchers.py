@@ -12,8 +12,11 @@ handle and never branch on a launcher's name.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
+import os
 from pathlib import Path
+from typing import Any
 
 from fmtrain.config import ConfigError, LauncherConfig, TrainConfig
 from launch.spec import JobHandle, JobRecord, Launcher
@@ -72,3 +75,39 @@ def check_run_dir(cfg: TrainConfig) -> None:
         )
     if resume == "auto" and (reasons := invalid_checkpoints(run_dir / "checkpoints")):
         raise ConfigError("trainer.resume", "auto", every_checkpoint_invalid(reasons))
+
+
+# A run directory is claimed by the ``fmtrain train`` that starts a run in it, with an exclusive lock on CLAIM held
+# until that process ends (the kernel lets go of a dead holder's lock): of two commands started at the same
+# moment into one run directory, one runs and the other is refused. The claim is taken after the checks and the
+# directory checked again under it, so the check and the claim are one step; a job it leaves behind (a Slurm or
+# Ray Jobs submission, once the command has returned) is then refused by its job.json, as before.
+CLAIM = ".fmtrain.lock"
+_claims: list[Any] = []  # the lock files of this process's claims, open until it ends
+
+
+def claim_run_dir(cfg: TrainConfig) -> None:
+    """Claim ``cfg.run_dir`` for this process (made if new), then check it again (:func:`check_run_dir`);
+    :class:`ConfigError` if another fmtrain command holds it. A directory not visible here is left to the job."""
+    run_dir = Path(cfg.run_dir).expanduser()
+    if not (run_dir.exists() or run_dir.parent.exists()):
+        return
+    run_dir.mkdir(exist_ok=True)
+    lock = open(run_dir / CLAIM, "a+")  # noqa: SIM115 (held open until this process ends)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        check_run_dir(cfg)  # its job.json, once written, names the job
+        raise ConfigError(
+            "run_dir",
+            cfg.run_dir,
+            f"another fmtrain command (pid {holder}) is starting or running a run in it; wait for it, or choose another run_dir",
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _claims.append(lock)
+    check_run_dir(cfg)

@@ -232,6 +232,7 @@ class LocalLauncher(ForegroundLauncher):
             if forks(spec.config):
                 import fmtrain.worker  # what the ranks run, imported once here: each forked rank has it
 
+                fmtrain.worker.preload()
                 config.start_method = "fork"
                 elastic_launch(config, fmtrain.worker.forked)(*spec.entry.worker_args())
             else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import resource
@@ -233,11 +235,11 @@ class TreeUnchanged:
                 terminalreporter.write_line(f"{line}  (a test must write under its tmp_path, never into the checkout)", red=True)
 
 
-# Each pytest-xdist worker gets its share of the CPUs, as the local launcher gives each rank its share.
-if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
-    from fmtrain.config import usable_cpus
-
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // workers)))
+# A test process computes on one OpenMP thread (make test's 4 workers on 2 cores get that share anyway): the
+# commands and ranks forked from it (conftest's cli, launcher.start=auto) inherit its OpenMP runtime, and
+# libgomp's thread pool does not survive fork: a rank forked from a process that had computed on 2 threads
+# hung in its first parallel region when it used 2 (seen with -p no:xdist, one file run alone).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # Tests whose outcome depends on this machine's hardware say which branch they took; the summary lists them.
@@ -377,40 +379,79 @@ def cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subproces
     and globals; the ranks it launches are the real processes), without the 2 s a fresh interpreter spends
     importing torch and fmtrain. The tests of the command's own process boundary (signals to its process
     group, a closed pipe, ``nice``, the installed script) start the real ``fmtrain`` with :data:`FMTRAIN`."""
-    import fmtrain.worker  # noqa: F401  (what the launcher imports before forking ranks: once a test process)
+    return clis_at_once([args], env, timeout)[0]
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            code = 1
-            try:
-                _become_cli(env, out.fileno(), err.fileno())
-                from launch.cli import importable_here, main
 
-                importable_here()
-                code = main(list(args))
-            except SystemExit as stop:
-                code = stop.code if isinstance(stop.code, int) else 1
-            except BaseException:
-                import traceback
+@functools.cache
+def preload_commands() -> None:
+    """Once a test process: what the launcher imports before forking ranks (``fmtrain.worker`` and its
+    :func:`~fmtrain.worker.preload`), and what rank 0 imports to write its metrics (TensorBoard's writer,
+    matplotlib for loss.png, ~0.3 CPU-s): every command and rank forked from this process has them."""
+    import matplotlib
 
-                traceback.print_exc()
-            finally:
+    matplotlib.use("Agg")  # as fmtrain.metrics.plot_losses sets it
+    import matplotlib.pyplot
+    import torch.utils.tensorboard  # noqa: F401
+
+    import fmtrain.worker
+    from launch.compose import compose
+
+    fmtrain.worker.preload()
+    compose(["trainer.max_steps=1"])  # Hydra's override parser and config repository, warmed: ~0.2 CPU-s a command
+
+
+def clis_at_once(commands: list[list[str]], env: dict[str, str], timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
+    """:func:`cli` for each of ``commands``, all forked first (from this thread: a fork from another thread of a
+    test process is not one a user's command starts as), each starting its command at the same moment (0.5 s
+    from now, within a millisecond of the others), and each one's result."""
+    preload_commands()
+    start = time.monotonic() + (0.5 if len(commands) > 1 else 0.0)  # time for every fork to be made
+    pids: list[int] = []
+    results = []
+    with contextlib.ExitStack() as files:
+        outputs = [[files.enter_context(tempfile.TemporaryFile()) for _ in "oe"] for _ in commands]
+        try:
+            for args, (out, err) in zip(commands, outputs, strict=True):
                 sys.stdout.flush()
                 sys.stderr.flush()
-                os._exit(code)
-        try:
-            status = _wait(pid, timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            raise
-        out.seek(0)
-        err.seek(0)
-        code = os.waitstatus_to_exitcode(status)
-        return subprocess.CompletedProcess(["fmtrain", *args], code, out.read().decode(), err.read().decode())
+                pid = os.fork()
+                if pid == 0:  # the child: never returns into pytest
+                    _run_cli(args, env, out.fileno(), err.fileno(), start)
+                pids.append(pid)
+            for index, (args, (out, err)) in enumerate(zip(commands, outputs, strict=True)):
+                status = _wait(pids[index], max(1.0, start + timeout - time.monotonic()))
+                pids[index] = 0
+                out.seek(0)
+                err.seek(0)
+                code = os.waitstatus_to_exitcode(status)
+                results.append(subprocess.CompletedProcess(["fmtrain", *args], code, out.read().decode(), err.read().decode()))
+        finally:
+            for pid in filter(None, pids):  # timed out: killed and reaped
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+    return results
+
+
+def _run_cli(args: list[str], env: dict[str, str], out: int, err: int, start: float) -> None:
+    """In the forked child: become the command, run it from ``start`` (monotonic) on, and exit with its code."""
+    code = 1
+    try:
+        _become_cli(env, out, err)
+        from launch.cli import importable_here, main
+
+        importable_here()
+        time.sleep(max(0.0, start - time.monotonic()))
+        code = main(list(args))
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _become_cli(env: dict[str, str], out: int, err: int) -> None:
@@ -539,6 +580,32 @@ def killed_on_two_resumed_on_one(args: list[str], run_dir: Path, reference_dir: 
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     for step, loss in want.items():
         assert got[step] == approx(loss, rel=1e-5), step
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The command's refusal: exit 2, one line on stderr, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """A small file system of its own (root): ``mount(size_mb)`` mounts it, ``remount(options)``
+    changes it; unmounted afterwards."""
+    point = tmp_path / "fs"
+    point.mkdir()
+
+    class Mount:
+        def mount(self, size_mb: int) -> Path:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(point)], check=True)
+            return point
+
+        def remount(self, options: str) -> None:
+            subprocess.run(["mount", "-o", f"remount,{options}", str(point)], check=True)
+
+    yield Mount()
+    subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

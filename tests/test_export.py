@@ -3,14 +3,14 @@ as its own class, with the checkpoint's logits; verification.json says so."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import FMTRAIN, SMALL, fmtrain
+from conftest import SMALL, fmtrain, one_line_error
 
 from fmtrain import models
 from fmtrain.config import load
@@ -61,11 +61,7 @@ def test_an_fsdp_checkpoint_exports_to_a_plain_model_with_equal_logits(cache_dir
     back = again.to_external(again.from_external(written))
     assert back.keys() == written.keys() and all(torch.equal(back[k], written[k]) for k in written)
 
-    sharded = subprocess.run(
-        [FMTRAIN, "export", str(run_dir), "--max-shard-size", "100KB", "--out", str(tmp_path / "shards")],
-        capture_output=True,
-        text=True,
-    )
+    sharded = fmtrain(["export", str(run_dir), "--max-shard-size", "100KB", "--out", str(tmp_path / "shards")], cache_dir)
     assert sharded.returncode == 0, sharded.stderr
     shards = sorted(p.name for p in (tmp_path / "shards").glob("model-*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors", shards
@@ -74,28 +70,65 @@ def test_an_fsdp_checkpoint_exports_to_a_plain_model_with_equal_logits(cache_dir
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=tokens).logits, theirs(input_ids=tokens).logits)
 
-    own = subprocess.run([FMTRAIN, "export", str(run_dir), "--format", "fmtrain", "--out", str(tmp_path / "own")], text=True)
-    assert own.returncode == 0
+    own = fmtrain(["export", str(run_dir), "--format", "fmtrain", "--out", str(tmp_path / "own")], cache_dir)
+    assert own.returncode == 0, own.stderr
     with torch.no_grad():
         assert torch.equal(load_exported(tmp_path / "own")(tokens), trained(tokens))
 
-    half = subprocess.run(
-        [FMTRAIN, "export", str(run_dir), "--dtype", "bf16", "--out", str(tmp_path / "bf16")], capture_output=True, text=True
-    )
+    half = fmtrain(["export", str(run_dir), "--dtype", "bf16", "--out", str(tmp_path / "bf16")], cache_dir)
     assert half.returncode == 0, half.stderr
     bf16 = load_exported(tmp_path / "bf16")
     with torch.no_grad():
         torch.testing.assert_close(bf16(tokens), trained(tokens), rtol=0.05, atol=0.05)
 
 
+def checksums(folder: Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.rglob("*") if f.is_file()}
+
+
 @pytest.mark.slow
-def test_export_names_a_missing_checkpoint(tmp_path: Path, cache_dir: Path) -> None:
-    run_dir = tmp_path / "run"
+def test_export_never_deletes_or_overwrites_what_it_did_not_write(tmp_path: Path, cache_dir: Path, tmpfs) -> None:
+    """Issue 30 #1: ``--out`` was emptied with ``shutil.rmtree`` before writing: pointed at the run directory
+    it deleted the run's checkpoints, pointed at a user's folder it deleted their files and exited 0."""
+    run_dir = tmp_path / "runs" / "run"
     result = fmtrain(["train", f"run_dir={run_dir}", *SMALL, "trainer.max_steps=2"], cache_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    missing = fmtrain(["export", str(run_dir), "--step", "7"], cache_dir)
-    assert missing.returncode == 2
-    assert f"{run_dir}/checkpoints/step_000007: no such checkpoint" in missing.stderr
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    before = checksums(tmp_path)
+
+    def refused(*args: str) -> str:
+        return one_line_error(fmtrain(["export", str(run_dir), *args], cache_dir))
+
+    assert f"{run_dir}/checkpoints/step_000007: no such checkpoint" in refused("--step", "7")
+    for out in (run_dir, tmp_path / "runs", tmp_path):
+        assert f"--out {out} is the run directory or holds it" in refused("--out", str(out))
+    assert "is inside the run's checkpoints" in refused("--out", str(run_dir / "checkpoints" / "step_000002"))
+    assert f"--out {mine} holds files fmtrain did not write (notes.txt)" in refused("--out", str(mine))
+    assert "is a file, not a folder" in refused("--out", str(mine / "notes.txt"))
+    read_only = tmpfs.mount(8)
+    tmpfs.remount("ro")  # chmod would not stop root
+    assert f"--out {read_only / 'model'}: cannot write in {read_only}: Read-only file system" in refused(
+        "--out", str(read_only / "model")
+    )
+    assert checksums(tmp_path) == before, "a refused export changed files"
+
+    # An earlier export is replaced, its files only: none of its shards is left beside the new file, and a file
+    # the user put there is kept.
+    out = tmp_path / "export"
+    sharded = fmtrain(["export", str(run_dir), "--out", str(out), "--max-shard-size", "100KB"], cache_dir)
+    assert sharded.returncode == 0, sharded.stderr
+    assert len(list(out.glob("model-*.safetensors"))) > 2
+    (out / "README.md").write_text("my model card")
+    again = fmtrain(["export", str(run_dir), "--out", str(out)], cache_dir)
+    assert again.returncode == 0, again.stderr
+    record = json.loads((out / "fmtrain-export.json").read_text())["files"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*record, "fmtrain-export.json", "README.md"])
+    assert "model.safetensors" in record and not list(out.glob("model-*")) and (out / "README.md").read_text() == "my model card"
+    verification = json.loads((out / "verification.json").read_text())
+    assert verification["passed"] is True and verification["tolerance"] == 1e-4 > verification["max_abs_logit_diff"]
+    assert checksums(tmp_path / "runs") == {k.removeprefix("runs/"): v for k, v in before.items() if k.startswith("runs/")}
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FMTRAIN, SMALL, env_with, fmtrain, pids_mentioning, read_metrics, train_losses
+from conftest import FMTRAIN, SMALL, clis_at_once, env_with, fmtrain, one_line_error, pids_mentioning, read_metrics, train_losses
 
 from fmtrain.config import ConfigError
 from fmtrain.watchdog import sidecar_grace
@@ -69,13 +69,6 @@ def test_mfu_is_never_above_one_and_a_probe_that_proved_low_is_measured_again(ca
 CKPT = [*SMALL, "trainer.eval_interval=5", "checkpoint.interval=5", "checkpoint.keep_last=5"]
 
 
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    """The command's refusal: exit 2, one line on stderr, no traceback."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
-    return lines[0]
-
-
 def test_a_garbage_best_json_is_warned_about_and_written_anew(cache_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert fmtrain(["train", f"run_dir={run_dir}", *CKPT, "trainer.max_steps=5"], cache_dir).returncode == 0
@@ -121,23 +114,23 @@ def test_a_second_job_for_a_run_directory_in_use_is_refused(cache_dir: Path, tmp
     assert json.loads((run_dir / "job.json").read_text())["state"] == "stopped"
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path):
-    """A small file system of its own (root): ``mount(size_mb)`` mounts it, ``remount(options)``
-    changes it; unmounted afterwards."""
-    point = tmp_path / "fs"
-    point.mkdir()
-
-    class Mount:
-        def mount(self, size_mb: int) -> Path:
-            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(point)], check=True)
-            return point
-
-        def remount(self, options: str) -> None:
-            subprocess.run(["mount", "-o", f"remount,{options}", str(point)], check=True)
-
-    yield Mount()
-    subprocess.run(["umount", "-l", str(point)], check=False)
+def test_of_two_runs_started_at_once_into_one_run_directory_one_runs_and_the_other_is_refused(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 30 #2: both were admitted (the check and the claim were two steps), then wrote the same
+    checkpoints and steps. Twenty races, each of two commands started within a millisecond."""
+    args = [*SMALL, "trainer.max_steps=3", "trainer.eval_interval=3", "checkpoint.interval=3"]
+    alone = fmtrain(["train", f"run_dir={tmp_path / 'alone'}", *args], cache_dir)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    for race in range(20):
+        run_dir = tmp_path / f"race{race}"
+        results = clis_at_once([["train", f"run_dir={run_dir}", *args]] * 2, env_with(cache_dir))
+        assert sorted(result.returncode for result in results) == [0, 2], [r.stdout + r.stderr for r in results]
+        line = one_line_error(next(result for result in results if result.returncode == 2))
+        assert f"run_dir='{run_dir}' is invalid: " in line and " in it; wait for it" in line, line
+        steps = [record["step"] for record in read_metrics(run_dir) if "loss" in record]
+        assert steps == [1, 2, 3], f"race {race}: {steps}"
+        assert train_losses(run_dir) == train_losses(tmp_path / "alone")
 
 
 def test_a_read_only_run_directory_is_refused_before_training(cache_dir: Path, tmpfs) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -29,14 +30,14 @@ def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> 
         raise UsageError(f"{' '.join(overrides)} describes a sweep of {len(jobs)} runs; add -m to run them all")
     from fmtrain.config import ConfigError
     from fmtrain.validation import validate
+    from launch.launchers import check_run_dir, claim_run_dir, make_launcher
+    from launch.spec import LaunchError
 
     gpus = None
     for job in jobs:
         cfg = compose(job, check=False, option_keys=False)
         if gpus is None and cfg.trainer.device != "cpu":
             gpus = _gpus_available()
-        from launch.launchers import check_run_dir, make_launcher
-        from launch.spec import LaunchError
 
         try:
             validate(cfg, gpus_available=gpus)
@@ -51,10 +52,20 @@ def check_train(overrides: list[str], multirun: bool, dry_run: bool = False) -> 
                 raise UsageError(str(error)) from error
             checked.add(repr(cfg.launcher))
         checked_jobs.append((job, cfg))
+    claimed: set[str] = set()
+    for job, cfg in checked_jobs if not dry_run else ():
+        if cfg.run_dir not in claimed:  # a -m sweep's runs share one: its root
+            try:
+                claim_run_dir(cfg)
+            except ConfigError as error:
+                raise UsageError(str(error) + (f"  (in run {' '.join(job)})" if len(jobs) > 1 else "")) from error
+            claimed.add(cfg.run_dir)
     return checked_jobs
 
 
 _exit_codes: list[int] = []
+
+_argv: list[str] = []  # the command's arguments as given (what job.json records)
 
 
 _queued: list = []  # RunSpecs for launchers that submit after Hydra has composed every run (Slurm)
@@ -74,7 +85,7 @@ def _train_task(node: object) -> None:
     assert isinstance(container, dict)
     container["run_dir"] = str(run_dir)
     cfg = to_config(container)
-    spec = RunSpec(cfg, run_dir, argv=["fmtrain", "train", *sys.argv[1:]])
+    spec = RunSpec(cfg, run_dir, argv=["fmtrain", "train", *_argv])
     spec.write()
     log.info("run directory: %s", run_dir)
     launcher = make_launcher(cfg.launcher)
@@ -106,6 +117,9 @@ def main(args: list[str]) -> int:
     if "--dry-run" in flags:
         return _dry_run(jobs)
     flags = [f for f in flags if f not in FMTRAIN_FLAGS]
+    _argv[:] = [*flags, *overrides]
+    if len(run_dirs := {cfg.run_dir for _, cfg in jobs}) == 1:  # Hydra writes the one checked and claimed
+        overrides = [*overrides, f"run_dir={hydra_quoted(run_dirs.pop())}"]  # (${now:...} resolved once)
 
     import hydra
 
@@ -117,6 +131,12 @@ def main(args: list[str]) -> int:
         _submit_queued(multirun)
     failed = [code for code in _exit_codes if code]
     return failed[0] if failed else 0
+
+
+def hydra_quoted(value: str) -> str:
+    """``value`` as one quoted string in Hydra's override grammar (any character: a path with spaces, = or ,).
+    Hydra reads a backslash as an escape only before a quote or at the end: those are doubled, quotes escaped."""
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value) + "'"
 
 
 def _submit_queued(multirun: bool) -> None:
