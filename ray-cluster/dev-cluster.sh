@@ -22,6 +22,9 @@ STATE="${FMTRAIN_RAY_HOME:-$HOME/.local/state/fmtrain-ray}"
 PORT="${FMTRAIN_RAY_PORT:-6390}"
 RAY="${RAY:-$(command -v ray || echo "$(dirname "$(command -v python3)")/ray")}"
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+# No idle worker per CPU started for each new driver: fmtrain's actors and trials get workers of their own (their
+# runtime env), so those stayed idle (launch/ray.py init_options does the same for a Ray it starts).
+export RAY_prestart_worker_first_driver=0
 PATH="$(dirname "$RAY"):$PATH"
 
 die() { echo "ray dev-cluster: $*" >&2; exit 1; }
@@ -64,7 +67,7 @@ cmd_up() {
     for _ in $(seq 300); do
         (in_ns "$RAY" status --address="127.0.0.1:$PORT") >/dev/null 2>&1 && break
         pid_alive "$(cat "$STATE/pids/head")" || die "the head exited; see $STATE/logs/head.log"
-        sleep 0.2
+        sleep 1  # a `ray status` costs ~0.7 CPU-s
     done
     for k in $(seq 2 "$nodes"); do
         (in_ns "$RAY" start --block --address="127.0.0.1:$PORT" --node-ip-address="127.0.0.$k" --num-cpus="$cpus") \
@@ -73,7 +76,7 @@ cmd_up() {
     done
     for _ in $(seq 300); do
         [ "$( (in_ns "$RAY" status --address="127.0.0.1:$PORT") 2>/dev/null | grep -c ' node_')" -ge "$nodes" ] && break
-        sleep 0.2
+        sleep 1
     done
     if [ -n "$dashboard" ]; then  # the Jobs API answers once the dashboard's job agent is up
         for _ in $(seq 300); do
