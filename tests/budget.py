@@ -45,6 +45,8 @@ SLOW_TESTS: dict[str, str] = {
     "(a CI run's cache starts cold: ~30 s)",
     "tests/test_custom_model.py::test_the_example_trains_under_ddp_fsdp_and_tp_alike_and_resumes_exactly": "six runs of "
     "the example model: one process, ddp, fsdp killed and resumed, tp, then its export",
+    "tests/test_faults.py::test_of_two_runs_started_at_once_into_one_run_directory_one_runs_and_the_other_is_refused": "20 "
+    "races of two commands into one run directory (issue 30 asks for 20), each won by a 3-step run: ~40 CPU-s",
 }
 
 
