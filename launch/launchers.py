@@ -87,12 +87,14 @@ _claims: list[Any] = []  # the lock files of this process's claims, open until i
 
 
 def claim_run_dir(cfg: TrainConfig) -> None:
-    """Claim ``cfg.run_dir`` for this process (made if new), then check it again (:func:`check_run_dir`);
-    :class:`ConfigError` if another fmtrain command holds it. A directory not visible here is left to the job."""
+    """Claim ``cfg.run_dir`` for this process (made if new, with its parents: the command writes its config
+    there next, whatever the launcher), then check it again (:func:`check_run_dir`); :class:`ConfigError` if
+    another fmtrain command holds it, or it cannot be made."""
     run_dir = Path(cfg.run_dir).expanduser()
-    if not (run_dir.exists() or run_dir.parent.exists()):
-        return
-    run_dir.mkdir(exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("run_dir", cfg.run_dir, f"cannot make it: {error.strerror or error}") from None
     lock = open(run_dir / CLAIM, "a+")  # noqa: SIM115 (held open until this process ends)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -123,7 +123,7 @@ def test_of_two_runs_started_at_once_into_one_run_directory_one_runs_and_the_oth
     alone = fmtrain(["train", f"run_dir={tmp_path / 'alone'}", *args], cache_dir)
     assert alone.returncode == 0, alone.stdout + alone.stderr
     for race in range(20):
-        run_dir = tmp_path / f"race{race}"
+        run_dir = tmp_path / f"race{race}" / "run"  # its parent new too: made and claimed in one step
         results = clis_at_once([["train", f"run_dir={run_dir}", *args]] * 2, env_with(cache_dir))
         assert sorted(result.returncode for result in results) == [0, 2], [r.stdout + r.stderr for r in results]
         line = one_line_error(next(result for result in results if result.returncode == 2))
@@ -141,6 +141,9 @@ def test_a_read_only_run_directory_is_refused_before_training(cache_dir: Path, t
     assert f"run_dir='{run_dir}' is invalid: cannot write in {run_dir}: Read-only file system" in line, line
     assert (run_dir / "checkpoints" / "step_000010" / "manifest.json").is_file()
     assert json.loads((run_dir / "job.json").read_text())["state"] == "completed"  # what ran last, still true
+    deeper = run_dir / "new" / "run"  # a run directory under folders still to be made there
+    line = one_line_error(fmtrain(["train", f"run_dir={deeper}", *CKPT, "trainer.max_steps=20"], cache_dir))
+    assert f"run_dir='{deeper}' is invalid: cannot make it: Read-only file system" in line, line
 
     # The library call refuses it too, on the rank, before anything is written.
     from fmtrain import run
